@@ -1,0 +1,272 @@
+//! The command line: one subcommand per role, plus the `csi` client.
+//!
+//! `--data-dir` and `--config` are global: accepted before or after the subcommand.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::csi::bench::{self, BenchOptions};
+use crate::csi::client::{self, Clients, Report};
+use crate::csi::server::{self, ServeOptions};
+use crate::csi::{DEFAULT_DRIVER_NAME, Roles};
+use crate::units::parse_bytes;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lanes",
+    version,
+    about = "Kubernetes CSI storage for ML platforms"
+)]
+pub struct Cli {
+    /// Where Lanes keeps volumes and state.
+    #[arg(
+        long,
+        global = true,
+        env = "LANES_DATA_DIR",
+        default_value = "/var/lib/lanes"
+    )]
+    pub data_dir: PathBuf,
+    /// YAML configuration file; every setting has an embedded default.
+    #[arg(long, global = true, env = "LANES_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the CSI Identity and Controller services.
+    Controller(ServeArgs),
+    /// Serve the CSI Identity and Node services.
+    Node(ServeArgs),
+    /// Serve Identity, Controller and Node on one socket (single machine; tests).
+    Standalone(ServeArgs),
+    /// Talk to a running plugin over its socket.
+    Csi(CsiArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// unix:///path/csi.sock or a plain path [default: <data-dir>/csi.sock]
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// This node's ID [default: the host name]
+    #[arg(long, env = "LANES_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+    /// Serve /metrics and /healthz here, e.g. 127.0.0.1:9808 (off by default).
+    #[arg(long)]
+    pub metrics_address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct CsiArgs {
+    /// The plugin's socket [default: <data-dir>/csi.sock]
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CsiCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CsiCommand {
+    /// Driver name, version, readiness and node ID.
+    Info,
+    /// Create a volume.
+    CreateVolume {
+        name: String,
+        /// Size such as 10Gi [default: the lane's default]
+        #[arg(long)]
+        capacity: Option<String>,
+        /// StorageClass-style parameter KEY=VALUE (repeatable).
+        #[arg(long = "param")]
+        params: Vec<String>,
+    },
+    /// Delete a volume.
+    DeleteVolume { volume_id: String },
+    /// Grow a volume.
+    ExpandVolume { volume_id: String, capacity: String },
+    /// List volumes.
+    List,
+    /// Stage a volume and publish it at TARGET.
+    Publish {
+        volume_id: String,
+        target: PathBuf,
+        #[arg(long)]
+        readonly: bool,
+        /// Staging directory [default: <data-dir>/client-staging/<id>]
+        #[arg(long)]
+        staging: Option<PathBuf>,
+        /// Mount flag such as noexec (repeatable).
+        #[arg(long = "mount-flag")]
+        flags: Vec<String>,
+    },
+    /// Unpublish a volume from TARGET and unstage it.
+    Unpublish {
+        volume_id: String,
+        target: PathBuf,
+        #[arg(long)]
+        staging: Option<PathBuf>,
+    },
+    /// Usage and condition of a volume published at PATH.
+    Stats { volume_id: String, path: PathBuf },
+    /// Latency and memory benchmark against a running plugin (see README).
+    Bench {
+        #[arg(long, default_value_t = 1000)]
+        ops: usize,
+        /// Concurrent clients per round (repeatable).
+        #[arg(long = "concurrency", default_values_t = [1, 16])]
+        concurrency: Vec<usize>,
+        /// Where staging and target directories are made.
+        #[arg(long)]
+        workdir: PathBuf,
+        /// The plugin's PID, to measure its resident memory.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let default_endpoint = format!("unix://{}", cli.data_dir.join("csi.sock").display());
+    let roles = |controller, node| Roles { controller, node };
+    let (args, roles) = match cli.command {
+        Command::Controller(args) => (args, roles(true, false)),
+        Command::Node(args) => (args, roles(false, true)),
+        Command::Standalone(args) => (args, roles(true, true)),
+        Command::Csi(args) => return run_client(args, &cli.data_dir, default_endpoint).await,
+    };
+    let config = Config::load(cli.config.as_deref())?;
+    let node_id = match args.node_id {
+        Some(id) if !id.is_empty() => id,
+        _ => nix::unistd::gethostname()
+            .context("reading the host name for --node-id")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    server::run(ServeOptions {
+        endpoint: args.endpoint.unwrap_or(default_endpoint),
+        roles,
+        driver_name: args.driver_name,
+        node_id,
+        data_dir: cli.data_dir,
+        config,
+        metrics_address: args.metrics_address,
+    })
+    .await?;
+    Ok(())
+}
+
+fn parse_params(pairs: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("--param {pair:?} is not KEY=VALUE"),
+        })
+        .collect()
+}
+
+async fn run_client(
+    args: CsiArgs,
+    data_dir: &std::path::Path,
+    default: String,
+) -> anyhow::Result<()> {
+    let socket = server::socket_path(args.endpoint.as_deref().unwrap_or(&default))?;
+    if let CsiCommand::Bench {
+        ops,
+        concurrency,
+        workdir,
+        server_pid,
+    } = &args.command
+    {
+        let options = BenchOptions {
+            ops: *ops,
+            concurrency: concurrency.clone(),
+            workdir: workdir.clone(),
+            server_pid: *server_pid,
+        };
+        let (json, text) = bench::run(&socket, &options).await?;
+        print_report(args.json, Report { json, text });
+        return Ok(());
+    }
+    let mut c = Clients::connect(&socket).await.with_context(|| {
+        format!(
+            "cannot connect to {}; is the plugin running?",
+            socket.display()
+        )
+    })?;
+    let staging_for = |staging: &Option<PathBuf>, id: &str| {
+        staging
+            .clone()
+            .unwrap_or_else(|| client::default_staging(data_dir, id))
+    };
+    let report = match &args.command {
+        CsiCommand::Info => client::info(&mut c).await,
+        CsiCommand::CreateVolume {
+            name,
+            capacity,
+            params,
+        } => {
+            let capacity = capacity
+                .as_deref()
+                .map(parse_bytes)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            client::create_volume(&mut c, name, capacity, parse_params(params)?).await
+        }
+        CsiCommand::DeleteVolume { volume_id } => client::delete_volume(&mut c, volume_id).await,
+        CsiCommand::ExpandVolume {
+            volume_id,
+            capacity,
+        } => {
+            let bytes = parse_bytes(capacity).map_err(anyhow::Error::msg)?;
+            client::expand_volume(&mut c, volume_id, bytes).await
+        }
+        CsiCommand::List => client::list(&mut c).await,
+        CsiCommand::Publish {
+            volume_id,
+            target,
+            readonly,
+            staging,
+            flags,
+        } => {
+            let staging = staging_for(staging, volume_id);
+            client::publish(&mut c, volume_id, target, &staging, *readonly, flags).await
+        }
+        CsiCommand::Unpublish {
+            volume_id,
+            target,
+            staging,
+        } => {
+            let staging = staging_for(staging, volume_id);
+            client::unpublish(&mut c, volume_id, target, &staging).await
+        }
+        CsiCommand::Stats { volume_id, path } => client::stats(&mut c, volume_id, path).await,
+        CsiCommand::Bench { .. } => unreachable!("handled above"),
+    };
+    match report {
+        Ok(report) => {
+            print_report(args.json, report);
+            Ok(())
+        }
+        Err(status) => bail!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+fn print_report(json: bool, report: Report) {
+    if json {
+        println!("{}", report.json);
+    } else {
+        print!("{}", report.text);
+    }
+}

@@ -1,0 +1,147 @@
+//! The Lanes configuration file (YAML, `--config` / `LANES_CONFIG`).
+//!
+//! Every setting has an embedded default, so no file is needed. Unknown keys are an error
+//! that names them: a typo must not silently fall back to a default. The file is validated
+//! once at start-up into an immutable [`Config`] that is passed down, never global.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::lane::local::LocalSettings;
+use crate::units::parse_bytes;
+
+/// The file as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    local: RawLocal,
+    mount_timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLocal {
+    default_capacity: Option<String>,
+    max_capacity: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub local: LocalSettings,
+    /// Deadline for one mount or unmount syscall.
+    pub mount_timeout: Duration,
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_raw(RawConfig::default(), "<embedded>").expect("embedded defaults are valid")
+    }
+}
+
+impl Config {
+    /// Loads `path`, or the embedded defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::parse(&text, &shown)
+    }
+
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?
+        };
+        Config::from_raw(raw, origin)
+    }
+
+    fn from_raw(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let size = |key: &str, text: Option<&String>| -> Result<Option<u64>, ConfigError> {
+            text.map(|t| parse_bytes(t).map_err(|e| invalid(format!("{key}: {e}"))))
+                .transpose()
+        };
+        let default_capacity = size(
+            "local.default_capacity",
+            raw.local.default_capacity.as_ref(),
+        )?
+        .unwrap_or(1 << 30);
+        if default_capacity == 0 {
+            return Err(invalid("local.default_capacity must be above zero".into()));
+        }
+        let timeout = raw.mount_timeout_seconds.unwrap_or(30);
+        if timeout == 0 {
+            return Err(invalid("mount_timeout_seconds must be above zero".into()));
+        }
+        Ok(Config {
+            local: LocalSettings {
+                default_capacity,
+                max_capacity: size("local.max_capacity", raw.local.max_capacity.as_ref())?,
+            },
+            mount_timeout: Duration::from_secs(timeout),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults() {
+        let config = Config::parse("", "t").unwrap();
+        assert_eq!(config.local.default_capacity, 1 << 30);
+        assert_eq!(config.local.max_capacity, None);
+        assert_eq!(config.mount_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn parses_and_rejects() {
+        let config = Config::parse(
+            "local:\n  default_capacity: 5Gi\n  max_capacity: 1Ti\nmount_timeout_seconds: 5\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.local.default_capacity, 5 << 30);
+        assert_eq!(config.local.max_capacity, Some(1 << 40));
+        for bad in [
+            "locl: {}\n",
+            "local:\n  default_capacity: lots\n",
+            "local:\n  default_capacity: 0\n",
+            "mount_timeout_seconds: 0\n",
+        ] {
+            let err = Config::parse(bad, "t").unwrap_err().to_string();
+            assert!(err.starts_with("config t:"), "{bad:?}: {err}");
+        }
+        let typo = Config::parse("locl: {}\n", "t").unwrap_err().to_string();
+        assert!(typo.contains("locl"), "{typo}");
+    }
+}

@@ -1,0 +1,326 @@
+//! A small CSI client over the plugin's unix socket: the `lanes csi …` commands an admin uses
+//! to poke a node, and the connection helper the tests and the benchmark use.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::proto::controller_client::ControllerClient;
+use crate::proto::identity_client::IdentityClient;
+use crate::proto::node_client::NodeClient;
+use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+use crate::proto::*;
+use crate::units::human;
+
+/// Opens a gRPC channel to the CSI socket at `path`.
+pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, tonic::transport::Error> {
+    let path = path.as_ref().to_owned();
+    // The URI is required by the API but unused: every connection goes to the socket.
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
+/// A mount capability with the given access mode and flags.
+pub fn mount_capability(mode: Mode, flags: &[String]) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: String::new(),
+            mount_flags: flags.to_vec(),
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// The three service clients on one channel.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+impl Clients {
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Clients, tonic::transport::Error> {
+        let channel = connect(path).await?;
+        Ok(Clients {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        })
+    }
+}
+
+/// Where `lanes csi publish` stages a volume unless told otherwise.
+pub fn default_staging(data_dir: &Path, volume_id: &str) -> PathBuf {
+    data_dir
+        .join("client-staging")
+        .join(volume_id.replace('/', "_"))
+}
+
+/// Output of a client command: JSON, and the same for people.
+#[derive(Debug)]
+pub struct Report {
+    pub json: Value,
+    pub text: String,
+}
+
+type CallResult = Result<Report, tonic::Status>;
+
+pub async fn info(c: &mut Clients) -> CallResult {
+    let info = c
+        .identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await?
+        .into_inner();
+    let probe = c.identity.probe(ProbeRequest {}).await?.into_inner();
+    let node = c
+        .node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner());
+    let node_id = node.as_ref().map(|n| n.node_id.clone()).unwrap_or_default();
+    let ready = probe.ready.unwrap_or(true);
+    Ok(Report {
+        json: json!({"name": info.name, "version": info.vendor_version, "ready": ready, "node_id": node_id}),
+        text: format!(
+            "driver   {}\nversion  {}\nready    {ready}\nnode     {}\n",
+            info.name,
+            info.vendor_version,
+            if node_id.is_empty() { "-" } else { &node_id }
+        ),
+    })
+}
+
+pub async fn create_volume(
+    c: &mut Clients,
+    name: &str,
+    capacity: Option<u64>,
+    parameters: HashMap<String, String>,
+) -> CallResult {
+    let request = CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: capacity.map(|bytes| CapacityRange {
+            required_bytes: bytes as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, &[])],
+        parameters,
+        ..Default::default()
+    };
+    let volume = c
+        .controller
+        .create_volume(request)
+        .await?
+        .into_inner()
+        .volume
+        .unwrap_or_default();
+    Ok(Report {
+        json: json!({"volume_id": volume.volume_id, "capacity_bytes": volume.capacity_bytes}),
+        text: format!(
+            "created {} ({})\n",
+            volume.volume_id,
+            human(volume.capacity_bytes.max(0) as u64)
+        ),
+    })
+}
+
+pub async fn delete_volume(c: &mut Clients, volume_id: &str) -> CallResult {
+    c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(Report {
+        json: json!({"deleted": volume_id}),
+        text: format!("deleted {volume_id}\n"),
+    })
+}
+
+pub async fn expand_volume(c: &mut Clients, volume_id: &str, bytes: u64) -> CallResult {
+    let response = c
+        .controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: bytes as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(Report {
+        json: json!({"volume_id": volume_id, "capacity_bytes": response.capacity_bytes}),
+        text: format!(
+            "{volume_id} is now {}\n",
+            human(response.capacity_bytes.max(0) as u64)
+        ),
+    })
+}
+
+pub async fn list(c: &mut Clients) -> CallResult {
+    let mut entries = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 100,
+                starting_token: token.clone(),
+            })
+            .await?
+            .into_inner();
+        entries.extend(page.entries);
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut text = format!("{:<50} {:>12}  {}\n", "VOLUME", "CAPACITY", "CONDITION");
+    let mut rows = Vec::new();
+    for entry in entries {
+        let volume = entry.volume.unwrap_or_default();
+        let condition = entry.status.and_then(|s| s.volume_condition);
+        let healthy = condition.as_ref().is_none_or(|c| !c.abnormal);
+        text.push_str(&format!(
+            "{:<50} {:>12}  {}\n",
+            volume.volume_id,
+            human(volume.capacity_bytes.max(0) as u64),
+            if healthy {
+                "ok".to_owned()
+            } else {
+                condition.map(|c| c.message).unwrap_or_default()
+            }
+        ));
+        rows.push(json!({"volume_id": volume.volume_id, "capacity_bytes": volume.capacity_bytes, "healthy": healthy}));
+    }
+    Ok(Report {
+        json: Value::Array(rows),
+        text,
+    })
+}
+
+/// Stages (at `staging`, created if missing) and publishes a volume at `target`.
+pub async fn publish(
+    c: &mut Clients,
+    volume_id: &str,
+    target: &Path,
+    staging: &Path,
+    readonly: bool,
+    flags: &[String],
+) -> CallResult {
+    std::fs::create_dir_all(staging)
+        .map_err(|e| tonic::Status::internal(format!("create {}: {e}", staging.display())))?;
+    let capability = mount_capability(Mode::SingleNodeWriter, flags);
+    c.node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(capability.clone()),
+            ..Default::default()
+        })
+        .await?;
+    c.node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(capability),
+            readonly,
+            ..Default::default()
+        })
+        .await?;
+    Ok(Report {
+        json: json!({"volume_id": volume_id, "target_path": target, "staging_path": staging, "readonly": readonly}),
+        text: format!(
+            "published {volume_id} at {}{}\n",
+            target.display(),
+            if readonly { " (read-only)" } else { "" }
+        ),
+    })
+}
+
+/// Unpublishes a volume from `target` and unstages it from `staging`.
+pub async fn unpublish(
+    c: &mut Clients,
+    volume_id: &str,
+    target: &Path,
+    staging: &Path,
+) -> CallResult {
+    c.node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            target_path: target.display().to_string(),
+        })
+        .await?;
+    c.node
+        .node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await?;
+    Ok(Report {
+        json: json!({"volume_id": volume_id, "target_path": target}),
+        text: format!("unpublished {volume_id} from {}\n", target.display()),
+    })
+}
+
+pub async fn stats(c: &mut Clients, volume_id: &str, path: &Path) -> CallResult {
+    let response = c
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: volume_id.to_owned(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await?
+        .into_inner();
+    let find = |unit: volume_usage::Unit| {
+        response
+            .usage
+            .iter()
+            .find(|u| u.unit == unit as i32)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (bytes, inodes) = (
+        find(volume_usage::Unit::Bytes),
+        find(volume_usage::Unit::Inodes),
+    );
+    let condition = response.volume_condition.unwrap_or_default();
+    Ok(Report {
+        json: json!({
+            "bytes": {"total": bytes.total, "used": bytes.used, "available": bytes.available},
+            "inodes": {"total": inodes.total, "used": inodes.used, "available": inodes.available},
+            "abnormal": condition.abnormal,
+            "message": condition.message,
+        }),
+        text: format!(
+            "bytes    {} used of {} ({} available)\ninodes   {} used of {} ({} available)\ncondition {}\n",
+            human(bytes.used.max(0) as u64),
+            human(bytes.total.max(0) as u64),
+            human(bytes.available.max(0) as u64),
+            inodes.used,
+            inodes.total,
+            inodes.available,
+            if condition.abnormal {
+                condition.message
+            } else {
+                "ok".into()
+            }
+        ),
+    })
+}

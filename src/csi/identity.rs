@@ -1,0 +1,88 @@
+//! The CSI Identity service: who the plugin is, what it offers, whether it is ready.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::Plugin;
+use crate::proto::identity_server::Identity;
+use crate::proto::plugin_capability::{self, service, volume_expansion};
+use crate::proto::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
+    GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
+};
+
+/// Identity service over the shared plugin state.
+#[derive(Debug, Clone)]
+pub struct IdentityService(pub Arc<Plugin>);
+
+fn service(kind: service::Type) -> PluginCapability {
+    PluginCapability {
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service {
+                r#type: kind as i32,
+            },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _request: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        self.0
+            .call("GetPluginInfo", async {
+                Ok(GetPluginInfoResponse {
+                    name: self.0.driver_name.clone(),
+                    vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    manifest: Default::default(),
+                })
+            })
+            .await
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _request: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        self.0
+            .call("GetPluginCapabilities", async {
+                let mut capabilities = vec![service(service::Type::VolumeAccessibilityConstraints)];
+                if self.0.roles.controller {
+                    capabilities.push(service(service::Type::ControllerService));
+                }
+                capabilities.push(PluginCapability {
+                    r#type: Some(plugin_capability::Type::VolumeExpansion(
+                        plugin_capability::VolumeExpansion {
+                            r#type: volume_expansion::Type::Online as i32,
+                        },
+                    )),
+                });
+                Ok(GetPluginCapabilitiesResponse { capabilities })
+            })
+            .await
+    }
+
+    async fn probe(
+        &self,
+        _request: Request<ProbeRequest>,
+    ) -> Result<Response<ProbeResponse>, Status> {
+        self.0
+            .call("Probe", async {
+                let plugin = self.0.clone();
+                plugin
+                    .lane_op(|lane| lane.space())
+                    .await
+                    .map_err(|status| {
+                        Status::failed_precondition(format!(
+                            "the volume base directory is not usable: {}",
+                            status.message()
+                        ))
+                    })?;
+                Ok(ProbeResponse { ready: Some(true) })
+            })
+            .await
+    }
+}

@@ -1,0 +1,128 @@
+//! The gRPC edge: CSI Identity, Controller and Node services over a unix socket.
+//!
+//! Only this module knows tonic. Handlers read as: validate the request, take the volume's
+//! in-flight guard, call the lane or the mounter, map the result.
+
+pub mod bench;
+pub mod caps;
+pub mod client;
+pub mod controller;
+pub mod guard;
+pub mod identity;
+pub mod node;
+mod redact;
+pub mod server;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Code, Response, Status};
+
+use crate::lane::LocalLane;
+use crate::metrics::Metrics;
+use crate::mount::Mounter;
+pub use crate::proto;
+
+/// The topology key whose value is the node that holds a local volume.
+pub const TOPOLOGY_KEY: &str = "topology.lanes.csi.dev/node";
+/// The driver name used when `--driver-name` is not given.
+pub const DEFAULT_DRIVER_NAME: &str = "lanes.csi.dev";
+
+/// Which CSI services a process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub controller: bool,
+    pub node: bool,
+}
+
+/// State shared by the services of one plugin process. Built once at start-up.
+pub struct Plugin {
+    pub driver_name: String,
+    pub node_id: String,
+    pub roles: Roles,
+    pub lane: LocalLane,
+    pub mounter: Arc<dyn Mounter>,
+    pub inflight: guard::InFlight,
+    pub metrics: Arc<Metrics>,
+    pub mount_timeout: Duration,
+    pub failpoint: Failpoint,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("driver_name", &self.driver_name)
+            .field("node_id", &self.node_id)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// The topology segment of this node.
+    pub fn topology(&self) -> proto::Topology {
+        proto::Topology {
+            segments: [(TOPOLOGY_KEY.to_owned(), self.node_id.clone())].into(),
+        }
+    }
+
+    /// Runs one RPC body: records its metrics, logs its failure, wraps its answer.
+    pub async fn call<T>(
+        &self,
+        rpc: &'static str,
+        body: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = body.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.record(rpc, code, started);
+        match &result {
+            Ok(_) => tracing::debug!(rpc, elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
+            Err(status) => {
+                tracing::warn!(rpc, code = ?status.code(), message = status.message(), "failed")
+            }
+        }
+        result.map(Response::new)
+    }
+
+    /// Runs blocking lane work off the async runtime.
+    pub async fn lane_op<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&LocalLane) -> crate::lane::Result<T> + Send + 'static,
+    {
+        let plugin = self.clone();
+        tokio::task::spawn_blocking(move || f(&plugin.lane))
+            .await
+            .map_err(|e| Status::internal(format!("lane task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+/// A named point where a test can make the plugin die as if by `kill -9`.
+///
+/// Set from `LANES_FAILPOINT` at start-up (a test hook: unset in production, it does nothing).
+/// Used to prove that a retry after a crash between any two steps ends in the right state.
+#[derive(Debug, Clone, Default)]
+pub struct Failpoint(Option<String>);
+
+impl Failpoint {
+    /// Reads `LANES_FAILPOINT`.
+    pub fn from_env() -> Failpoint {
+        Failpoint(
+            std::env::var("LANES_FAILPOINT")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        )
+    }
+
+    /// Kills the process with SIGKILL when `name` is the configured failpoint.
+    pub fn hit(&self, name: &str) {
+        if self.0.as_deref() == Some(name) {
+            tracing::error!(failpoint = name, "failpoint reached: killing the plugin");
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
+        }
+    }
+}

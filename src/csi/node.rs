@@ -1,0 +1,461 @@
+//! The CSI Node service for the local lane: stage = bind the volume's data directory at the
+//! staging path; publish = bind the staging path at the target with the requested flags.
+//!
+//! Rules enforced here (CSI spec, "Node Service RPC"):
+//! - every call reads the mount table first; work already done answers OK (fixing ro/rw and
+//!   other flags in place), something else mounted there is an error that says what;
+//! - unpublish and unstage of a path with nothing mounted succeed; unpublish removes the
+//!   target directory it created (only when empty) and never anything else;
+//! - publish of a volume that is not staged is FAILED_PRECONDITION;
+//! - a crash between any two steps is repaired by the retry: no step is ever done twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::status::{busy, missing};
+use super::{Plugin, caps};
+use crate::lane::VolumeId;
+use crate::mount::{self, MountEntry, MountFlags, Origin, mountinfo};
+use crate::proto::node_server::Node;
+use crate::proto::node_service_capability::{Rpc, rpc};
+use crate::proto::*;
+
+/// Node service over the shared plugin state.
+#[derive(Debug, Clone)]
+pub struct NodeService(pub Arc<Plugin>);
+
+impl NodeService {
+    /// Parses the ID and loads the volume; unknown volumes are NOT_FOUND.
+    async fn volume(&self, volume_id: &str) -> Result<VolumeId, Status> {
+        if volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        let id = VolumeId::parse(volume_id)?;
+        let lookup = id.clone();
+        self.0.lane_op(move |lane| lane.get(&lookup)).await?;
+        Ok(id)
+    }
+
+    /// The mount-table location of a volume's data directory.
+    async fn origin(&self, id: &VolumeId) -> Result<(PathBuf, Origin, Vec<MountEntry>), Status> {
+        let data = self.0.lane.data_path(id);
+        let table = self
+            .mount_op("read mount table", &data, |m| m.table())
+            .await?;
+        let origin = Origin::of(&table, &data);
+        Ok((data, origin, table))
+    }
+
+    async fn mount_op<T, F>(&self, op: &'static str, path: &Path, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn mount::Mounter) -> mount::Result<T> + Send + 'static,
+    {
+        let mounter = self.0.mounter.clone();
+        mount::blocking(op, path, self.0.mount_timeout, move || f(mounter.as_ref()))
+            .await
+            .map_err(Status::from)
+    }
+
+    fn guard(&self, id: &VolumeId, path: &Path) -> Result<super::guard::Guard, Status> {
+        let key = format!("{id}@{}", path.display());
+        self.0
+            .inflight
+            .try_lock(key.clone())
+            .ok_or_else(|| busy(&key))
+    }
+
+    /// Unmounts every mount of `origin` stacked at `path`; refuses to touch anything else.
+    async fn unmount_all(&self, id: &VolumeId, path: &Path, origin: &Origin) -> Result<(), Status> {
+        loop {
+            let table = self
+                .mount_op("read mount table", path, |m| m.table())
+                .await?;
+            let Some(top) = mountinfo::at(&table, path).last().cloned().cloned() else {
+                return Ok(());
+            };
+            if !origin.matches(&top) {
+                return Err(Status::failed_precondition(format!(
+                    "{} has a mount of {} ({}) that is not volume {id}; refusing to unmount it",
+                    path.display(),
+                    top.source,
+                    top.root.display()
+                )));
+            }
+            let target = path.to_owned();
+            self.mount_op("unmount", path, move |m| m.unmount(&target))
+                .await?;
+        }
+    }
+}
+
+/// Resolves an existing directory given by the CO to its canonical path.
+fn existing_dir(path: &str, field: &str) -> Result<PathBuf, Status> {
+    let path = Path::new(path);
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => path
+            .canonicalize()
+            .map_err(|e| Status::internal(format!("resolve {}: {e}", path.display()))),
+        Ok(_) => Err(Status::invalid_argument(format!(
+            "{field} {} exists and is not a directory",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Status::invalid_argument(format!(
+                "{field} {} does not exist; the CO must create it",
+                path.display()
+            )))
+        }
+        Err(e) => Err(Status::internal(format!("stat {}: {e}", path.display()))),
+    }
+}
+
+/// Gives the volume's root to `gid` with the setgid bit, so new files inherit the group.
+fn apply_mount_group(data: &Path, gid: u32) -> Result<(), Status> {
+    use std::os::unix::fs::PermissionsExt;
+    nix::unistd::chown(data, None, Some(nix::unistd::Gid::from_raw(gid)))
+        .map_err(|e| Status::internal(format!("chown {} to group {gid}: {e}", data.display())))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o2775))
+        .map_err(|e| Status::internal(format!("chmod {}: {e}", data.display())))
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .call("NodeStageVolume", async {
+                if req.staging_target_path.is_empty() {
+                    return Err(missing("staging_target_path"));
+                }
+                let capability = req
+                    .volume_capability
+                    .as_ref()
+                    .ok_or_else(|| missing("volume_capability"))?;
+                caps::check(capability).map_err(Status::invalid_argument)?;
+                let id = self.volume(&req.volume_id).await?;
+                let staging = existing_dir(&req.staging_target_path, "staging_target_path")?;
+                let _guard = self.guard(&id, &staging)?;
+                let (data, origin, table) = self.origin(&id).await?;
+                if let Some(top) = mountinfo::at(&table, &staging).last() {
+                    if origin.matches(top) {
+                        return Ok(NodeStageVolumeResponse {});
+                    }
+                    return Err(Status::already_exists(format!(
+                        "staging path {} already has another mount ({} from {})",
+                        staging.display(),
+                        top.fs_type,
+                        top.source
+                    )));
+                }
+                let target = staging.clone();
+                self.mount_op("bind mount", &staging, move |m| m.bind(&data, &target))
+                    .await?;
+                self.0.failpoint.hit("stage.after-bind");
+                Ok(NodeStageVolumeResponse {})
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .call("NodeUnstageVolume", async {
+                if req.volume_id.is_empty() {
+                    return Err(missing("volume_id"));
+                }
+                if req.staging_target_path.is_empty() {
+                    return Err(missing("staging_target_path"));
+                }
+                let id = VolumeId::parse(&req.volume_id)?;
+                let staging = Path::new(&req.staging_target_path);
+                let Ok(staging) = staging.canonicalize() else {
+                    return Ok(NodeUnstageVolumeResponse {});
+                };
+                let _guard = self.guard(&id, &staging)?;
+                let (_, origin, _) = self.origin(&id).await?;
+                self.unmount_all(&id, &staging, &origin).await?;
+                Ok(NodeUnstageVolumeResponse {})
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .call("NodePublishVolume", async {
+                if req.target_path.is_empty() {
+                    return Err(missing("target_path"));
+                }
+                let capability = req.volume_capability.as_ref().ok_or_else(|| missing("volume_capability"))?;
+                let access = caps::check(capability).map_err(Status::invalid_argument)?;
+                if req.staging_target_path.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "staging_target_path is required: Lanes stages every volume (STAGE_UNSTAGE_VOLUME)",
+                    ));
+                }
+                let id = self.volume(&req.volume_id).await?;
+                let target = PathBuf::from(&req.target_path);
+                let _guard = self.guard(&id, &target)?;
+                let (data, origin, table) = self.origin(&id).await?;
+                let staged = Path::new(&req.staging_target_path)
+                    .canonicalize()
+                    .ok()
+                    .filter(|staging| mountinfo::at(&table, staging).iter().any(|e| origin.matches(e)));
+                let Some(staging) = staged else {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {id} is not staged at {}; call NodeStageVolume first",
+                        req.staging_target_path
+                    )));
+                };
+                let flags = MountFlags {
+                    read_only: req.readonly || access.read_only,
+                    ..access.flags
+                };
+                match std::fs::symlink_metadata(&target) {
+                    Ok(meta) if meta.is_dir() => {}
+                    Ok(_) => {
+                        return Err(Status::invalid_argument(format!(
+                            "target_path {} exists and is not a directory",
+                            target.display()
+                        )));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::fs::create_dir(&target).map_err(|e| {
+                            Status::invalid_argument(format!(
+                                "cannot create target_path {} (its parent must exist): {e}",
+                                target.display()
+                            ))
+                        })?;
+                        self.0.failpoint.hit("publish.after-mkdir");
+                    }
+                    Err(e) => return Err(Status::internal(format!("stat {}: {e}", target.display()))),
+                }
+                let target = target
+                    .canonicalize()
+                    .map_err(|e| Status::internal(format!("resolve {}: {e}", target.display())))?;
+                if let Some(gid) = access.mount_group {
+                    apply_mount_group(&data, gid)?;
+                }
+                match mountinfo::at(&table, &target).last() {
+                    Some(top) if origin.matches(top) && flags.satisfied_by(top) => {
+                        return Ok(NodePublishVolumeResponse {});
+                    }
+                    Some(top) if origin.matches(top) => {}
+                    Some(top) => {
+                        return Err(Status::already_exists(format!(
+                            "target_path {} already has another mount ({} from {})",
+                            target.display(),
+                            top.fs_type,
+                            top.source
+                        )));
+                    }
+                    None => {
+                        let path = target.clone();
+                        self.mount_op("bind mount", &target, move |m| m.bind(&staging, &path))
+                            .await?;
+                        self.0.failpoint.hit("publish.after-bind");
+                        if flags.is_plain() {
+                            return Ok(NodePublishVolumeResponse {});
+                        }
+                    }
+                }
+                let path = target.clone();
+                self.mount_op("remount", &target, move |m| m.remount(&path, flags)).await?;
+                Ok(NodePublishVolumeResponse {})
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .call("NodeUnpublishVolume", async {
+                if req.volume_id.is_empty() {
+                    return Err(missing("volume_id"));
+                }
+                if req.target_path.is_empty() {
+                    return Err(missing("target_path"));
+                }
+                let id = VolumeId::parse(&req.volume_id)?;
+                let Ok(target) = Path::new(&req.target_path).canonicalize() else {
+                    return Ok(NodeUnpublishVolumeResponse {});
+                };
+                let _guard = self.guard(&id, &target)?;
+                let (_, origin, _) = self.origin(&id).await?;
+                self.unmount_all(&id, &target, &origin).await?;
+                self.0.failpoint.hit("unpublish.after-unmount");
+                match std::fs::remove_dir(&target) {
+                    Ok(()) => Ok(NodeUnpublishVolumeResponse {}),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Ok(NodeUnpublishVolumeResponse {})
+                    }
+                    Err(e) => Err(Status::failed_precondition(format!(
+                        "unmounted, but {} could not be removed ({e}); it is not an empty \
+                         directory, so Lanes leaves it alone",
+                        target.display()
+                    ))),
+                }
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .call("NodeGetVolumeStats", async {
+                if req.volume_path.is_empty() {
+                    return Err(missing("volume_path"));
+                }
+                let id = self.volume(&req.volume_id).await?;
+                let path = Path::new(&req.volume_path).canonicalize().map_err(|_| {
+                    Status::not_found(format!("volume_path {} does not exist", req.volume_path))
+                })?;
+                let (_, origin, table) = self.origin(&id).await?;
+                if !mountinfo::at(&table, &path)
+                    .iter()
+                    .any(|e| origin.matches(e))
+                {
+                    return Err(Status::not_found(format!(
+                        "volume {id} is not mounted at {}",
+                        path.display()
+                    )));
+                }
+                let stat_path = path.clone();
+                let stat = mount::blocking("statvfs", &path, self.0.mount_timeout, move || {
+                    nix::sys::statvfs::statvfs(&stat_path)
+                        .map_err(|e| mount::Error::io("statvfs", &stat_path, e.into()))
+                })
+                .await?;
+                let block = stat.fragment_size() as i64;
+                let usage =
+                    |total: u64, free: u64, available: u64, unit: volume_usage::Unit| VolumeUsage {
+                        total: total as i64,
+                        available: available as i64,
+                        used: total.saturating_sub(free) as i64,
+                        unit: unit as i32,
+                    };
+                let bytes = VolumeUsage {
+                    total: stat.blocks() as i64 * block,
+                    available: stat.blocks_available() as i64 * block,
+                    used: (stat.blocks() - stat.blocks_free()) as i64 * block,
+                    unit: volume_usage::Unit::Bytes as i32,
+                };
+                let inodes = usage(
+                    stat.files(),
+                    stat.files_free(),
+                    stat.files_available(),
+                    volume_usage::Unit::Inodes,
+                );
+                let condition = match self.0.lane.condition(&id) {
+                    None => VolumeCondition {
+                        abnormal: false,
+                        message: "volume is mounted and its directory is present".into(),
+                    },
+                    Some(problem) => VolumeCondition {
+                        abnormal: true,
+                        message: problem,
+                    },
+                };
+                Ok(NodeGetVolumeStatsResponse {
+                    usage: vec![bytes, inodes],
+                    volume_condition: Some(condition),
+                })
+            })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    async fn node_expand_volume(
+        &self,
+        request: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        self.0
+            .call("NodeExpandVolume", async {
+                if req.volume_path.is_empty() {
+                    return Err(missing("volume_path"));
+                }
+                if let Some(capability) = &req.volume_capability {
+                    caps::check(capability).map_err(Status::invalid_argument)?;
+                }
+                let id = self.volume(&req.volume_id).await?;
+                if !Path::new(&req.volume_path).exists() {
+                    return Err(Status::not_found(format!(
+                        "volume_path {} does not exist",
+                        req.volume_path
+                    )));
+                }
+                // The quota was already grown by ControllerExpandVolume; a directory volume has
+                // no filesystem of its own to grow, so the node only reports the capacity.
+                let meta = self.0.lane_op(move |lane| lane.get(&id)).await?;
+                Ok(NodeExpandVolumeResponse {
+                    capacity_bytes: meta.capacity_bytes as i64,
+                })
+            })
+            .await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        self.0
+            .call("NodeGetCapabilities", async {
+                let capabilities = [
+                    rpc::Type::StageUnstageVolume,
+                    rpc::Type::GetVolumeStats,
+                    rpc::Type::ExpandVolume,
+                    rpc::Type::VolumeCondition,
+                    rpc::Type::SingleNodeMultiWriter,
+                    rpc::Type::VolumeMountGroup,
+                ]
+                .into_iter()
+                .map(|kind| NodeServiceCapability {
+                    r#type: Some(node_service_capability::Type::Rpc(Rpc {
+                        r#type: kind as i32,
+                    })),
+                })
+                .collect();
+                Ok(NodeGetCapabilitiesResponse { capabilities })
+            })
+            .await
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        self.0
+            .call("NodeGetInfo", async {
+                Ok(NodeGetInfoResponse {
+                    node_id: self.0.node_id.clone(),
+                    max_volumes_per_node: 0,
+                    accessible_topology: Some(self.0.topology()),
+                })
+            })
+            .await
+    }
+}

@@ -1,0 +1,504 @@
+//! The `local` lane: each volume is `<data-dir>/volumes/<dir>/` holding `volume.json` and the
+//! volume's `data/` directory, on the node where the plugin runs.
+//!
+//! Rules this lane enforces:
+//! - a volume appears whole or not at all: it is built under `.tmp-*` and renamed into place;
+//!   a delete renames it to `.trash-*` first. Leftovers of a killed call are cleaned at start.
+//! - create is idempotent by name: a compatible existing volume is returned, an incompatible
+//!   one is `AlreadyExists`;
+//! - delete touches only the volume's own directory and refuses while it is still mounted.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::params::OnDelete;
+use super::quota::{Enforcement, Quota};
+use super::{CreateParams, Error, Range, Result, VolumeId, VolumeMeta};
+use crate::mount::{MountEntry, Origin};
+
+/// The lane's name in volume IDs and profiles.
+pub const LANE: &str = "local";
+const DATA: &str = "data";
+const TEMP_PREFIX: &str = ".tmp-";
+const TRASH_PREFIX: &str = ".trash-";
+
+/// Settings of the local lane.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// Size of a volume whose request names none.
+    pub default_capacity: u64,
+    /// Largest volume; `None` means the size of the filesystem under the base.
+    pub max_capacity: Option<u64>,
+}
+
+/// A volume creation request, already validated at the edge.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub range: Range,
+    pub params: CreateParams,
+}
+
+/// The local lane on one node.
+#[derive(Debug)]
+pub struct LocalLane {
+    base: PathBuf,
+    retained: PathBuf,
+    node_id: String,
+    settings: LocalSettings,
+    enforcement: Enforcement,
+}
+
+/// Space figures of the lane's backing filesystem.
+#[derive(Debug, Clone, Copy)]
+pub struct Space {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+impl LocalLane {
+    /// Opens (creating if needed) the lane under `data_dir` and finishes or undoes whatever a
+    /// killed create or delete left behind.
+    pub fn open(data_dir: &Path, node_id: &str, settings: LocalSettings) -> Result<LocalLane> {
+        let base = data_dir.join("volumes");
+        std::fs::create_dir_all(&base).map_err(Error::io(format!("create {}", base.display())))?;
+        let base = base
+            .canonicalize()
+            .map_err(Error::io(format!("resolve {}", base.display())))?;
+        let enforcement = Enforcement::detect(&base);
+        let lane = LocalLane {
+            retained: data_dir.join("retained"),
+            base,
+            node_id: node_id.to_owned(),
+            settings,
+            enforcement,
+        };
+        lane.recover()?;
+        Ok(lane)
+    }
+
+    /// Why capacity is not enforced, or `None` when it is.
+    pub fn enforcement_gap(&self) -> Option<&str> {
+        match &self.enforcement {
+            Enforcement::Xfs(_) => None,
+            Enforcement::NotEnforced(why) => Some(why),
+        }
+    }
+
+    fn quota(&self) -> Option<&Quota> {
+        match &self.enforcement {
+            Enforcement::Xfs(quota) => Some(quota),
+            Enforcement::NotEnforced(_) => None,
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn volume_dir(&self, id: &VolumeId) -> PathBuf {
+        self.base.join(id.dir())
+    }
+
+    /// The directory holding a volume's data: what gets staged and published.
+    pub fn data_path(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir(id).join(DATA)
+    }
+
+    /// Creates the volume, or returns the existing one with that name if it is compatible.
+    pub fn create(&self, request: &CreateRequest) -> Result<VolumeMeta> {
+        let id = VolumeId::for_name(LANE, &request.name)?;
+        if let Some(existing) = self.find(&id)? {
+            return self.check_compatible(existing, request);
+        }
+        let capacity = request
+            .range
+            .resolve(self.settings.default_capacity, self.max_capacity()?)?;
+        let temp = self.base.join(format!(
+            "{TEMP_PREFIX}{}-{}",
+            id.dir(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        ));
+        let built = self.build(&temp, &id, request, capacity);
+        let meta = match built {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&temp);
+                return Err(e);
+            }
+        };
+        match std::fs::rename(&temp, self.volume_dir(&id)) {
+            Ok(()) => {
+                sync_dir(&self.base)?;
+                Ok(meta)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&temp);
+                // Someone else finished the same create first: answer as a repeat would.
+                match self.find(&id)? {
+                    Some(existing) => self.check_compatible(existing, request),
+                    None => Err(Error::io(format!("rename into {}", id))(e)),
+                }
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        temp: &Path,
+        id: &VolumeId,
+        request: &CreateRequest,
+        capacity: u64,
+    ) -> Result<VolumeMeta> {
+        let data = temp.join(DATA);
+        std::fs::create_dir_all(&data).map_err(Error::io(format!("create {}", data.display())))?;
+        // World-writable like a fresh hostPath volume, so pods without fsGroup can write;
+        // fsGroup / volume_mount_group narrow this at publish.
+        set_mode(&data, 0o777)?;
+        let project_id = match self.quota() {
+            Some(quota) => {
+                let project = quota.assign(&data, id.dir())?;
+                quota.set_limit(project, capacity)?;
+                Some(project)
+            }
+            None => None,
+        };
+        let meta = VolumeMeta {
+            name: request.name.clone(),
+            id: id.to_string(),
+            capacity_bytes: capacity,
+            params: request.params.clone(),
+            node_id: self.node_id.clone(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            project_id,
+        };
+        meta.store(temp)?;
+        Ok(meta)
+    }
+
+    fn check_compatible(
+        &self,
+        existing: VolumeMeta,
+        request: &CreateRequest,
+    ) -> Result<VolumeMeta> {
+        let incompatible = |reason: String| Error::Incompatible {
+            name: super::id::printable(&request.name),
+            reason,
+        };
+        if existing.name != request.name {
+            return Err(incompatible(format!(
+                "its directory belongs to another name ({:?})",
+                existing.name
+            )));
+        }
+        if !request.range.admits(existing.capacity_bytes)? {
+            return Err(incompatible(format!(
+                "it has {} bytes, outside the requested range",
+                existing.capacity_bytes
+            )));
+        }
+        if existing.params != request.params {
+            return Err(incompatible("it was created with other parameters".into()));
+        }
+        Ok(existing)
+    }
+
+    /// The volume with this ID, or `None`.
+    pub fn find(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
+        let dir = self.volume_dir(id);
+        if !dir.join(super::meta::FILE).exists() {
+            return Ok(None);
+        }
+        VolumeMeta::load(&dir).map(Some)
+    }
+
+    /// The volume with this ID, or `UnknownVolume`.
+    pub fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        self.find(id)?
+            .ok_or_else(|| Error::UnknownVolume(id.to_string()))
+    }
+
+    /// All volumes, ordered by ID.
+    pub fn list(&self) -> Result<Vec<VolumeMeta>> {
+        let entries = std::fs::read_dir(&self.base)
+            .map_err(Error::io(format!("list {}", self.base.display())))?;
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut volumes = Vec::with_capacity(names.len());
+        for name in names {
+            if let Ok(id) = VolumeId::parse(&format!("{LANE}/{name}"))
+                && let Some(meta) = self.find(&id)?
+            {
+                volumes.push(meta);
+            }
+        }
+        Ok(volumes)
+    }
+
+    /// Deletes the volume. Deleting a volume that does not exist succeeds. Refuses with
+    /// `InUse` while any mount in `table` shows the volume's data.
+    pub fn delete(&self, id: &VolumeId, table: &[MountEntry]) -> Result<()> {
+        let dir = self.volume_dir(id);
+        let Some(meta) = self.find(id)? else {
+            return Ok(());
+        };
+        let origin = Origin::of(table, &dir.join(DATA));
+        if let Some(mount) = table.iter().find(|entry| origin.matches(entry)) {
+            return Err(Error::InUse {
+                id: id.to_string(),
+                path: mount.mount_point.clone(),
+            });
+        }
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        match meta.params.on_delete {
+            OnDelete::Retain => {
+                std::fs::create_dir_all(&self.retained)
+                    .map_err(Error::io(format!("create {}", self.retained.display())))?;
+                let kept = self.retained.join(format!("{}-{stamp}", id.dir()));
+                std::fs::rename(&dir, &kept).map_err(Error::io(format!(
+                    "move {} to {}",
+                    id,
+                    kept.display()
+                )))?;
+                self.release(&meta)
+            }
+            OnDelete::Delete => {
+                let trash = self
+                    .base
+                    .join(format!("{TRASH_PREFIX}{}-{stamp}", id.dir()));
+                std::fs::rename(&dir, &trash).map_err(Error::io(format!("delete {id}")))?;
+                sync_dir(&self.base)?;
+                self.release(&meta)?;
+                std::fs::remove_dir_all(&trash)
+                    .map_err(Error::io(format!("remove {}", trash.display())))
+            }
+        }
+    }
+
+    fn release(&self, meta: &VolumeMeta) -> Result<()> {
+        match (self.quota(), meta.project_id) {
+            (Some(quota), Some(project)) => quota.release(project),
+            _ => Ok(()),
+        }
+    }
+
+    /// Grows the volume to satisfy `range`; never shrinks. Returns the new capacity.
+    pub fn expand(&self, id: &VolumeId, range: Range) -> Result<u64> {
+        let mut meta = self.get(id)?;
+        if range.required <= 0 && range.limit <= 0 {
+            return Err(Error::Capacity(
+                "capacity_range must set required_bytes or limit_bytes".into(),
+            ));
+        }
+        if range.admits(meta.capacity_bytes)? || (range.required as u64) < meta.capacity_bytes {
+            return Ok(meta.capacity_bytes);
+        }
+        let capacity = range.resolve(meta.capacity_bytes, self.max_capacity()?)?;
+        if let (Some(quota), Some(project)) = (self.quota(), meta.project_id) {
+            quota.set_limit(project, capacity)?;
+        }
+        meta.capacity_bytes = capacity;
+        meta.store(&self.volume_dir(id))?;
+        Ok(capacity)
+    }
+
+    /// Space on the filesystem that holds the lane.
+    pub fn space(&self) -> Result<Space> {
+        let stat = nix::sys::statvfs::statvfs(&self.base)
+            .map_err(|e| Error::io(format!("statvfs {}", self.base.display()))(e.into()))?;
+        let fragment = stat.fragment_size();
+        Ok(Space {
+            total_bytes: stat.blocks() * fragment,
+            available_bytes: stat.blocks_available() * fragment,
+        })
+    }
+
+    fn max_capacity(&self) -> Result<u64> {
+        match self.settings.max_capacity {
+            Some(max) => Ok(max),
+            None => Ok(self.space()?.total_bytes),
+        }
+    }
+
+    /// Why the volume is unhealthy, or `None`: its data directory must exist and be a directory.
+    pub fn condition(&self, id: &VolumeId) -> Option<String> {
+        let data = self.data_path(id);
+        match std::fs::symlink_metadata(&data) {
+            Ok(meta) if meta.is_dir() => None,
+            Ok(_) => Some(format!("{} is not a directory", data.display())),
+            Err(e) => Some(format!("{} is unreadable: {e}", data.display())),
+        }
+    }
+
+    fn recover(&self) -> Result<()> {
+        let entries = std::fs::read_dir(&self.base)
+            .map_err(Error::io(format!("list {}", self.base.display())))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TEMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
+                tracing::info!(path = %entry.path().display(), "removing leftover of an interrupted call");
+                if name.starts_with(TRASH_PREFIX)
+                    && let Ok(meta) = VolumeMeta::load(&entry.path())
+                {
+                    self.release(&meta)?;
+                }
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(Error::io(format!("remove {}", entry.path().display())))?;
+            }
+        }
+        if let Some(quota) = self.quota() {
+            for project in quota.orphans(&self.base) {
+                quota.release(project)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io(format!("chmod {}", path.display())))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(Error::io(format!("sync {}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+
+    fn lane(dir: &Path) -> LocalLane {
+        let settings = LocalSettings {
+            default_capacity: 1 << 20,
+            max_capacity: Some(1 << 30),
+        };
+        LocalLane::open(dir, "node-a", settings).unwrap()
+    }
+
+    fn request(name: &str, required: i64) -> CreateRequest {
+        CreateRequest {
+            name: name.into(),
+            range: Range { required, limit: 0 },
+            params: CreateParams {
+                profile: "local".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn create_is_idempotent_and_checks_compatibility() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lane = lane(tmp.path());
+        let first = lane.create(&request("pvc-1", 8192)).unwrap();
+        let again = lane.create(&request("pvc-1", 8192)).unwrap();
+        assert_eq!(first, again);
+        let bigger = lane.create(&request("pvc-1", 1 << 25)).unwrap_err();
+        assert_eq!(bigger.kind(), Kind::AlreadyExists);
+        let mut retained = request("pvc-1", 8192);
+        retained.params.on_delete = OnDelete::Retain;
+        assert_eq!(
+            lane.create(&retained).unwrap_err().kind(),
+            Kind::AlreadyExists
+        );
+        assert!(
+            lane.data_path(&VolumeId::parse(&first.id).unwrap())
+                .is_dir()
+        );
+    }
+
+    #[test]
+    fn leftovers_of_killed_calls_are_removed_on_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(lane(tmp.path()));
+        let base = tmp.path().join("volumes");
+        std::fs::create_dir_all(base.join(".tmp-pvc-2-1/data")).unwrap();
+        std::fs::create_dir_all(base.join(".trash-pvc-3-1/data")).unwrap();
+        let lane = lane(tmp.path());
+        assert!(!base.join(".tmp-pvc-2-1").exists());
+        assert!(!base.join(".trash-pvc-3-1").exists());
+        assert!(lane.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn delete_refuses_while_mounted_and_is_idempotent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lane = lane(tmp.path());
+        let meta = lane.create(&request("pvc-4", 0)).unwrap();
+        let id = VolumeId::parse(&meta.id).unwrap();
+        let mounted = MountEntry {
+            major: 0,
+            minor: 0,
+            root: lane.data_path(&id),
+            mount_point: "/somewhere".into(),
+            options: vec!["rw".into()],
+            fs_type: "x".into(),
+            source: "x".into(),
+            super_options: vec![],
+        };
+        let err = lane
+            .delete(&id, std::slice::from_ref(&mounted))
+            .unwrap_err();
+        assert_eq!(err.kind(), Kind::FailedPrecondition);
+        lane.delete(&id, &[]).unwrap();
+        lane.delete(&id, &[]).unwrap();
+        assert!(lane.find(&id).unwrap().is_none());
+    }
+
+    #[test]
+    fn expand_grows_and_never_shrinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lane = lane(tmp.path());
+        let meta = lane.create(&request("pvc-5", 1 << 20)).unwrap();
+        let id = VolumeId::parse(&meta.id).unwrap();
+        let grown = lane
+            .expand(
+                &id,
+                Range {
+                    required: 2 << 20,
+                    limit: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(grown, 2 << 20);
+        let same = lane
+            .expand(
+                &id,
+                Range {
+                    required: 1 << 20,
+                    limit: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(same, 2 << 20);
+        let err = lane
+            .expand(
+                &id,
+                Range {
+                    required: 1 << 40,
+                    limit: 0,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), Kind::OutOfRange);
+        assert_eq!(lane.get(&id).unwrap().capacity_bytes, 2 << 20);
+    }
+}

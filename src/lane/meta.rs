@@ -1,0 +1,58 @@
+//! A volume's state, kept in `volume.json` beside its data and replaced atomically, so a
+//! restarted plugin loses nothing and needs no database.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CreateParams, Error, Result};
+
+/// Everything Lanes knows about a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    /// The CO's name for the volume (CreateVolume's idempotency key).
+    pub name: String,
+    /// The volume ID handed to the CO.
+    pub id: String,
+    pub capacity_bytes: u64,
+    pub params: CreateParams,
+    /// The node whose disk holds the volume.
+    pub node_id: String,
+    /// Seconds since the epoch.
+    pub created_unix: u64,
+    /// The XFS project whose quota enforces `capacity_bytes`, when enforced.
+    pub project_id: Option<u32>,
+}
+
+pub const FILE: &str = "volume.json";
+
+impl VolumeMeta {
+    /// Reads the metadata in volume directory `dir`.
+    pub fn load(dir: &Path) -> Result<VolumeMeta> {
+        let path = dir.join(FILE);
+        let bytes = std::fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+            context: format!("parse {}", path.display()),
+            source: std::io::Error::other(e),
+        })
+    }
+
+    /// Writes the metadata into `dir` atomically: a synced temporary file renamed over the old.
+    pub fn store(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(FILE);
+        let temp = dir.join(format!(".{FILE}.tmp"));
+        let body = serde_json::to_vec_pretty(self).map_err(|e| Error::Io {
+            context: "encode volume metadata".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&temp)?;
+            file.write_all(&body)?;
+            file.sync_all()?;
+            std::fs::rename(&temp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(Error::io(format!("write {}", path.display())))
+    }
+}

@@ -1,0 +1,86 @@
+//! Lanes: where a volume's bytes live. This build has the `local` lane (a directory per volume
+//! under `<data-dir>/volumes`), with XFS project quotas where the base allows.
+//!
+//! Nothing here knows gRPC: errors are [`Error`], mapped to CSI codes in `csi::status`.
+
+pub mod capacity;
+pub mod id;
+pub mod local;
+pub mod meta;
+pub mod params;
+pub mod quota;
+
+use std::path::PathBuf;
+
+pub use capacity::Range;
+pub use id::VolumeId;
+pub use local::LocalLane;
+pub use meta::VolumeMeta;
+pub use params::CreateParams;
+
+use crate::error::Kind;
+
+/// Failures of lane operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("volume name {name} is invalid: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("volume ID {id} is invalid: {reason}")]
+    InvalidVolumeId { id: String, reason: String },
+    #[error("volume {0:?} does not exist")]
+    UnknownVolume(String),
+    #[error("StorageClass parameter {0:?} is not known (known: profile, onDelete)")]
+    UnknownParameter(String),
+    #[error("StorageClass parameter {key:?}: {reason}")]
+    InvalidParameter { key: String, reason: String },
+    #[error("capacity: {0}")]
+    Capacity(String),
+    #[error(
+        "capacity of {requested} bytes cannot be satisfied: the largest volume this lane can hold \
+         is {max} bytes"
+    )]
+    CapacityOutOfRange { requested: u64, max: u64 },
+    #[error("volume {name} already exists and is incompatible: {reason}")]
+    Incompatible { name: String, reason: String },
+    #[error("volume {id} is still mounted at {path}; unpublish it first")]
+    InUse { id: String, path: PathBuf },
+    #[error("quota: {0}")]
+    Quota(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The CSI-level kind of this failure.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::Missing(_)
+            | Error::InvalidName { .. }
+            | Error::InvalidVolumeId { .. }
+            | Error::UnknownParameter(_)
+            | Error::InvalidParameter { .. }
+            | Error::Capacity(_) => Kind::InvalidArgument,
+            Error::UnknownVolume(_) => Kind::NotFound,
+            Error::CapacityOutOfRange { .. } => Kind::OutOfRange,
+            Error::Incompatible { .. } => Kind::AlreadyExists,
+            Error::InUse { .. } => Kind::FailedPrecondition,
+            Error::Quota(_) => Kind::Internal,
+            Error::Io { source, .. } => crate::error::io_kind(source),
+        }
+    }
+
+    /// Wraps an I/O error with what was being done and to which path.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

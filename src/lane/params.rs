@@ -1,0 +1,163 @@
+//! StorageClass parameters, parsed once into a typed struct.
+//!
+//! Rule: an unknown key is an `InvalidArgument` that names it. Keys under `csi.storage.k8s.io/`
+//! are added by the Kubernetes sidecars and are accepted and ignored.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+/// What happens to a volume's data when the volume is deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDelete {
+    /// Remove the data.
+    #[default]
+    Delete,
+    /// Move the data aside under `<data-dir>/retained/` for an admin to deal with.
+    Retain,
+}
+
+/// Parameters a volume is created with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateParams {
+    /// The storage profile; only `local` exists in this build.
+    pub profile: String,
+    #[serde(rename = "onDelete")]
+    pub on_delete: OnDelete,
+}
+
+/// The profile used when a StorageClass names none.
+pub const DEFAULT_PROFILE: &str = "local";
+const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
+
+impl TryFrom<&HashMap<String, String>> for CreateParams {
+    type Error = Error;
+
+    fn try_from(raw: &HashMap<String, String>) -> Result<Self, Error> {
+        let mut params = CreateParams {
+            profile: DEFAULT_PROFILE.to_owned(),
+            ..Default::default()
+        };
+        for (key, value) in raw {
+            match key.as_str() {
+                "profile" => {
+                    if value != DEFAULT_PROFILE {
+                        return Err(Error::InvalidParameter {
+                            key: key.clone(),
+                            reason: format!(
+                                "profile {value:?} does not exist (available: {DEFAULT_PROFILE})"
+                            ),
+                        });
+                    }
+                    params.profile = value.clone();
+                }
+                "onDelete" => {
+                    params.on_delete = match value.as_str() {
+                        "delete" => OnDelete::Delete,
+                        "retain" => OnDelete::Retain,
+                        other => {
+                            return Err(Error::InvalidParameter {
+                                key: key.clone(),
+                                reason: format!("{other:?} is not one of: delete, retain"),
+                            });
+                        }
+                    }
+                }
+                other if other.starts_with(SIDECAR_PREFIX) => {}
+                other => return Err(Error::UnknownParameter(other.to_owned())),
+            }
+        }
+        Ok(params)
+    }
+}
+
+impl CreateParams {
+    /// The parameters as the CO would pass them, for ValidateVolumeCapabilities and listings.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let on_delete = match self.on_delete {
+            OnDelete::Delete => "delete",
+            OnDelete::Retain => "retain",
+        };
+        BTreeMap::from([
+            ("profile".to_owned(), self.profile.clone()),
+            ("onDelete".to_owned(), on_delete.to_owned()),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_parameters() {
+        struct Case {
+            desc: &'static str,
+            raw: &'static [(&'static str, &'static str)],
+            want: Result<OnDelete, Kind>,
+        }
+        let cases = [
+            Case {
+                desc: "empty",
+                raw: &[],
+                want: Ok(OnDelete::Delete),
+            },
+            Case {
+                desc: "retain",
+                raw: &[("onDelete", "retain")],
+                want: Ok(OnDelete::Retain),
+            },
+            Case {
+                desc: "profile",
+                raw: &[("profile", "local")],
+                want: Ok(OnDelete::Delete),
+            },
+            Case {
+                desc: "sidecar keys",
+                raw: &[
+                    ("csi.storage.k8s.io/pvc/name", "x"),
+                    ("csi.storage.k8s.io/pv/name", "y"),
+                ],
+                want: Ok(OnDelete::Delete),
+            },
+            Case {
+                desc: "unknown key",
+                raw: &[("fstype", "xfs")],
+                want: Err(Kind::InvalidArgument),
+            },
+            Case {
+                desc: "bad value",
+                raw: &[("onDelete", "archive")],
+                want: Err(Kind::InvalidArgument),
+            },
+            Case {
+                desc: "unknown profile",
+                raw: &[("profile", "gold")],
+                want: Err(Kind::InvalidArgument),
+            },
+        ];
+        for case in cases {
+            let got = CreateParams::try_from(&map(case.raw))
+                .map(|p| p.on_delete)
+                .map_err(|e| e.kind());
+            assert_eq!(got, case.want, "{}", case.desc);
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = CreateParams::try_from(&map(&[("replicas", "3")])).unwrap_err();
+        assert!(err.to_string().contains("\"replicas\""), "{err}");
+    }
+}

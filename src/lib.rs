@@ -1,0 +1,19 @@
+//! Lanes: a Kubernetes CSI storage plugin for ML platforms.
+//!
+//! Layers run one way: `csi` (the gRPC edge) → `lane` (where volumes live) → `mount`.
+//! Only `csi` knows tonic; the rest return their own errors with a [`error::Kind`].
+
+pub mod cli;
+pub mod config;
+pub mod csi;
+pub mod error;
+pub mod lane;
+pub mod metrics;
+pub mod mount;
+pub mod units;
+
+/// Code generated from `proto/csi.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}

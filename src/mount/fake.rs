@@ -1,0 +1,84 @@
+//! An in-memory [`Mounter`] for unit tests of node logic. Integration tests use the real one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{MountEntry, MountFlags, Mounter, Result};
+
+/// Records mounts in a table shaped like mountinfo. Every source is reported as device 0:1.
+#[derive(Debug, Default)]
+pub struct FakeMounter {
+    table: Mutex<Vec<MountEntry>>,
+}
+
+impl FakeMounter {
+    fn options(flags: MountFlags) -> Vec<String> {
+        let mut options = vec![if flags.read_only { "ro" } else { "rw" }.to_owned()];
+        for (set, name) in [
+            (flags.nosuid, "nosuid"),
+            (flags.nodev, "nodev"),
+            (flags.noexec, "noexec"),
+        ] {
+            if set {
+                options.push(name.to_owned());
+            }
+        }
+        options
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<MountEntry>> {
+        self.table
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl Mounter for FakeMounter {
+    fn bind(&self, source: &Path, target: &Path) -> Result<()> {
+        self.lock().push(MountEntry {
+            major: 0,
+            minor: 1,
+            root: source.to_owned(),
+            mount_point: target.to_owned(),
+            options: Self::options(MountFlags::default()),
+            fs_type: "fake".into(),
+            source: "fake".into(),
+            super_options: vec![],
+        });
+        Ok(())
+    }
+
+    fn remount(&self, target: &Path, flags: MountFlags) -> Result<()> {
+        let mut table = self.lock();
+        if let Some(entry) = table.iter_mut().rev().find(|e| e.mount_point == target) {
+            entry.options = Self::options(flags);
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        let mut table = self.lock();
+        match table.iter().rposition(|e| e.mount_point == target) {
+            Some(index) => {
+                table.remove(index);
+                Ok(())
+            }
+            None => Err(super::Error::io(
+                "unmount",
+                target,
+                std::io::Error::from_raw_os_error(nix::libc::EINVAL),
+            )),
+        }
+    }
+
+    fn table(&self) -> Result<Vec<MountEntry>> {
+        Ok(self.lock().clone())
+    }
+}
+
+impl FakeMounter {
+    /// The mount points currently recorded, for assertions.
+    pub fn mount_points(&self) -> Vec<PathBuf> {
+        self.lock().iter().map(|e| e.mount_point.clone()).collect()
+    }
+}

@@ -1,0 +1,48 @@
+//! The real [`Mounter`]: bind mounts through sys-mount, remounts and unmounts through nix.
+
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags};
+use sys_mount::{Mount, MountFlags as SysFlags};
+
+use super::{Atime, Error, MountEntry, MountFlags, Mounter, Result, mountinfo};
+
+/// Mounts on the running kernel. Needs CAP_SYS_ADMIN.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxMounter;
+
+impl Mounter for LinuxMounter {
+    fn bind(&self, source: &Path, target: &Path) -> Result<()> {
+        Mount::builder()
+            .flags(SysFlags::BIND)
+            .mount(source, target)
+            .map(drop)
+            .map_err(|e| Error::io("bind mount", target, e))
+    }
+
+    fn remount(&self, target: &Path, flags: MountFlags) -> Result<()> {
+        let mut bits = MsFlags::MS_BIND | MsFlags::MS_REMOUNT;
+        bits.set(MsFlags::MS_RDONLY, flags.read_only);
+        bits.set(MsFlags::MS_NOSUID, flags.nosuid);
+        bits.set(MsFlags::MS_NODEV, flags.nodev);
+        bits.set(MsFlags::MS_NOEXEC, flags.noexec);
+        match flags.atime {
+            Atime::Inherit => {}
+            Atime::NoAtime => bits |= MsFlags::MS_NOATIME,
+            Atime::NoDirAtime => bits |= MsFlags::MS_NODIRATIME,
+            Atime::Relatime => bits |= MsFlags::MS_RELATIME,
+            Atime::Strict => bits |= MsFlags::MS_STRICTATIME,
+        }
+        nix::mount::mount(None::<&str>, target, None::<&str>, bits, None::<&str>)
+            .map_err(|e| Error::io("remount", target, e.into()))
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        nix::mount::umount2(target, MntFlags::empty())
+            .map_err(|e| Error::io("unmount", target, e.into()))
+    }
+
+    fn table(&self) -> Result<Vec<MountEntry>> {
+        mountinfo::read().map_err(|e| Error::io("read", Path::new("/proc/self/mountinfo"), e))
+    }
+}
