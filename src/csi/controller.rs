@@ -109,6 +109,7 @@ impl Controller for ControllerService {
                     .inflight
                     .try_lock(format!("create:{}", req.name))
                     .ok_or_else(|| busy(&format!("volume name {:?}", req.name)))?;
+                self.0.failpoint.delay("create").await;
                 let create = CreateRequest {
                     name: req.name.clone(),
                     range,

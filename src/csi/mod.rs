@@ -125,4 +125,12 @@ impl Failpoint {
             let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
         }
     }
+
+    /// Holds the call for two seconds when the failpoint is `delay:<name>` (to make
+    /// concurrent calls overlap in tests).
+    pub async fn delay(&self, name: &str) {
+        if self.0.as_deref().and_then(|v| v.strip_prefix("delay:")) == Some(name) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
 }

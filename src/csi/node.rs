@@ -211,6 +211,7 @@ impl Node for NodeService {
                 let id = self.volume(&req.volume_id).await?;
                 let target = PathBuf::from(&req.target_path);
                 let _guard = self.guard(&id, &target)?;
+                self.0.failpoint.delay("publish").await;
                 let (data, origin, table) = self.origin(&id).await?;
                 let staged = Path::new(&req.staging_target_path)
                     .canonicalize()

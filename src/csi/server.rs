@@ -84,6 +84,9 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
+/// How long calls in flight may run on after SIGTERM / SIGINT.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Resolves when SIGTERM or SIGINT arrives.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -162,12 +165,27 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         .roles
         .node
         .then(|| NodeServer::new(NodeService(plugin.clone())));
-    let served = tonic::transport::Server::builder()
+    // After the signal, calls in flight get a grace period; idle client connections (kubelet
+    // and the sidecars keep theirs open) must not hold the shutdown up.
+    let (signaled_tx, mut signaled) = tokio::sync::watch::channel(false);
+    let serve = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
         .add_optional_service(controller)
         .add_optional_service(node)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown_signal().await;
+            let _ = signaled_tx.send(true);
+        });
+    let served = tokio::select! {
+        served = serve => served,
+        _ = async {
+            let _ = signaled.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("calls still open after {}s; stopping anyway", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(&socket);
     served?;

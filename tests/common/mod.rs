@@ -1,0 +1,220 @@
+//! Test harness: runs the real `lanes standalone` binary on a temporary unix socket and talks
+//! to it through the generated gRPC clients.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lanes::csi::client::{Clients, mount_capability};
+use lanes::proto::volume_capability::access_mode::Mode;
+use lanes::proto::*;
+
+/// True when the test may make real mounts. Without root it says so loudly and returns
+/// false; with `LANES_REQUIRE_PRIVILEGED=1` (CI) a missing privilege fails the test instead.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test} needs root (mounts) and LANES_REQUIRE_PRIVILEGED=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: needs root to mount; run as root to cover it");
+    false
+}
+
+/// A running plugin in its own temporary directory.
+pub struct Plugin {
+    pub root: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    failpoint: Option<String>,
+}
+
+impl Plugin {
+    pub fn start() -> Plugin {
+        Plugin::start_with(None, None)
+    }
+
+    /// Starts with a failpoint (`LANES_FAILPOINT`) and/or a data dir of the caller's.
+    pub fn start_with(failpoint: Option<&str>, data_dir: Option<&Path>) -> Plugin {
+        let root = tempfile::Builder::new()
+            .prefix("lanes-test-")
+            .tempdir()
+            .unwrap();
+        let data_dir = data_dir
+            .map(Path::to_owned)
+            .unwrap_or_else(|| root.path().join("data"));
+        let socket = root.path().join("csi.sock");
+        let mut plugin = Plugin {
+            root,
+            data_dir,
+            socket,
+            child: None,
+            failpoint: failpoint.map(str::to_owned),
+        };
+        plugin.spawn();
+        plugin
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.root.path().join("ready"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lanes"));
+        command
+            .args(["standalone", "--node-id", "test-node", "--endpoint"])
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("LANES_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        match &self.failpoint {
+            Some(point) => command.env("LANES_FAILPOINT", point),
+            None => command.env_remove("LANES_FAILPOINT"),
+        };
+        self.child = Some(command.spawn().expect("start lanes"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Ready means accepting connections (a stale socket file may still be there).
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "plugin did not start listening");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Restarts the plugin, without a failpoint, on the same data dir and socket.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.failpoint = None;
+        self.spawn();
+    }
+
+    /// Waits for the plugin to die (a failpoint killed it); returns how it ended.
+    pub fn wait_dead(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "plugin did not die");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub async fn clients(&self) -> Clients {
+        Clients::connect(&self.socket)
+            .await
+            .expect("connect to plugin")
+    }
+
+    /// A fresh directory under the test root (for staging paths and target parents).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let path = self.root.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.stop();
+        // Never leave mounts behind, even when a test failed half-way.
+        let table = lanes::mount::mountinfo::read().unwrap_or_default();
+        let root = self.root.path().canonicalize().unwrap_or_default();
+        let mut points: Vec<_> = table
+            .iter()
+            .filter(|e| e.mount_point.starts_with(&root))
+            .map(|e| e.mount_point.clone())
+            .collect();
+        points.reverse();
+        for point in points {
+            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+pub fn rwo() -> VolumeCapability {
+    mount_capability(Mode::SingleNodeWriter, &[])
+}
+
+pub fn create_request(name: &str, bytes: i64) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.to_owned(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![rwo()],
+        ..Default::default()
+    }
+}
+
+pub fn stage_request(id: &str, staging: &Path) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: id.to_owned(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    }
+}
+
+pub fn publish_request(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    readonly: bool,
+) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: id.to_owned(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwo()),
+        readonly,
+        ..Default::default()
+    }
+}
+
+/// The mounts at `path` right now, from the kernel's table.
+pub fn mounts_at(path: &Path) -> Vec<lanes::mount::MountEntry> {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    lanes::mount::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.mount_point == path)
+        .collect()
+}
+
+/// Asserts a call failed with `code`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    what: &str,
+) {
+    match result {
+        Ok(value) => panic!("{what}: expected {code:?}, got success {value:?}"),
+        Err(status) => assert_eq!(status.code(), code, "{what}: {}", status.message()),
+    }
+}
