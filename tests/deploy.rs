@@ -15,13 +15,17 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Resu
 /// Checks that everything in `original` is also in `round_trip`; returns the first path that is not.
 fn lost(original: &Value, round_trip: &Value, path: &str) -> Option<String> {
     match (original, round_trip) {
-        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(key, value)| match b.get(key) {
-            Some(other) => lost(value, other, &format!("{path}.{key}")),
-            None => Some(format!("{path}.{key}")),
-        }),
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            a.iter().zip(b).enumerate().find_map(|(i, (x, y))| lost(x, y, &format!("{path}[{i}]")))
+        (Value::Object(a), Value::Object(b)) => {
+            a.iter().find_map(|(key, value)| match b.get(key) {
+                Some(other) => lost(value, other, &format!("{path}.{key}")),
+                None => Some(format!("{path}.{key}")),
+            })
         }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| lost(x, y, &format!("{path}[{i}]"))),
         (a, b) if a == b => None,
         (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => None,
         _ => Some(path.to_owned()),
@@ -42,7 +46,8 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         for (index, doc) in text.split("\n---").enumerate() {
-            let value: Value = serde_yaml_ng::from_str(doc).unwrap_or_else(|e| panic!("{}#{index}: {e}", file.display()));
+            let value: Value = serde_yaml_ng::from_str(doc)
+                .unwrap_or_else(|e| panic!("{}#{index}: {e}", file.display()));
             if value.is_null() {
                 continue;
             }
@@ -62,23 +67,53 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
             }
             .unwrap_or_else(|e| panic!("{}#{index} ({kind}): {e}", file.display()));
             if let Some(path) = lost(&value, &round_trip, "") {
-                panic!("{}#{index} ({kind}): field {path} is not part of the type (typo?)", file.display());
+                panic!(
+                    "{}#{index} ({kind}): field {path} is not part of the type (typo?)",
+                    file.display()
+                );
             }
             kinds.push(kind);
         }
     }
-    for wanted in ["CSIDriver", "Deployment", "DaemonSet", "StorageClass", "ClusterRole"] {
-        assert!(kinds.iter().any(|k| k == wanted), "{wanted} manifest missing");
+    for wanted in [
+        "CSIDriver",
+        "Deployment",
+        "DaemonSet",
+        "StorageClass",
+        "ClusterRole",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == wanted),
+            "{wanted} manifest missing"
+        );
     }
 }
 
 #[test]
 fn the_driver_and_the_storage_class_agree_with_the_binary() {
-    let driver: CSIDriver = serde_yaml_ng::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/csidriver.yaml")).unwrap()).unwrap();
-    assert_eq!(driver.metadata.name.as_deref(), Some(lanes::csi::DEFAULT_DRIVER_NAME));
-    let class: StorageClass = serde_yaml_ng::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/storageclass-local.yaml")).unwrap()).unwrap();
+    let driver: CSIDriver = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/csidriver.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        driver.metadata.name.as_deref(),
+        Some(lanes::csi::DEFAULT_DRIVER_NAME)
+    );
+    let class: StorageClass = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/storageclass-local.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     assert_eq!(class.provisioner, lanes::csi::DEFAULT_DRIVER_NAME);
-    let params: std::collections::HashMap<String, String> = class.parameters.unwrap().into_iter().collect();
+    let params: std::collections::HashMap<String, String> =
+        class.parameters.unwrap().into_iter().collect();
     lanes::lane::CreateParams::try_from(&params).expect("the StorageClass parameters are accepted");
 }
 
@@ -86,5 +121,8 @@ fn the_driver_and_the_storage_class_agree_with_the_binary() {
 fn a_misspelt_field_is_caught() {
     let doc: Value = serde_yaml_ng::from_str("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nprovisioner: p\nallowVolumeExpanson: true\n").unwrap();
     let round_trip = typed::<StorageClass>(&doc).unwrap();
-    assert_eq!(lost(&doc, &round_trip, "").as_deref(), Some(".allowVolumeExpanson"));
+    assert_eq!(
+        lost(&doc, &round_trip, "").as_deref(),
+        Some(".allowVolumeExpanson")
+    );
 }

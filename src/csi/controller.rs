@@ -144,8 +144,20 @@ impl Controller for ControllerService {
                     .inflight
                     .try_lock(id.to_string())
                     .ok_or_else(|| busy(&req.volume_id))?;
-                let table = self.0.mounter.table()?;
-                self.0.lane_op(move |lane| lane.delete(&id, &table)).await?;
+                let mounter = self.0.mounter.clone();
+                self.0
+                    .lane_op(move |lane| {
+                        let data = lane.data_path(&id);
+                        let table =
+                            mounter
+                                .binds_of(&data)
+                                .map_err(|e| crate::lane::Error::Io {
+                                    context: "read the mount table".into(),
+                                    source: std::io::Error::other(e),
+                                })?;
+                        lane.delete(&id, &table)
+                    })
+                    .await?;
                 Ok(DeleteVolumeResponse {})
             })
             .await

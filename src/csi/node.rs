@@ -38,11 +38,21 @@ impl NodeService {
         Ok(id)
     }
 
-    /// The mount-table location of a volume's data directory.
-    async fn origin(&self, id: &VolumeId) -> Result<(PathBuf, Origin, Vec<MountEntry>), Status> {
+    /// The mount-table location of a volume's data directory, and the table entries at or
+    /// above the data directory and each of `paths`.
+    async fn origin(
+        &self,
+        id: &VolumeId,
+        paths: &[&Path],
+    ) -> Result<(PathBuf, Origin, Vec<MountEntry>), Status> {
         let data = self.0.lane.data_path(id);
+        let mut wanted: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
+        wanted.push(data.clone());
         let table = self
-            .mount_op("read mount table", &data, |m| m.table())
+            .mount_op("read mount table", &data, move |m| {
+                let refs: Vec<&Path> = wanted.iter().map(PathBuf::as_path).collect();
+                m.table_for(&refs)
+            })
             .await?;
         let origin = Origin::of(&table, &data);
         Ok((data, origin, table))
@@ -67,27 +77,30 @@ impl NodeService {
             .ok_or_else(|| busy(&key))
     }
 
-    /// Unmounts every mount of `origin` stacked at `path`; refuses to touch anything else.
-    async fn unmount_all(&self, id: &VolumeId, path: &Path, origin: &Origin) -> Result<(), Status> {
-        loop {
-            let table = self
-                .mount_op("read mount table", path, |m| m.table())
-                .await?;
-            let Some(top) = mountinfo::at(&table, path).last().cloned().cloned() else {
-                return Ok(());
-            };
-            if !origin.matches(&top) {
-                return Err(Status::failed_precondition(format!(
-                    "{} has a mount of {} ({}) that is not volume {id}; refusing to unmount it",
-                    path.display(),
-                    top.source,
-                    top.root.display()
-                )));
-            }
+    /// Unmounts every mount of `origin` stacked at `path` (as `table` shows them); refuses to
+    /// touch anything else. One read of the table serves the whole call.
+    async fn unmount_all(
+        &self,
+        id: &VolumeId,
+        path: &Path,
+        origin: &Origin,
+        table: &[MountEntry],
+    ) -> Result<(), Status> {
+        let stack = mountinfo::at(table, path);
+        if let Some(foreign) = stack.iter().find(|entry| !origin.matches(entry)) {
+            return Err(Status::failed_precondition(format!(
+                "{} has a mount of {} ({}) that is not volume {id}; refusing to unmount it",
+                path.display(),
+                foreign.source,
+                foreign.root.display()
+            )));
+        }
+        for _ in 0..stack.len() {
             let target = path.to_owned();
             self.mount_op("unmount", path, move |m| m.unmount(&target))
                 .await?;
         }
+        Ok(())
     }
 }
 
@@ -142,7 +155,7 @@ impl Node for NodeService {
                 let id = self.volume(&req.volume_id).await?;
                 let staging = existing_dir(&req.staging_target_path, "staging_target_path")?;
                 let _guard = self.guard(&id, &staging)?;
-                let (data, origin, table) = self.origin(&id).await?;
+                let (data, origin, table) = self.origin(&id, &[&staging]).await?;
                 if let Some(top) = mountinfo::at(&table, &staging).last() {
                     if origin.matches(top) {
                         return Ok(NodeStageVolumeResponse {});
@@ -183,8 +196,8 @@ impl Node for NodeService {
                     return Ok(NodeUnstageVolumeResponse {});
                 };
                 let _guard = self.guard(&id, &staging)?;
-                let (_, origin, _) = self.origin(&id).await?;
-                self.unmount_all(&id, &staging, &origin).await?;
+                let (_, origin, table) = self.origin(&id, &[&staging]).await?;
+                self.unmount_all(&id, &staging, &origin, &table).await?;
                 Ok(NodeUnstageVolumeResponse {})
             })
             .await
@@ -212,10 +225,11 @@ impl Node for NodeService {
                 let target = PathBuf::from(&req.target_path);
                 let _guard = self.guard(&id, &target)?;
                 self.0.failpoint.delay("publish").await;
-                let (data, origin, table) = self.origin(&id).await?;
-                let staged = Path::new(&req.staging_target_path)
-                    .canonicalize()
-                    .ok()
+                let staging = Path::new(&req.staging_target_path).canonicalize().ok();
+                let target_now = target.canonicalize().ok();
+                let paths: Vec<&Path> = staging.iter().chain(target_now.iter()).map(PathBuf::as_path).collect();
+                let (data, origin, table) = self.origin(&id, &paths).await?;
+                let staged = staging
                     .filter(|staging| mountinfo::at(&table, staging).iter().any(|e| origin.matches(e)));
                 let Some(staging) = staged else {
                     return Err(Status::failed_precondition(format!(
@@ -301,8 +315,8 @@ impl Node for NodeService {
                     return Ok(NodeUnpublishVolumeResponse {});
                 };
                 let _guard = self.guard(&id, &target)?;
-                let (_, origin, _) = self.origin(&id).await?;
-                self.unmount_all(&id, &target, &origin).await?;
+                let (_, origin, table) = self.origin(&id, &[&target]).await?;
+                self.unmount_all(&id, &target, &origin, &table).await?;
                 self.0.failpoint.hit("unpublish.after-unmount");
                 match std::fs::remove_dir(&target) {
                     Ok(()) => Ok(NodeUnpublishVolumeResponse {}),
@@ -334,7 +348,7 @@ impl Node for NodeService {
                 let path = Path::new(&req.volume_path).canonicalize().map_err(|_| {
                     Status::not_found(format!("volume_path {} does not exist", req.volume_path))
                 })?;
-                let (_, origin, table) = self.origin(&id).await?;
+                let (_, origin, table) = self.origin(&id, &[&path]).await?;
                 if !mountinfo::at(&table, &path)
                     .iter()
                     .any(|e| origin.matches(e))

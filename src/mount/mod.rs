@@ -147,6 +147,31 @@ pub trait Mounter: Send + Sync + 'static {
     fn unmount(&self, target: &Path) -> Result<()>;
     /// The current mount table.
     fn table(&self) -> Result<Vec<MountEntry>>;
+    /// The entries that could be bind mounts of directory `dir` (their root ends with the
+    /// last component of `dir`), and the entries at or above `dir`: enough to find every mount
+    /// of `dir` with [`Origin`].
+    fn binds_of(&self, dir: &Path) -> Result<Vec<MountEntry>> {
+        let tail = dir.file_name().map(PathBuf::from).unwrap_or_default();
+        let parent = dir
+            .parent()
+            .and_then(Path::file_name)
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let suffix = parent.join(tail);
+        Ok(self
+            .table()?
+            .into_iter()
+            .filter(|e| e.root.ends_with(&suffix) || dir.starts_with(&e.mount_point))
+            .collect())
+    }
+    /// The entries mounted at one of `paths` or at an ancestor of one.
+    fn table_for(&self, paths: &[&Path]) -> Result<Vec<MountEntry>> {
+        Ok(self
+            .table()?
+            .into_iter()
+            .filter(|e| paths.iter().any(|p| p.starts_with(&e.mount_point)))
+            .collect())
+    }
 }
 
 /// Runs a blocking mount operation on the blocking pool with a deadline. A syscall stuck on a

@@ -45,6 +45,37 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
+/// Reads only the entries mounted at one of `paths` or at one of their ancestors: what a node
+/// call needs, without building the whole table (nodes carry thousands of mounts).
+pub fn read_for(paths: &[&Path]) -> std::io::Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(parse_for(&text, paths))
+}
+
+/// [`parse`], keeping only entries at or above one of `paths`.
+pub fn parse_for(text: &str, paths: &[&Path]) -> Vec<MountEntry> {
+    parse_where(text, |_, point| {
+        paths.iter().any(|path| path.starts_with(point))
+    })
+}
+
+/// [`parse`], keeping only the lines whose (root, mount point) pass `keep`; the other lines
+/// are never fully parsed.
+pub fn parse_where(text: &str, keep: impl Fn(&Path, &Path) -> bool) -> Vec<MountEntry> {
+    text.lines()
+        .filter(|line| {
+            let mut fields = line.split(' ').skip(3);
+            match (fields.next(), fields.next()) {
+                (Some(root), Some(point)) => {
+                    keep(Path::new(&unescape(root)), Path::new(&unescape(point)))
+                }
+                _ => false,
+            }
+        })
+        .filter_map(parse_line)
+        .collect()
+}
+
 fn parse_line(line: &str) -> Option<MountEntry> {
     let (head, tail) = line.split_once(" - ")?;
     let fields: Vec<&str> = head.split(' ').collect();
@@ -141,6 +172,23 @@ garbage line
         assert_eq!(owner.fs_type, "xfs");
         let root = containing(&table, Path::new("/etc")).unwrap();
         assert_eq!(root.mount_point, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn filtered_parse_keeps_only_paths_and_ancestors() {
+        let kept = parse_for(
+            SAMPLE,
+            &[Path::new("/mnt/with space"), Path::new("/var/lib/lanes/v")],
+        );
+        let points: Vec<_> = kept.iter().map(|e| e.mount_point.clone()).collect();
+        assert_eq!(
+            points,
+            vec![
+                PathBuf::from("/"),
+                PathBuf::from("/mnt/with space"),
+                PathBuf::from("/var/lib/lanes")
+            ]
+        );
     }
 
     #[test]
