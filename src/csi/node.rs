@@ -364,7 +364,7 @@ impl Node for NodeService {
                         .map_err(|e| mount::Error::io("statvfs", &stat_path, e.into()))
                 })
                 .await?;
-                let block = stat.fragment_size() as i64;
+                let block = stat.fragment_size();
                 let usage =
                     |total: u64, free: u64, available: u64, unit: volume_usage::Unit| VolumeUsage {
                         total: total as i64,
@@ -372,12 +372,12 @@ impl Node for NodeService {
                         used: total.saturating_sub(free) as i64,
                         unit: unit as i32,
                     };
-                let bytes = VolumeUsage {
-                    total: stat.blocks() as i64 * block,
-                    available: stat.blocks_available() as i64 * block,
-                    used: (stat.blocks() - stat.blocks_free()) as i64 * block,
-                    unit: volume_usage::Unit::Bytes as i32,
-                };
+                let bytes = usage(
+                    stat.blocks() * block,
+                    stat.blocks_free() * block,
+                    stat.blocks_available() * block,
+                    volume_usage::Unit::Bytes,
+                );
                 let inodes = usage(
                     stat.files(),
                     stat.files_free(),

@@ -1,6 +1,6 @@
 //! The real [`Mounter`]: bind mounts through sys-mount, remounts and unmounts through nix.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags};
 use sys_mount::{Mount, MountFlags as SysFlags};
@@ -47,18 +47,9 @@ impl Mounter for LinuxMounter {
     }
 
     fn binds_of(&self, dir: &Path) -> Result<Vec<MountEntry>> {
-        let tail = dir.file_name().map(PathBuf::from).unwrap_or_default();
-        let parent = dir
-            .parent()
-            .and_then(Path::file_name)
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        let suffix = parent.join(tail);
         let text = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("read", Path::new("/proc/self/mountinfo"), e))?;
-        Ok(mountinfo::parse_where(&text, |root, point| {
-            root.ends_with(&suffix) || dir.starts_with(point)
-        }))
+        Ok(mountinfo::parse_where(&text, super::bind_filter(dir)))
     }
 
     fn table_for(&self, paths: &[&Path]) -> Result<Vec<MountEntry>> {

@@ -174,6 +174,15 @@ pub trait Mounter: Send + Sync + 'static {
     }
 }
 
+/// Which (root, mount point) pairs can matter for finding the bind mounts of `dir`: those whose
+/// root ends like `dir` (its last two components), and those at or above `dir`.
+pub fn bind_filter(dir: &Path) -> impl Fn(&Path, &Path) -> bool + '_ {
+    let tail = dir.file_name().map(PathBuf::from).unwrap_or_default();
+    let parent = dir.parent().and_then(Path::file_name).map(PathBuf::from);
+    let suffix = parent.unwrap_or_default().join(tail);
+    move |root, point| root.ends_with(&suffix) || dir.starts_with(point)
+}
+
 /// Runs a blocking mount operation on the blocking pool with a deadline. A syscall stuck on a
 /// dead server keeps its thread, but the caller gets `Timeout` instead of hanging.
 pub async fn blocking<T, F>(op: &'static str, path: &Path, deadline: Duration, f: F) -> Result<T>
