@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod copy;
 pub mod csi;
 pub mod error;
 pub mod lane;

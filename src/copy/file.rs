@@ -1,0 +1,149 @@
+//! Copying one regular file: to a temporary name in the destination directory, verified as
+//! the checksum mode asks, then renamed into place so no reader ever sees half a file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+/// The prefix of temporary files; leftovers of a killed run are removed by the next run.
+pub const TEMP_PREFIX: &str = ".lanes-tmp-";
+const BUFFER: usize = 1 << 20;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temporary path in `dir`.
+pub fn temp_path(dir: &Path) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
+}
+
+/// Opens a source file for reading without following a symlink put in its place.
+pub fn open_source(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("no longer a regular file"));
+    }
+    Ok(file)
+}
+
+/// SHA-256 of everything readable from `reader`.
+pub fn sha256(mut reader: impl Read) -> std::io::Result<[u8; 32]> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; BUFFER];
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hasher.finalize().into());
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+/// How a copy is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Only that the written size equals the source's.
+    Size,
+    /// That the SHA-256 of what was written equals the source's.
+    Sha256,
+    Nothing,
+}
+
+/// Copies `source` to `target` through a temporary file, sets mode and times, and renames it
+/// into place. Returns the number of bytes written.
+/// `before_rename` runs between the two (a test hook for killing the process there).
+pub fn copy(
+    source: &Path,
+    target: &Path,
+    mode: u32,
+    mtime: (i64, i64),
+    verify: Verify,
+    before_rename: &dyn Fn(),
+) -> std::io::Result<u64> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let temp = temp_path(dir);
+    let result = write_temp(source, &temp, mode, mtime, verify).and_then(|bytes| {
+        before_rename();
+        std::fs::rename(&temp, target).map(|()| bytes)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn write_temp(
+    source: &Path,
+    temp: &Path,
+    mode: u32,
+    mtime: (i64, i64),
+    verify: Verify,
+) -> std::io::Result<u64> {
+    let mut input = open_source(source)?;
+    let expected = input.metadata()?.len();
+    let mut output = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(temp)?;
+    let written = match verify {
+        // std::io::copy uses copy_file_range (reflink / in-kernel copy) between files.
+        Verify::Size | Verify::Nothing => std::io::copy(&mut input, &mut output)?,
+        Verify::Sha256 => {
+            let (written, source_hash) = copy_hashing(&mut input, &mut output)?;
+            let written_hash = sha256(File::open(temp)?)?;
+            if written_hash != source_hash {
+                return Err(std::io::Error::other(
+                    "SHA-256 of the written copy differs from the source",
+                ));
+            }
+            written
+        }
+    };
+    if verify == Verify::Size && written != expected {
+        return Err(std::io::Error::other(format!(
+            "wrote {written} bytes, the source has {expected}"
+        )));
+    }
+    output.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    let time = to_system_time(mtime);
+    output.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(time)
+            .set_accessed(time),
+    )?;
+    Ok(written)
+}
+
+fn copy_hashing(input: &mut File, output: &mut File) -> std::io::Result<(u64, [u8; 32])> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buffer)?;
+        if n == 0 {
+            return Ok((total, hasher.finalize().into()));
+        }
+        hasher.update(&buffer[..n]);
+        output.write_all(&buffer[..n])?;
+        total += n as u64;
+    }
+}
+
+/// A (seconds, nanoseconds) pair as a `SystemTime`.
+pub fn to_system_time((secs, nanos): (i64, i64)) -> SystemTime {
+    let nanos = Duration::from_nanos(nanos.clamp(0, 999_999_999) as u64);
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos
+    }
+}
