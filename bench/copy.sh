@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Benchmark: `lanes copy` against rsync and cp on the same generated trees, in one run.
+#
+#   bench/copy.sh [RUNS]      (default 3; medians are reported)
+#
+# Trees: 10,000 files of 100 KiB, and 8 files of 256 MiB (random bytes). Page cache is
+# dropped before each timed run. Installs rsync when it is missing. Needs root (drop_caches).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}
+for tool in rsync bc; do
+  command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }
+done
+cargo build --release --locked --quiet
+lanes=$PWD/target/release/lanes
+work=$(mktemp -d /var/tmp/lanes-bench-copy.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(df -h "$work" | awk 'NR==2{print $1" "$2}')"
+echo "generating trees in $work ..."
+mkdir -p "$work/small" "$work/large"
+python3 - "$work" <<'PY'
+import os, random, sys
+work = sys.argv[1]
+rng = random.Random(42)
+for d in range(100):
+    os.makedirs(f"{work}/small/d{d:03}", exist_ok=True)
+    for f in range(100):
+        with open(f"{work}/small/d{d:03}/f{f:03}", "wb") as out:
+            out.write(rng.randbytes(100 * 1024))
+for f in range(8):
+    with open(f"{work}/large/f{f}", "wb") as out:
+        for _ in range(256):
+            out.write(os.urandom(1 << 20))
+PY
+
+drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+# t NAME CMD...: runs CMD once, cold cache, appends seconds to $work/NAME.times
+t() {
+  local name=$1; shift
+  drop
+  local start end
+  start=$(date +%s.%N); "$@" >/dev/null 2>&1; end=$(date +%s.%N)
+  echo "$end - $start" | bc >> "$work/$name.times"
+}
+median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+for tree in small large; do
+  for run in $(seq "$runs"); do
+    rm -rf "$work/dst"*
+    t "$tree.cp"            cp -a "$work/$tree" "$work/dst-cp"
+    t "$tree.rsync"         rsync -a "$work/$tree/" "$work/dst-rsync/"
+    t "$tree.lanes"         "$lanes" copy "$work/$tree" "$work/dst-lanes" --json
+    t "$tree.rsync-rerun"   rsync -a "$work/$tree/" "$work/dst-rsync/"
+    t "$tree.lanes-rerun"   "$lanes" copy "$work/$tree" "$work/dst-lanes" --json
+    rm -rf "$work/dst"*
+    t "$tree.rsync-sum"     rsync -a --checksum "$work/$tree/" "$work/dst-rsync/"
+    t "$tree.lanes-sha"     "$lanes" copy "$work/$tree" "$work/dst-lanes" --checksum sha256 --json
+    t "$tree.rsync-sum-rerun" rsync -a --checksum "$work/$tree/" "$work/dst-rsync/"
+    t "$tree.lanes-sha-rerun" "$lanes" copy "$work/$tree" "$work/dst-lanes" --checksum sha256 --json
+  done
+  rm -rf "$work/dst"*
+  drop
+  diff -r "$work/$tree" "$work/dst-cp" >/dev/null 2>&1 || true
+done
+for f in $(seq 3); do t sha.openssl openssl dgst -sha256 "$work/large/f0"; done
+for f in $(seq 3); do t sha.lanes "$lanes" copy "$work/large" "$work/dst-sha-$f" --checksum sha256 --jobs 1 --json; rm -rf "$work/dst-sha-$f"; done
+
+printf '\n%-8s %-34s %9s %9s %7s\n' tree case lanes peer ratio
+row() { # tree label lanes-key peer-key
+  local l p; l=$(median "$1.$3"); p=$(median "$1.$4")
+  printf '%-8s %-34s %8.2fs %8.2fs %7.2f\n' "$1" "$2" "$l" "$p" "$(echo "$l / $p" | bc -l)"
+}
+for tree in small large; do
+  row $tree "first copy vs rsync -a"            lanes rsync
+  row $tree "first copy vs cp -a"               lanes cp
+  row $tree "unchanged re-run vs rsync -a"      lanes-rerun rsync-rerun
+  row $tree "sha256 first vs rsync --checksum"  lanes-sha rsync-sum
+  row $tree "sha256 re-run vs rsync --checksum" lanes-sha-rerun rsync-sum-rerun
+done
+echo
+echo "SHA-256, one 256 MiB file, cold cache: openssl $(median sha.openssl)s;" \
+     "lanes copy --checksum sha256 --jobs 1 of 8 x 256 MiB: $(median sha.lanes)s" \
+     "($(echo "2048 / $(median sha.lanes)" | bc) MiB/s incl. write + read-back verify)"
+echo "(ratio = lanes / peer; below 1.0 means lanes is faster)"
