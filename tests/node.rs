@@ -78,10 +78,7 @@ async fn stage_publish_unpublish_unstage_with_real_mounts_ten_times_each() {
 
     for _ in 0..10 {
         c.node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: target.display().to_string(),
-            })
+            .node_unpublish_volume(unpublish_request(&id, &target))
             .await
             .unwrap();
     }
@@ -92,30 +89,19 @@ async fn stage_publish_unpublish_unstage_with_real_mounts_ten_times_each() {
     );
     // Still staged: the volume cannot be deleted yet.
     assert_code(
-        c.controller
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await,
+        c.controller.delete_volume(delete_request(&id)).await,
         Code::FailedPrecondition,
         "delete while staged",
     );
     for _ in 0..10 {
         c.node
-            .node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.display().to_string(),
-            })
+            .node_unstage_volume(unstage_request(&id, &staging))
             .await
             .unwrap();
     }
     assert!(mounts_at(&staging).is_empty());
     c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: id,
-            ..Default::default()
-        })
+        .delete_volume(delete_request(&id))
         .await
         .unwrap();
 }
@@ -368,10 +354,7 @@ async fn node_errors_use_the_codes_the_spec_names_and_change_nothing() {
     );
     assert_code(
         c.node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: busy.display().to_string(),
-            })
+            .node_unpublish_volume(unpublish_request(&id, &busy))
             .await,
         Code::FailedPrecondition,
         "unpublish of a foreign mount",
@@ -443,10 +426,7 @@ async fn node_errors_use_the_codes_the_spec_names_and_change_nothing() {
         "stats without path",
     );
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_request(&id, &staging))
         .await
         .unwrap();
 }
@@ -592,10 +572,7 @@ async fn kill_between_steps_then_retry_ends_in_the_right_state() {
                     .map(drop),
                 _ => c
                     .node
-                    .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                        volume_id: id.clone(),
-                        target_path: target.display().to_string(),
-                    })
+                    .node_unpublish_volume(unpublish_request(&id, &target))
                     .await
                     .map(drop),
             };
@@ -636,10 +613,7 @@ async fn kill_between_steps_then_retry_ends_in_the_right_state() {
             }
             _ => {
                 c.node
-                    .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                        volume_id: id.clone(),
-                        target_path: target.display().to_string(),
-                    })
+                    .node_unpublish_volume(unpublish_request(&id, &target))
                     .await
                     .unwrap();
                 assert!(mounts_at(&target).is_empty(), "{point}");
@@ -650,23 +624,14 @@ async fn kill_between_steps_then_retry_ends_in_the_right_state() {
         // Clean up fully and prove nothing is left.
         let _ = c
             .node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: target.display().to_string(),
-            })
+            .node_unpublish_volume(unpublish_request(&id, &target))
             .await;
         c.node
-            .node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.display().to_string(),
-            })
+            .node_unstage_volume(unstage_request(&id, &staging))
             .await
             .unwrap();
         c.controller
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
+            .delete_volume(delete_request(&id))
             .await
             .unwrap();
         let root = plugin.root.path().canonicalize().unwrap();

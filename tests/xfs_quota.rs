@@ -147,24 +147,15 @@ async fn a_write_past_capacity_fails_and_expansion_lifts_the_limit() {
     write_mib(&target.join("big"), 30).expect("the expanded volume takes 30 MiB");
 
     c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
+        .node_unpublish_volume(unpublish_request(&id, &target))
         .await
         .unwrap();
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_request(&id, &staging))
         .await
         .unwrap();
     c.controller
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: id,
-            ..Default::default()
-        })
+        .delete_volume(delete_request(&id))
         .await
         .unwrap();
     drop(plugin);

@@ -196,6 +196,27 @@ pub fn publish_request(
     }
 }
 
+pub fn unpublish_request(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: id.to_owned(),
+        target_path: target.display().to_string(),
+    }
+}
+
+pub fn unstage_request(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: id.to_owned(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
+pub fn delete_request(id: &str) -> DeleteVolumeRequest {
+    DeleteVolumeRequest {
+        volume_id: id.to_owned(),
+        ..Default::default()
+    }
+}
+
 /// The mounts at `path` right now, from the kernel's table.
 pub fn mounts_at(path: &Path) -> Vec<lanes::mount::MountEntry> {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
