@@ -464,6 +464,57 @@ async fn list_volumes_pages_with_tokens() {
         Code::InvalidArgument,
         "negative max",
     );
+    // A page boundary survives the deletion of the page's last volume and new volumes.
+    let first = c
+        .controller
+        .list_volumes(ListVolumesRequest {
+            max_entries: 3,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = first
+        .entries
+        .last()
+        .unwrap()
+        .volume
+        .as_ref()
+        .unwrap()
+        .volume_id
+        .clone();
+    c.controller
+        .delete_volume(delete_request(&last))
+        .await
+        .unwrap();
+    c.controller
+        .create_volume(create_request("pvc-list-9", 0))
+        .await
+        .unwrap();
+    let rest = c
+        .controller
+        .list_volumes(ListVolumesRequest {
+            max_entries: 0,
+            starting_token: first.next_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rest: Vec<_> = rest
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(
+        rest,
+        vec![
+            "local/pvc-list-3",
+            "local/pvc-list-4",
+            "local/pvc-list-5",
+            "local/pvc-list-6",
+            "local/pvc-list-9"
+        ]
+    );
 }
 
 #[tokio::test]

@@ -18,6 +18,9 @@ use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{Rpc, rpc};
 use crate::proto::*;
 
+/// Marks ListVolumes tokens as ours.
+const TOKEN_PREFIX: &str = "after:";
+
 /// Controller service over the shared plugin state.
 #[derive(Debug, Clone)]
 pub struct ControllerService(pub Arc<Plugin>);
@@ -244,18 +247,22 @@ impl Controller for ControllerService {
                     return Err(Status::invalid_argument("max_entries must not be negative"));
                 }
                 let volumes = self.0.lane_op(|lane| lane.list()).await?;
+                // The token is a cursor: the last volume ID of the previous page. Volumes are
+                // listed in ID order, so a page boundary survives deletes and creates.
                 let start = match req.starting_token.as_str() {
                     "" => 0,
-                    token => token
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&start| start <= volumes.len())
-                        .ok_or_else(|| {
-                            Status::aborted(format!(
-                                "starting_token {token:?} is not a token this plugin issued \
-                                 (or the list changed); list again from the start"
-                            ))
-                        })?,
+                    token => {
+                        let after = token
+                            .strip_prefix(TOKEN_PREFIX)
+                            .filter(|id| VolumeId::parse(id).is_ok())
+                            .ok_or_else(|| {
+                                Status::aborted(format!(
+                                    "starting_token {token:?} is not a token this plugin issued; \
+                                     list again from the start"
+                                ))
+                            })?;
+                        volumes.partition_point(|meta| meta.id.as_str() <= after)
+                    }
                 };
                 let take = match req.max_entries {
                     0 => volumes.len(),
@@ -276,10 +283,9 @@ impl Controller for ControllerService {
                         }
                     })
                     .collect();
-                let next_token = if end < volumes.len() {
-                    end.to_string()
-                } else {
-                    String::new()
+                let next_token = match volumes[..end].last() {
+                    Some(last) if end < volumes.len() => format!("{TOKEN_PREFIX}{}", last.id),
+                    _ => String::new(),
                 };
                 Ok(ListVolumesResponse {
                     entries,
