@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod copy;
 pub mod csi;
+pub mod dataset;
 pub mod error;
 pub mod lane;
 pub mod metrics;

@@ -1,0 +1,10 @@
+//! Versioned datasets: references, manifests and (to come) the bucket stores and the CLI.
+//!
+//! Nothing here knows gRPC. Rules: a reference or manifest is validated before any of it
+//! becomes a path or an object key; committed versions are immutable.
+
+pub mod manifest;
+pub mod reference;
+
+pub use manifest::{Entry, EntryKind, Manifest};
+pub use reference::{Reference, Selector};
