@@ -169,7 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Csi(args) => return run_client(args, &cli.data_dir, default_endpoint).await,
         Command::Copy(args) => return run_copy(args).await,
     };
-    let config = Config::load(cli.config.as_deref())?;
+    let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;
     let node_id = match args.node_id {
         Some(id) if !id.is_empty() => id,
         _ => nix::unistd::gethostname()

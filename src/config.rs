@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::dataset::bucket::{Buckets, RawDatasets};
 use crate::lane::local::LocalSettings;
 use crate::units::parse_bytes;
 
@@ -18,6 +19,7 @@ use crate::units::parse_bytes;
 struct RawConfig {
     local: RawLocal,
     mount_timeout_seconds: Option<u64>,
+    datasets: RawDatasets,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -33,6 +35,8 @@ pub struct Config {
     pub local: LocalSettings,
     /// Deadline for one mount or unmount syscall.
     pub mount_timeout: Duration,
+    /// Dataset buckets; the embedded default is `local` at `file://<data-dir>/datasets`.
+    pub datasets: Buckets,
 }
 
 /// A configuration file that could not be used.
@@ -47,28 +51,28 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config::from_raw(RawConfig::default(), "<embedded>").expect("embedded defaults are valid")
-    }
-}
-
 impl Config {
+    /// The embedded defaults for a plugin whose data lives in `data_dir`.
+    pub fn embedded(data_dir: &Path) -> Config {
+        Config::from_raw(RawConfig::default(), "<embedded>", data_dir)
+            .expect("embedded defaults are valid")
+    }
+
     /// Loads `path`, or the embedded defaults when `path` is `None`.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    pub fn load(path: Option<&Path>, data_dir: &Path) -> Result<Config, ConfigError> {
         let Some(path) = path else {
-            return Ok(Config::default());
+            return Ok(Config::embedded(data_dir));
         };
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: shown.clone(),
             source,
         })?;
-        Config::parse(&text, &shown)
+        Config::parse(&text, &shown, data_dir)
     }
 
     /// Parses configuration text; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, origin: &str, data_dir: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
@@ -77,10 +81,10 @@ impl Config {
                 message: e.to_string(),
             })?
         };
-        Config::from_raw(raw, origin)
+        Config::from_raw(raw, origin, data_dir)
     }
 
-    fn from_raw(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+    fn from_raw(raw: RawConfig, origin: &str, data_dir: &Path) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: origin.to_owned(),
             message,
@@ -107,6 +111,7 @@ impl Config {
                 max_capacity: size("local.max_capacity", raw.local.max_capacity.as_ref())?,
             },
             mount_timeout: Duration::from_secs(timeout),
+            datasets: Buckets::from_raw(raw.datasets, data_dir).map_err(invalid)?,
         })
     }
 }
@@ -117,10 +122,11 @@ mod tests {
 
     #[test]
     fn embedded_defaults() {
-        let config = Config::parse("", "t").unwrap();
+        let config = Config::parse("", "t", Path::new("/d")).unwrap();
         assert_eq!(config.local.default_capacity, 1 << 30);
         assert_eq!(config.local.max_capacity, None);
         assert_eq!(config.mount_timeout, Duration::from_secs(30));
+        assert_eq!(config.datasets.default_name(), "local");
     }
 
     #[test]
@@ -128,6 +134,7 @@ mod tests {
         let config = Config::parse(
             "local:\n  default_capacity: 5Gi\n  max_capacity: 1Ti\nmount_timeout_seconds: 5\n",
             "t",
+            Path::new("/d"),
         )
         .unwrap();
         assert_eq!(config.local.default_capacity, 5 << 30);
@@ -137,11 +144,16 @@ mod tests {
             "local:\n  default_capacity: lots\n",
             "local:\n  default_capacity: 0\n",
             "mount_timeout_seconds: 0\n",
+            "datasets:\n  buckets: {a: {dataset_path: \"gs://x\"}}\n",
         ] {
-            let err = Config::parse(bad, "t").unwrap_err().to_string();
+            let err = Config::parse(bad, "t", Path::new("/d"))
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("config t:"), "{bad:?}: {err}");
         }
-        let typo = Config::parse("locl: {}\n", "t").unwrap_err().to_string();
+        let typo = Config::parse("locl: {}\n", "t", Path::new("/d"))
+            .unwrap_err()
+            .to_string();
         assert!(typo.contains("locl"), "{typo}");
     }
 }

@@ -3,6 +3,7 @@
 //! Nothing here knows gRPC. Rules: a reference or manifest is validated before any of it
 //! becomes a path or an object key; committed versions are immutable.
 
+pub mod bucket;
 pub mod manifest;
 pub mod reference;
 
