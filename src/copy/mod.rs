@@ -10,9 +10,9 @@
 //!   written;
 //! - a file that cannot be read is reported by path and the rest is still copied.
 
-mod file;
+pub(crate) mod file;
 mod progress;
-mod walk;
+pub(crate) mod walk;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -402,7 +402,11 @@ fn finish(mut summary: Summary, started: Instant) -> Summary {
 }
 
 /// Runs `work` over `items` on `jobs` threads; results come back in the items' order.
-fn parallel<T: Sync, R: Send>(items: &[T], jobs: usize, work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+pub(crate) fn parallel<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     let next = AtomicU64::new(0);
     let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
