@@ -6,6 +6,7 @@
 pub mod bucket;
 pub mod manifest;
 pub mod reference;
+pub mod repo;
 pub mod scan;
 pub mod store;
 
