@@ -50,6 +50,56 @@ pub enum Command {
     Csi(CsiArgs),
     /// Copy a directory tree (the fast-stage engine): parallel, resumable, verified.
     Copy(CopyArgs),
+    /// Versioned datasets in dataset buckets.
+    Dataset(DatasetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DatasetArgs {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Parallel uploads / downloads.
+    #[arg(long, global = true, default_value_t = 16)]
+    pub jobs: usize,
+    #[command(subcommand)]
+    pub command: DatasetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatasetCommand {
+    /// List the configured buckets.
+    Buckets,
+    /// Create a dataset: [bucket/]name.
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Push DIR as the next version of a dataset, uploading only new bodies.
+    Push {
+        dir: PathBuf,
+        reference: String,
+        #[arg(short, long, default_value = "")]
+        message: String,
+        #[arg(long)]
+        tag: Option<String>,
+        /// Leave the version uncommitted (files may still change until `commit`).
+        #[arg(long)]
+        no_commit: bool,
+    },
+    /// Commit an uncommitted version: [bucket/]name:version.
+    Commit { reference: String },
+    /// List a dataset's versions.
+    Versions { reference: String },
+    /// Tag a committed version.
+    Tag { reference: String, tag: String },
+    /// List the files of a version.
+    Ls { reference: String },
+    /// Download a version into DIR, verifying every body.
+    Pull { reference: String, dir: PathBuf },
+    /// Remove an uncommitted version.
+    Rm { reference: String },
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +218,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Standalone(args) => (args, roles(true, true)),
         Command::Csi(args) => return run_client(args, &cli.data_dir, default_endpoint).await,
         Command::Copy(args) => return run_copy(args).await,
+        Command::Dataset(args) => {
+            return run_dataset(args, cli.config.as_deref(), &cli.data_dir).await;
+        }
     };
     let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;
     let node_id = match args.node_id {
@@ -187,6 +240,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         metrics_address: args.metrics_address,
     })
     .await?;
+    Ok(())
+}
+
+async fn run_dataset(
+    args: DatasetArgs,
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use crate::dataset::command::{self, Command as C};
+    let buckets = command::load_buckets(config, data_dir)?;
+    let command = match args.command {
+        DatasetCommand::Buckets => C::Buckets,
+        DatasetCommand::Create { name, description } => C::Create { name, description },
+        DatasetCommand::Push {
+            dir,
+            reference,
+            message,
+            tag,
+            no_commit,
+        } => C::Push {
+            dir,
+            reference,
+            message,
+            tag,
+            commit: !no_commit,
+        },
+        DatasetCommand::Commit { reference } => C::Commit { reference },
+        DatasetCommand::Versions { reference } => C::Versions { reference },
+        DatasetCommand::Tag { reference, tag } => C::Tag { reference, tag },
+        DatasetCommand::Ls { reference } => C::Ls { reference },
+        DatasetCommand::Pull { reference, dir } => C::Pull { reference, dir },
+        DatasetCommand::Rm { reference } => C::Rm { reference },
+    };
+    let output = command::run(command, &buckets, args.jobs.max(1)).await?;
+    if args.json {
+        println!("{}", output.json);
+    } else {
+        print!("{}", output.text);
+    }
     Ok(())
 }
 

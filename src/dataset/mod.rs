@@ -4,6 +4,7 @@
 //! becomes a path or an object key; committed versions are immutable.
 
 pub mod bucket;
+pub mod command;
 pub mod manifest;
 pub mod reference;
 pub mod repo;

@@ -1,0 +1,293 @@
+//! `lanes dataset …`: the command-line face of the dataset store.
+//!
+//! Every listing prints a table for people and JSON with `--json`. A reference names the
+//! bucket (default: the configured default bucket) and the dataset; versions come after ':'.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::bucket::{Bucket, Buckets, Location, Mode};
+use super::reference::{Reference, Selector};
+use super::repo::Repo;
+use super::store::fs::FsStore;
+use crate::units::human;
+
+/// What a command printed: JSON for `--json`, text otherwise.
+pub struct Output {
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+/// A dataset command, parsed by the CLI.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Buckets,
+    Create {
+        name: String,
+        description: String,
+    },
+    Push {
+        dir: std::path::PathBuf,
+        reference: String,
+        message: String,
+        tag: Option<String>,
+        commit: bool,
+    },
+    Commit {
+        reference: String,
+    },
+    Versions {
+        reference: String,
+    },
+    Tag {
+        reference: String,
+        tag: String,
+    },
+    Ls {
+        reference: String,
+    },
+    Pull {
+        reference: String,
+        dir: std::path::PathBuf,
+    },
+    Rm {
+        reference: String,
+    },
+}
+
+fn repo_for(bucket: &Bucket, jobs: usize) -> anyhow::Result<Repo<FsStore>> {
+    match &bucket.location {
+        Location::File(dir) => Ok(Repo::new(
+            FsStore::new(dir),
+            &bucket.name,
+            bucket.mode == Mode::ReadWrite,
+            jobs,
+        )),
+        Location::S3 { .. } => bail!(
+            "bucket {:?} is on S3, and this build's dataset commands support file:// buckets only so far",
+            bucket.name
+        ),
+    }
+}
+
+/// Splits a stored-dataset reference into its bucket, name and selector.
+fn stored(reference: &str) -> anyhow::Result<(Option<String>, String, Selector)> {
+    match Reference::parse(reference)? {
+        Reference::Stored {
+            bucket,
+            name,
+            selector,
+        } => Ok((bucket, name, selector)),
+        Reference::Git { .. } => {
+            bail!("{reference:?} is a Git source; this command works on stored datasets")
+        }
+    }
+}
+
+fn time(unix: u64) -> String {
+    let days = unix / 86_400;
+    let (h, m) = ((unix % 86_400) / 3600, (unix % 3600) / 60);
+    // Civil date from days since the epoch (proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{m:02}")
+}
+
+/// Runs one command against the configured buckets.
+pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Result<Output> {
+    let open = |bucket: Option<&str>| -> anyhow::Result<Repo<FsStore>> {
+        repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs)
+    };
+    Ok(match command {
+        Command::Buckets => {
+            let mut text = format!("{:<16} {:<48} {}\n", "BUCKET", "LOCATION", "MODE");
+            let mut rows = Vec::new();
+            for bucket in buckets.iter() {
+                let default = bucket.name == buckets.default_name();
+                let mode = if bucket.mode == Mode::ReadWrite {
+                    "read-write"
+                } else {
+                    "read-only"
+                };
+                let name = if default {
+                    format!("{} (default)", bucket.name)
+                } else {
+                    bucket.name.clone()
+                };
+                text.push_str(&format!(
+                    "{name:<16} {:<48} {mode}\n",
+                    bucket.location.to_string()
+                ));
+                rows.push(json!({"name": bucket.name, "location": bucket.location.to_string(), "mode": mode, "default": default}));
+            }
+            Output {
+                json: json!(rows),
+                text,
+            }
+        }
+        Command::Create { name, description } => {
+            let (bucket, name, selector) = stored(&name)?;
+            if selector != Selector::Latest {
+                bail!("create takes a dataset name, not a version");
+            }
+            let info = open(bucket.as_deref())?.create(&name, &description).await?;
+            Output {
+                json: json!(info),
+                text: format!("created dataset {name}\n"),
+            }
+        }
+        Command::Push {
+            dir,
+            reference,
+            message,
+            tag,
+            commit,
+        } => {
+            let (bucket, name, selector) = stored(&reference)?;
+            if selector != Selector::Latest {
+                bail!("push creates the next version itself; give the dataset without ':version'");
+            }
+            let report = open(bucket.as_deref())?
+                .push(&dir, &name, &message, tag.as_deref(), commit)
+                .await?;
+            let text = format!(
+                "{name}:{} {} — {} files, {}; uploaded {} new bodies ({})\n",
+                report.version,
+                if report.committed {
+                    "committed"
+                } else {
+                    "uncommitted"
+                },
+                report.files,
+                human(report.bytes),
+                report.bodies_uploaded,
+                human(report.bytes_uploaded)
+            );
+            Output {
+                json: json!(report),
+                text,
+            }
+        }
+        Command::Commit { reference } => {
+            let (bucket, name, selector) = stored(&reference)?;
+            let manifest = open(bucket.as_deref())?.commit(&name, &selector).await?;
+            Output {
+                json: json!({"version": manifest.version}),
+                text: format!("committed {name}:{}\n", manifest.version),
+            }
+        }
+        Command::Versions { reference } => {
+            let (bucket, name, _) = stored(&reference)?;
+            let rows = open(bucket.as_deref())?.versions(&name).await?;
+            let mut text = format!(
+                "{:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
+                "VERSION", "CREATED", "FILES", "SIZE", "TAGS", "MESSAGE"
+            );
+            for row in &rows {
+                let version = if row.committed {
+                    row.version.clone()
+                } else {
+                    format!("{}*", row.version)
+                };
+                text.push_str(&format!(
+                    "{version:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
+                    time(row.created_unix),
+                    row.files,
+                    human(row.bytes),
+                    row.tags.join(","),
+                    row.message
+                ));
+            }
+            if rows.iter().any(|r| !r.committed) {
+                text.push_str("* uncommitted\n");
+            }
+            Output {
+                json: json!(rows),
+                text,
+            }
+        }
+        Command::Tag { reference, tag } => {
+            let (bucket, name, selector) = stored(&reference)?;
+            let version = open(bucket.as_deref())?.tag(&name, &selector, &tag).await?;
+            Output {
+                json: json!({"tag": tag, "version": version}),
+                text: format!("tagged {name}:{version} as {tag}\n"),
+            }
+        }
+        Command::Ls { reference } => {
+            let (bucket, name, selector) = stored(&reference)?;
+            let manifest = open(bucket.as_deref())?.resolve(&name, &selector).await?;
+            let mut text = String::new();
+            for entry in &manifest.entries {
+                let shown = match (&entry.kind, &entry.target) {
+                    (super::EntryKind::Dir, _) => format!("{}/", entry.path),
+                    (super::EntryKind::Symlink, Some(target)) => {
+                        format!("{} -> {target}", entry.path)
+                    }
+                    _ => entry.path.clone(),
+                };
+                text.push_str(&format!("{:>11}  {shown}\n", human(entry.size)));
+            }
+            Output {
+                json: json!(manifest.entries),
+                text,
+            }
+        }
+        Command::Pull { reference, dir } => {
+            let (bucket, name, selector) = stored(&reference)?;
+            let report = open(bucket.as_deref())?
+                .pull(&name, &selector, &dir)
+                .await?;
+            let text = format!(
+                "pulled {name}:{} into {} — {} files, {} downloaded ({}), {} already present\n",
+                report.version,
+                dir.display(),
+                report.files,
+                report.downloaded,
+                human(report.bytes_downloaded),
+                report.skipped
+            );
+            Output {
+                json: json!(report),
+                text,
+            }
+        }
+        Command::Rm { reference } => {
+            let (bucket, name, selector) = stored(&reference)?;
+            if selector == Selector::Latest {
+                bail!("rm needs an explicit version (name:v<N>)");
+            }
+            let version = open(bucket.as_deref())?.remove(&name, &selector).await?;
+            Output {
+                json: json!({"removed": version}),
+                text: format!("removed {name}:{version}\n"),
+            }
+        }
+    })
+}
+
+/// The data directory's config, loaded for a dataset command.
+pub fn load_buckets(config: Option<&Path>, data_dir: &Path) -> anyhow::Result<Buckets> {
+    Ok(crate::config::Config::load(config, data_dir)
+        .context("loading the configuration")?
+        .datasets)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_times_as_utc_dates() {
+        assert_eq!(super::time(0), "1970-01-01 00:00");
+        assert_eq!(super::time(1_795_305_600), "2026-11-22 00:00");
+        assert_eq!(super::time(951_782_400 + 3_723), "2000-02-29 01:02");
+    }
+}
