@@ -22,6 +22,18 @@ if ((${#packages[@]})); then
   fi
 fi
 
+# A real S3 server for the dataset store tests: moto, in the project's virtualenv.
+if [ ! -x .venv/bin/moto_server ]; then
+  echo "==> installing moto[server] into .venv"
+  python3 -m venv .venv 2>/dev/null || {
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    fi
+    python3 -m venv .venv
+  }
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]'
+fi
+
 # Say plainly what this kernel can cover: XFS project quotas need CONFIG_QUOTA.
 probe=$(mktemp -d)
 truncate -s 300M "$probe/img" && mkfs.xfs -q "$probe/img" && mkdir "$probe/mnt"

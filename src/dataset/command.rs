@@ -11,7 +11,9 @@ use serde_json::json;
 use super::bucket::{Bucket, Buckets, Location, Mode};
 use super::reference::{Reference, Selector};
 use super::repo::Repo;
+use super::store::BucketStore;
 use super::store::fs::FsStore;
+use super::store::s3::{S3Settings, S3Store};
 use crate::units::human;
 
 /// What a command printed: JSON for `--json`, text otherwise.
@@ -57,19 +59,24 @@ pub enum Command {
     },
 }
 
-fn repo_for(bucket: &Bucket, jobs: usize) -> anyhow::Result<Repo<FsStore>> {
-    match &bucket.location {
-        Location::File(dir) => Ok(Repo::new(
-            FsStore::new(dir),
-            &bucket.name,
-            bucket.mode == Mode::ReadWrite,
-            jobs,
-        )),
-        Location::S3 { .. } => bail!(
-            "bucket {:?} is on S3, and this build's dataset commands support file:// buckets only so far",
-            bucket.name
-        ),
-    }
+/// The repository of a configured bucket. S3 credentials come from the standard AWS chain
+/// (environment, profile, workload identity).
+async fn repo_for(bucket: &Bucket, jobs: usize) -> Repo<BucketStore> {
+    let store = match &bucket.location {
+        Location::File(dir) => BucketStore::Fs(FsStore::new(dir)),
+        Location::S3 {
+            bucket: name,
+            prefix,
+        } => {
+            let settings = S3Settings {
+                region: bucket.region.clone(),
+                endpoint: bucket.endpoint.clone(),
+                credentials: None,
+            };
+            BucketStore::S3(S3Store::connect(name, prefix, &settings).await)
+        }
+    };
+    Repo::new(store, &bucket.name, bucket.mode == Mode::ReadWrite, jobs)
 }
 
 /// Splits a stored-dataset reference into its bucket, name and selector.
@@ -104,8 +111,8 @@ fn time(unix: u64) -> String {
 
 /// Runs one command against the configured buckets.
 pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Result<Output> {
-    let open = |bucket: Option<&str>| -> anyhow::Result<Repo<FsStore>> {
-        repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs)
+    let open = async |bucket: Option<&str>| -> anyhow::Result<Repo<BucketStore>> {
+        Ok(repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs).await)
     };
     Ok(match command {
         Command::Buckets => {
@@ -139,7 +146,10 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
             if selector != Selector::Latest {
                 bail!("create takes a dataset name, not a version");
             }
-            let info = open(bucket.as_deref())?.create(&name, &description).await?;
+            let info = open(bucket.as_deref())
+                .await?
+                .create(&name, &description)
+                .await?;
             Output {
                 json: json!(info),
                 text: format!("created dataset {name}\n"),
@@ -156,7 +166,8 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
             if selector != Selector::Latest {
                 bail!("push creates the next version itself; give the dataset without ':version'");
             }
-            let report = open(bucket.as_deref())?
+            let report = open(bucket.as_deref())
+                .await?
                 .push(&dir, &name, &message, tag.as_deref(), commit)
                 .await?;
             let text = format!(
@@ -179,7 +190,10 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
         }
         Command::Commit { reference } => {
             let (bucket, name, selector) = stored(&reference)?;
-            let manifest = open(bucket.as_deref())?.commit(&name, &selector).await?;
+            let manifest = open(bucket.as_deref())
+                .await?
+                .commit(&name, &selector)
+                .await?;
             Output {
                 json: json!({"version": manifest.version}),
                 text: format!("committed {name}:{}\n", manifest.version),
@@ -187,7 +201,7 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
         }
         Command::Versions { reference } => {
             let (bucket, name, _) = stored(&reference)?;
-            let rows = open(bucket.as_deref())?.versions(&name).await?;
+            let rows = open(bucket.as_deref()).await?.versions(&name).await?;
             let mut text = format!(
                 "{:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
                 "VERSION", "CREATED", "FILES", "SIZE", "TAGS", "MESSAGE"
@@ -217,7 +231,10 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
         }
         Command::Tag { reference, tag } => {
             let (bucket, name, selector) = stored(&reference)?;
-            let version = open(bucket.as_deref())?.tag(&name, &selector, &tag).await?;
+            let version = open(bucket.as_deref())
+                .await?
+                .tag(&name, &selector, &tag)
+                .await?;
             Output {
                 json: json!({"tag": tag, "version": version}),
                 text: format!("tagged {name}:{version} as {tag}\n"),
@@ -225,7 +242,10 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
         }
         Command::Ls { reference } => {
             let (bucket, name, selector) = stored(&reference)?;
-            let manifest = open(bucket.as_deref())?.resolve(&name, &selector).await?;
+            let manifest = open(bucket.as_deref())
+                .await?
+                .resolve(&name, &selector)
+                .await?;
             let mut text = String::new();
             for entry in &manifest.entries {
                 let shown = match (&entry.kind, &entry.target) {
@@ -244,7 +264,8 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
         }
         Command::Pull { reference, dir } => {
             let (bucket, name, selector) = stored(&reference)?;
-            let report = open(bucket.as_deref())?
+            let report = open(bucket.as_deref())
+                .await?
                 .pull(&name, &selector, &dir)
                 .await?;
             let text = format!(
@@ -266,7 +287,10 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
             if selector == Selector::Latest {
                 bail!("rm needs an explicit version (name:v<N>)");
             }
-            let version = open(bucket.as_deref())?.remove(&name, &selector).await?;
+            let version = open(bucket.as_deref())
+                .await?
+                .remove(&name, &selector)
+                .await?;
             Output {
                 json: json!({"removed": version}),
                 text: format!("removed {name}:{version}\n"),

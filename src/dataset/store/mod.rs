@@ -5,6 +5,7 @@
 //! manifests immutable and a second writer unable to overwrite the first.
 
 pub mod fs;
+pub mod s3;
 
 use std::future::Future;
 use std::path::Path;
@@ -17,6 +18,14 @@ use crate::error::Kind;
 pub enum Error {
     #[error("object key {key:?} is invalid: {reason}")]
     InvalidKey { key: String, reason: &'static str },
+    #[error("{what} {key}: {message}")]
+    Remote {
+        what: &'static str,
+        key: String,
+        message: String,
+        /// The server could not be reached (as opposed to answering with an error).
+        unavailable: bool,
+    },
     #[error("{what} {key}: {source}")]
     Io {
         what: &'static str,
@@ -31,6 +40,10 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::InvalidKey { .. } => Kind::InvalidArgument,
+            Error::Remote {
+                unavailable: true, ..
+            } => Kind::Unavailable,
+            Error::Remote { .. } => Kind::Internal,
             Error::Io { source, .. } => crate::error::io_kind(source),
         }
     }
@@ -55,6 +68,49 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// Removes an object; removing a missing object succeeds.
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The store of a configured bucket, whichever kind it is.
+#[derive(Debug, Clone)]
+pub enum BucketStore {
+    Fs(fs::FsStore),
+    S3(s3::S3Store),
+}
+
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            BucketStore::Fs($store) => $call.await,
+            BucketStore::S3($store) => $call.await,
+        }
+    };
+}
+
+impl ObjectStore for BucketStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        delegate!(self, s => s.get(key))
+    }
+    async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
+        delegate!(self, s => s.put(key, body))
+    }
+    async fn put_if_absent(&self, key: &str, body: Vec<u8>) -> Result<bool> {
+        delegate!(self, s => s.put_if_absent(key, body))
+    }
+    async fn put_file(&self, key: &str, path: &Path) -> Result<()> {
+        delegate!(self, s => s.put_file(key, path))
+    }
+    async fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {
+        delegate!(self, s => s.get_to_file(key, path))
+    }
+    async fn exists(&self, key: &str) -> Result<bool> {
+        delegate!(self, s => s.exists(key))
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        delegate!(self, s => s.list(prefix))
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        delegate!(self, s => s.delete(key))
+    }
 }
 
 /// Checks a key (or, with a trailing '/', a prefix).
@@ -87,82 +143,6 @@ pub fn check_key(key: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-pub(crate) mod contract {
-    //! One set of behaviours every store must show; each store's tests run it.
-    use super::*;
-
-    pub async fn run<S: ObjectStore>(store: &S, scratch: &Path) {
-        assert_eq!(store.get("a/missing").await.unwrap(), None);
-        assert!(!store.exists("a/missing").await.unwrap());
-
-        store.put("a/one", b"first".to_vec()).await.unwrap();
-        store.put("a/one", b"second".to_vec()).await.unwrap();
-        assert_eq!(
-            store.get("a/one").await.unwrap().as_deref(),
-            Some(&b"second"[..])
-        );
-        assert!(store.exists("a/one").await.unwrap());
-
-        assert!(
-            store
-                .put_if_absent("m/v1", b"winner".to_vec())
-                .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .put_if_absent("m/v1", b"loser".to_vec())
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            store.get("m/v1").await.unwrap().as_deref(),
-            Some(&b"winner"[..])
-        );
-
-        let source = scratch.join("upload");
-        std::fs::write(&source, vec![42u8; 3 << 20]).unwrap();
-        store.put_file("blobs/big", &source).await.unwrap();
-        let target = scratch.join("download");
-        assert!(store.get_to_file("blobs/big", &target).await.unwrap());
-        assert_eq!(std::fs::read(&target).unwrap(), vec![42u8; 3 << 20]);
-        assert!(
-            !store
-                .get_to_file("blobs/none", &scratch.join("none"))
-                .await
-                .unwrap()
-        );
-        assert!(!scratch.join("none").exists());
-
-        store.put("a/two", vec![]).await.unwrap();
-        store.put("a/sub/three", vec![1]).await.unwrap();
-        assert_eq!(
-            store.list("a/").await.unwrap(),
-            vec!["a/one", "a/sub/three", "a/two"]
-        );
-        assert_eq!(store.list("nothing/").await.unwrap(), Vec::<String>::new());
-
-        store.delete("a/two").await.unwrap();
-        store.delete("a/two").await.unwrap();
-        assert!(!store.exists("a/two").await.unwrap());
-
-        for bad in [
-            "../x",
-            "a/../../x",
-            "/abs",
-            "a//b",
-            "a/./b",
-            "nul\0",
-            "sp ace",
-        ] {
-            let err = store.get(bad).await.unwrap_err();
-            assert_eq!(err.kind(), Kind::InvalidArgument, "{bad:?}");
-            assert!(store.put(bad, vec![]).await.is_err(), "{bad:?}");
-        }
-    }
 }
 
 #[cfg(test)]

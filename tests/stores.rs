@@ -1,0 +1,306 @@
+//! One set of behaviours, run against every object store: the file:// store, and the S3
+//! store talking real HTTP to a real S3 server (moto) on loopback that this test starts.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lanes::dataset::reference::Selector;
+use lanes::dataset::repo::Repo;
+use lanes::dataset::store::ObjectStore;
+use lanes::dataset::store::fs::FsStore;
+use lanes::dataset::store::s3::{S3Settings, S3Store};
+use lanes::error::Kind;
+
+/// A moto S3 server on a free loopback port; stopped on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts moto_server from the project's virtualenv (scripts/test.sh installs it) or
+    /// `LANES_MOTO_SERVER`. `None` (after saying so) when it is not installed outside CI.
+    pub fn start() -> Option<Moto> {
+        let binary = std::env::var_os("LANES_MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server"));
+        if !binary.exists() {
+            if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+                panic!(
+                    "moto_server not found at {}; scripts/test.sh installs it",
+                    binary.display()
+                );
+            }
+            eprintln!("SKIPPED S3 store tests: moto_server not installed (run scripts/test.sh)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    pub fn settings(&self) -> S3Settings {
+        S3Settings {
+            region: Some("us-east-1".into()),
+            endpoint: Some(self.endpoint.clone()),
+            credentials: Some(("testing".into(), "testing".into())),
+        }
+    }
+
+    /// Creates a bucket and returns a store on it under `prefix`.
+    pub async fn store(&self, bucket: &str, prefix: &str) -> S3Store {
+        let config = aws_sdk_s3::config::Builder::new()
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        S3Store::connect(bucket, prefix, &self.settings()).await
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The behaviours every store must show.
+async fn contract<S: ObjectStore>(store: &S, scratch: &Path) {
+    assert_eq!(store.get("a/missing").await.unwrap(), None);
+    assert!(!store.exists("a/missing").await.unwrap());
+
+    store.put("a/one", b"first".to_vec()).await.unwrap();
+    store.put("a/one", b"second".to_vec()).await.unwrap();
+    assert_eq!(
+        store.get("a/one").await.unwrap().as_deref(),
+        Some(&b"second"[..])
+    );
+    assert!(store.exists("a/one").await.unwrap());
+
+    assert!(
+        store
+            .put_if_absent("m/v1", b"winner".to_vec())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_if_absent("m/v1", b"loser".to_vec())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get("m/v1").await.unwrap().as_deref(),
+        Some(&b"winner"[..])
+    );
+
+    let source = scratch.join("upload");
+    std::fs::write(&source, vec![42u8; 3 << 20]).unwrap();
+    store.put_file("blobs/big", &source).await.unwrap();
+    let target = scratch.join("download");
+    assert!(store.get_to_file("blobs/big", &target).await.unwrap());
+    assert_eq!(std::fs::read(&target).unwrap(), vec![42u8; 3 << 20]);
+    assert!(
+        !store
+            .get_to_file("blobs/none", &scratch.join("none"))
+            .await
+            .unwrap()
+    );
+    assert!(!scratch.join("none").exists());
+
+    store.put("a/two", vec![]).await.unwrap();
+    store.put("a/sub/three", vec![1]).await.unwrap();
+    assert_eq!(
+        store.list("a/").await.unwrap(),
+        vec!["a/one", "a/sub/three", "a/two"]
+    );
+    assert_eq!(store.list("nothing/").await.unwrap(), Vec::<String>::new());
+
+    store.delete("a/two").await.unwrap();
+    store.delete("a/two").await.unwrap();
+    assert!(!store.exists("a/two").await.unwrap());
+
+    for bad in [
+        "../x",
+        "a/../../x",
+        "/abs",
+        "a//b",
+        "a/./b",
+        "nul\0",
+        "sp ace",
+    ] {
+        let err = store.get(bad).await.unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidArgument, "{bad:?}");
+        assert!(store.put(bad, vec![]).await.is_err(), "{bad:?}");
+    }
+}
+
+/// Push / pull round trip and dedup through the repository on a store.
+async fn round_trip<S: ObjectStore + Clone + 'static>(store: S, scratch: &Path) {
+    let repo = Repo::new(store, "test", true, 8);
+    let src = scratch.join("src");
+    std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    for i in 0..100u32 {
+        std::fs::write(
+            src.join(format!("nested/f{i}")),
+            i.to_le_bytes().repeat(100 + i as usize),
+        )
+        .unwrap();
+    }
+    std::fs::write(src.join("nested/deeper/zero"), b"").unwrap();
+    std::os::unix::fs::symlink("nested/f1", src.join("link")).unwrap();
+    repo.create("ds", "").await.unwrap();
+    let first = repo
+        .push(&src, "ds", "first", Some("gold"), true)
+        .await
+        .unwrap();
+    assert_eq!(first.bodies_uploaded, 101);
+    std::fs::write(src.join("nested/f7"), b"changed").unwrap();
+    let second = repo.push(&src, "ds", "second", None, true).await.unwrap();
+    assert_eq!(
+        second.bodies_uploaded, 1,
+        "only the changed body is uploaded"
+    );
+    let out = scratch.join("out");
+    let pulled = repo.pull("ds", &Selector::Latest, &out).await.unwrap();
+    assert_eq!(pulled.downloaded, 101);
+    assert_eq!(std::fs::read(out.join("nested/f7")).unwrap(), b"changed");
+    assert_eq!(
+        std::fs::read_link(out.join("link")).unwrap(),
+        PathBuf::from("nested/f1")
+    );
+    assert!(out.join("empty").is_dir());
+    let gold = repo
+        .resolve("ds", &Selector::Named("gold".into()))
+        .await
+        .unwrap();
+    assert_eq!(gold.version, "v1");
+}
+
+#[tokio::test]
+async fn file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    contract(&FsStore::new(dir.path().join("bucket")), &scratch).await;
+    round_trip(FsStore::new(dir.path().join("bucket2")), &scratch).await;
+}
+
+#[tokio::test]
+async fn s3_store_against_a_real_server() {
+    let Some(moto) = Moto::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    contract(&moto.store("contract", "some/prefix").await, &scratch).await;
+    round_trip(moto.store("datasets", "").await, &scratch).await;
+    // An unreachable server is UNAVAILABLE, not an internal error.
+    let dead = S3Store::connect(
+        "x",
+        "",
+        &S3Settings {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..moto.settings()
+        },
+    )
+    .await;
+    assert_eq!(
+        dead.exists("k").await.unwrap_err().kind(),
+        Kind::Unavailable
+    );
+}
+
+#[tokio::test]
+async fn dataset_cli_on_an_s3_bucket() {
+    let Some(moto) = Moto::start() else { return };
+    moto.store("cli-bucket", "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lanes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "datasets:\n  default_bucket: prod\n  buckets:\n    prod: {{dataset_path: \"s3://cli-bucket/lanes\", region: us-east-1, endpoint: \"{}\"}}\n",
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("train.csv"), b"a,b\n1,2\n").unwrap();
+    let run = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lanes"));
+        command
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .arg("dataset")
+            .args(args);
+        // Only what the test gives: no ambient AWS settings.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AWS_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing");
+        command
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent");
+        command.output().unwrap()
+    };
+    let ok = |output: std::process::Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    ok(run(&["create", "iris"]));
+    let pushed = ok(run(&[
+        "push",
+        src.to_str().unwrap(),
+        "iris",
+        "-m",
+        "v1 data",
+    ]));
+    assert!(pushed.contains("iris:v1 committed"), "{pushed}");
+    let out = dir.path().join("out");
+    ok(run(&["pull", "prod/iris:v1", out.to_str().unwrap()]));
+    assert_eq!(std::fs::read(out.join("train.csv")).unwrap(), b"a,b\n1,2\n");
+    let versions = ok(run(&["versions", "iris"]));
+    assert!(versions.contains("v1 data"), "{versions}");
+}
