@@ -96,10 +96,13 @@ pub enum DatasetCommand {
     Tag { reference: String, tag: String },
     /// List the files of a version.
     Ls { reference: String },
-    /// Download a version into DIR, verifying every body.
+    /// Download a version into DIR, verifying every body (a Git reference: fetch its commit
+    /// into DIR, which must not exist).
     Pull { reference: String, dir: PathBuf },
     /// Remove an uncommitted version.
     Rm { reference: String },
+    /// Print the version a reference names now (a Git reference: its commit SHA).
+    Resolve { reference: String },
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +275,7 @@ async fn run_dataset(
         DatasetCommand::Ls { reference } => C::Ls { reference },
         DatasetCommand::Pull { reference, dir } => C::Pull { reference, dir },
         DatasetCommand::Rm { reference } => C::Rm { reference },
+        DatasetCommand::Resolve { reference } => C::Resolve { reference },
     };
     let output = command::run(command, &buckets, args.jobs.max(1)).await?;
     if args.json {

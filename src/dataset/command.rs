@@ -57,6 +57,9 @@ pub enum Command {
     Rm {
         reference: String,
     },
+    Resolve {
+        reference: String,
+    },
 }
 
 /// The repository of a configured bucket. S3 credentials come from the standard AWS chain
@@ -262,6 +265,45 @@ pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Re
                 text,
             }
         }
+        Command::Pull { reference, dir } if reference.starts_with("git+") => {
+            let Reference::Git { url, git_ref } = Reference::parse(&reference)? else {
+                bail!("{reference:?} is not a Git reference");
+            };
+            let target = dir.clone();
+            let sha = tokio::task::spawn_blocking(move || {
+                let sha = super::git::resolve(&url, &git_ref)?;
+                super::git::fetch(&url, &sha, &git_ref, &target).map(|()| sha)
+            })
+            .await??;
+            Output {
+                json: json!({"commit": sha, "dir": dir}),
+                text: format!("fetched commit {sha} into {}\n", dir.display()),
+            }
+        }
+        Command::Resolve { reference } => match Reference::parse(&reference)? {
+            Reference::Git { url, git_ref } => {
+                let sha = tokio::task::spawn_blocking(move || super::git::resolve(&url, &git_ref))
+                    .await??;
+                Output {
+                    json: json!({"version": sha}),
+                    text: format!("{sha}\n"),
+                }
+            }
+            Reference::Stored {
+                bucket,
+                name,
+                selector,
+            } => {
+                let manifest = open(bucket.as_deref())
+                    .await?
+                    .resolve(&name, &selector)
+                    .await?;
+                Output {
+                    json: json!({"version": manifest.version}),
+                    text: format!("{}\n", manifest.version),
+                }
+            }
+        },
         Command::Pull { reference, dir } => {
             let (bucket, name, selector) = stored(&reference)?;
             let report = open(bucket.as_deref())

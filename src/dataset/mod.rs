@@ -5,6 +5,7 @@
 
 pub mod bucket;
 pub mod command;
+pub mod git;
 pub mod manifest;
 pub mod reference;
 pub mod repo;
