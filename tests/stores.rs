@@ -180,12 +180,19 @@ async fn round_trip<S: ObjectStore + Clone + 'static>(store: S, scratch: &Path) 
     }
     std::fs::write(src.join("nested/deeper/zero"), b"").unwrap();
     std::os::unix::fs::symlink("nested/f1", src.join("link")).unwrap();
+    // One large body (100 MiB of seeded bytes).
+    let mut big = vec![0u8; 100 << 20];
+    rand::Rng::fill(
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5),
+        &mut big[..],
+    );
+    std::fs::write(src.join("big.bin"), &big).unwrap();
     repo.create("ds", "").await.unwrap();
     let first = repo
         .push(&src, "ds", "first", Some("gold"), true)
         .await
         .unwrap();
-    assert_eq!(first.bodies_uploaded, 101);
+    assert_eq!(first.bodies_uploaded, 102);
     std::fs::write(src.join("nested/f7"), b"changed").unwrap();
     let second = repo.push(&src, "ds", "second", None, true).await.unwrap();
     assert_eq!(
@@ -194,8 +201,12 @@ async fn round_trip<S: ObjectStore + Clone + 'static>(store: S, scratch: &Path) 
     );
     let out = scratch.join("out");
     let pulled = repo.pull("ds", &Selector::Latest, &out).await.unwrap();
-    assert_eq!(pulled.downloaded, 101);
+    assert_eq!(pulled.downloaded, 102);
     assert_eq!(std::fs::read(out.join("nested/f7")).unwrap(), b"changed");
+    assert!(
+        std::fs::read(out.join("big.bin")).unwrap() == big,
+        "the 100 MiB body round-trips"
+    );
     assert_eq!(
         std::fs::read_link(out.join("link")).unwrap(),
         PathBuf::from("nested/f1")
@@ -303,4 +314,73 @@ async fn dataset_cli_on_an_s3_bucket() {
     assert_eq!(std::fs::read(out.join("train.csv")).unwrap(), b"a,b\n1,2\n");
     let versions = ok(run(&["versions", "iris"]));
     assert!(versions.contains("v1 data"), "{versions}");
+}
+
+#[tokio::test]
+async fn an_interrupted_push_leaves_no_version_and_a_rerun_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lanes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "datasets:\n  buckets:\n    b: {{dataset_path: \"file://{}/bucket\"}}\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..200u32 {
+        std::fs::write(src.join(format!("f{i}")), i.to_le_bytes().repeat(5000)).unwrap();
+    }
+    let run = |args: &[&str], failpoint: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lanes"));
+        command
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&config)
+            .arg("dataset")
+            .args(args);
+        match failpoint {
+            Some(point) => command.env("LANES_FAILPOINT", point),
+            None => command.env_remove("LANES_FAILPOINT"),
+        };
+        command.output().unwrap()
+    };
+    assert!(run(&["create", "ds"], None).status.success());
+    let killed = run(
+        &["--jobs", "4", "push", src.to_str().unwrap(), "ds"],
+        Some("dataset.push.uploaded:50"),
+    );
+    assert!(!killed.status.success(), "the failpoint kills the push");
+    let versions = run(&["--json", "versions", "ds"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&versions.stdout).trim(),
+        "[]",
+        "no version after an interrupted push"
+    );
+    let rerun = run(&["--json", "push", src.to_str().unwrap(), "ds"], None);
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&rerun.stdout).unwrap();
+    assert_eq!(report["version"], "v1");
+    let uploaded = report["bodies_uploaded"].as_u64().unwrap();
+    assert!(
+        uploaded <= 150,
+        "bodies uploaded before the kill are not uploaded again: {uploaded}"
+    );
+    let out = dir.path().join("out");
+    assert!(
+        run(&["pull", "ds", out.to_str().unwrap()], None)
+            .status
+            .success()
+    );
+    assert_eq!(
+        std::fs::read(out.join("f199")).unwrap(),
+        199u32.to_le_bytes().repeat(5000)
+    );
 }

@@ -335,10 +335,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             });
         }
         let (mut uploaded, mut bytes_uploaded) = (0, 0);
+        let kill_at = kill_point();
         while let Some(done) = tasks.join_next().await {
             if let Some(size) = done.map_err(|e| Error::Invalid(e.to_string()))?? {
                 uploaded += 1;
                 bytes_uploaded += size;
+                if kill_at == Some(uploaded) {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
+                }
             }
         }
         let parent = self
@@ -569,6 +574,16 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         }
         Ok(report)
     }
+}
+
+/// Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` kills the process with SIGKILL once
+/// N bodies are uploaded, before the manifest is written. Unset in production.
+fn kill_point() -> Option<usize> {
+    std::env::var("LANES_FAILPOINT")
+        .ok()?
+        .strip_prefix("dataset.push.uploaded:")?
+        .parse()
+        .ok()
 }
 
 fn check_tag(tag: &str) -> Result<()> {
