@@ -315,10 +315,32 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         let (entries, bodies) = tokio::task::spawn_blocking(move || scan(&dir_owned, jobs))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??;
-        // Upload each distinct body the bucket does not have, in parallel.
+        let parent = self.resolve(name, &Selector::Latest).await.ok();
+        // Nothing changed since the latest version: that version is the answer.
+        if commit
+            && tag.is_none()
+            && let Some(parent) = parent.as_ref().filter(|p| p.entries == entries)
+        {
+            return Ok(PushReport {
+                version: parent.version.clone(),
+                committed: true,
+                files: parent.files(),
+                bytes: parent.size(),
+                bodies_uploaded: 0,
+                bytes_uploaded: 0,
+            });
+        }
+        // Bodies of the parent version are in the bucket already (bodies are never removed
+        // while a version names them); the others are checked and uploaded, in parallel.
+        let known: std::collections::HashSet<&str> = parent
+            .iter()
+            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.as_deref()))
+            .collect();
         let mut unique = std::collections::BTreeMap::new();
         for body in bodies {
-            unique.entry(body.sha256.clone()).or_insert(body);
+            if !known.contains(body.sha256.as_str()) {
+                unique.entry(body.sha256.clone()).or_insert(body);
+            }
         }
         let limit = Arc::new(Semaphore::new(self.jobs));
         let mut tasks = tokio::task::JoinSet::new();
@@ -346,11 +368,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 }
             }
         }
-        let parent = self
-            .resolve(name, &Selector::Latest)
-            .await
-            .ok()
-            .map(|m| m.version);
+        let parent = parent.map(|m| m.version);
         let mut manifest = Manifest {
             format: FORMAT,
             dataset: name.to_owned(),
