@@ -728,6 +728,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((v2.version.as_str(), v2.bodies_uploaded), ("v2", 1));
+        let same = repo
+            .push(&src, "imagenet", "again", None, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            (same.version.as_str(), same.bodies_uploaded),
+            ("v2", 0),
+            "an unchanged push is the latest version"
+        );
         let unchanged = repo
             .push(&src, "imagenet", "same", None, false)
             .await
