@@ -126,15 +126,29 @@ async fn contract<S: ObjectStore>(store: &S, scratch: &Path) {
 
     let source = scratch.join("upload");
     std::fs::write(&source, vec![42u8; 3 << 20]).unwrap();
-    store.put_file("blobs/big", &source).await.unwrap();
+    assert!(store.put_file("blobs/big", &source, false).await.unwrap());
+    assert!(
+        !store.put_file("blobs/big", &source, true).await.unwrap(),
+        "if_absent leaves an existing body alone"
+    );
     let target = scratch.join("download");
-    assert!(store.get_to_file("blobs/big", &target).await.unwrap());
+    let digest = store
+        .get_to_file("blobs/big", &target)
+        .await
+        .unwrap()
+        .expect("present");
+    use sha2::Digest as _;
+    assert_eq!(
+        digest,
+        <[u8; 32]>::from(sha2::Sha256::digest(vec![42u8; 3 << 20]))
+    );
     assert_eq!(std::fs::read(&target).unwrap(), vec![42u8; 3 << 20]);
     assert!(
-        !store
+        store
             .get_to_file("blobs/none", &scratch.join("none"))
             .await
             .unwrap()
+            .is_none()
     );
     assert!(!scratch.join("none").exists());
 

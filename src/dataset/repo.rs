@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use super::manifest::{EntryKind, FORMAT, Manifest};
@@ -349,11 +348,14 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 let key = blob_key(&body.sha256);
-                if store.exists(&key).await? {
-                    return Ok::<_, store::Error>(None);
-                }
-                store.put_file(&key, &body.path).await?;
-                Ok(Some(body.size))
+                // Small bodies: one conditional PUT (the server refuses it if the body is
+                // there). Large ones: ask first, so an existing body is never sent again.
+                let created = if body.size <= SMALL_BODY {
+                    store.put_file(&key, &body.path, true).await?
+                } else {
+                    !store.exists(&key).await? && store.put_file(&key, &body.path, false).await?
+                };
+                Ok::<_, store::Error>(created.then_some(body.size))
             });
         }
         let (mut uploaded, mut bytes_uploaded) = (0, 0);
@@ -548,21 +550,27 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     return Ok::<_, Error>(None);
                 }
                 let temp = temp_beside(&target);
-                if !store.get_to_file(&blob_key(&expected), &temp).await? {
+                let Some(digest) = store.get_to_file(&blob_key(&expected), &temp).await? else {
                     return Err(Error::Corrupt(format!(
                         "body {expected} of {} is missing from the bucket",
                         entry.path
                     )));
+                };
+                if hex(&digest) != expected {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(Error::Corrupt(format!(
+                        "body of {} does not match its SHA-256 ({} != {expected}); not placed",
+                        entry.path,
+                        hex(&digest)
+                    )));
                 }
                 let (place_temp, place_target, mode) = (temp.clone(), target.clone(), entry.mode);
-                tokio::task::spawn_blocking(move || {
-                    place(&place_temp, &place_target, &expected, mode)
-                })
-                .await
-                .map_err(|e| Error::Invalid(e.to_string()))?
-                .inspect_err(|_| {
-                    let _ = std::fs::remove_file(&temp);
-                })?;
+                tokio::task::spawn_blocking(move || place(&place_temp, &place_target, mode))
+                    .await
+                    .map_err(|e| Error::Invalid(e.to_string()))?
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(&temp);
+                    })?;
                 Ok(Some(entry.size))
             });
         }
@@ -593,6 +601,9 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         Ok(report)
     }
 }
+
+/// Bodies up to this size are uploaded with one conditional PUT instead of HEAD + PUT.
+const SMALL_BODY: u64 = 8 << 20;
 
 /// Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` kills the process with SIGKILL once
 /// N bodies are uploaded, before the manifest is written. Unset in production.
@@ -636,19 +647,9 @@ fn same_body(path: &Path, sha256: &str) -> bool {
             .is_ok_and(|d| hex(&d) == sha256)
 }
 
-/// Verifies a downloaded temporary against its hash and renames it into place.
-fn place(temp: &Path, target: &Path, sha256: &str, mode: u32) -> Result<()> {
+/// Sets the mode of a verified temporary and renames it into place.
+fn place(temp: &Path, target: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let mut hasher = Sha256::new();
-    let mut file = std::fs::File::open(temp).map_err(io(format!("read {}", temp.display())))?;
-    std::io::copy(&mut file, &mut hasher).map_err(io(format!("read {}", temp.display())))?;
-    let actual = hex(&hasher.finalize());
-    if actual != sha256 {
-        return Err(Error::Corrupt(format!(
-            "body of {} does not match its SHA-256 ({actual} != {sha256}); not placed",
-            target.display()
-        )));
-    }
     std::fs::set_permissions(temp, std::fs::Permissions::from_mode(mode & 0o7777))
         .map_err(io(format!("chmod {}", temp.display())))?;
     if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
@@ -662,6 +663,7 @@ mod tests {
     use super::*;
     use crate::dataset::store::fs::FsStore;
     use rand::{Rng, SeedableRng};
+    use sha2::{Digest as _, Sha256};
 
     fn repo(dir: &Path) -> Repo<FsStore> {
         Repo::new(FsStore::new(dir.join("bucket")), "local", true, 8)

@@ -5,11 +5,13 @@
 //! key, which the kernel refuses atomically when the key exists: the "checked rename" that
 //! keeps a second writer from overwriting a manifest.
 
-use std::io::Write;
+use std::io::{Read, Write};
+
+use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Error, ObjectStore, Result, check_key};
+use super::{Digest, Error, ObjectStore, Result, check_key};
 
 const TEMP_PREFIX: &str = ".lanes-tmp-";
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -52,6 +54,20 @@ impl FsStore {
             return Err(e);
         }
         Ok(temp)
+    }
+}
+
+/// Copies `reader` into `writer`, returning the SHA-256 of the bytes.
+fn copy_hashing(mut reader: impl Read, writer: &mut impl Write) -> std::io::Result<Digest> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(hasher.finalize().into());
+        }
+        hasher.update(&buffer[..n]);
+        writer.write_all(&buffer[..n])?;
     }
 }
 
@@ -111,30 +127,37 @@ impl ObjectStore for FsStore {
         .await
     }
 
-    async fn put_file(&self, key: &str, source: &Path) -> Result<()> {
+    async fn put_file(&self, key: &str, source: &Path, if_absent: bool) -> Result<bool> {
         let path = self.path(key)?;
         let source = source.to_owned();
         blocking("upload", key, move || {
             let temp = Self::temp_beside(&path, |f| {
                 std::io::copy(&mut std::fs::File::open(&source)?, f).map(drop)
             })?;
-            std::fs::rename(&temp, &path).inspect_err(|_| {
-                let _ = std::fs::remove_file(&temp);
-            })
+            let placed = if if_absent {
+                match std::fs::hard_link(&temp, &path) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e),
+                }
+            } else {
+                std::fs::rename(&temp, &path).map(|()| true)
+            };
+            let _ = std::fs::remove_file(&temp);
+            placed
         })
         .await
     }
 
-    async fn get_to_file(&self, key: &str, target: &Path) -> Result<bool> {
+    async fn get_to_file(&self, key: &str, target: &Path) -> Result<Option<Digest>> {
         let path = self.path(key)?;
         let target = target.to_owned();
         blocking("download", key, move || {
-            let Some(mut source) = not_found_as_none(std::fs::File::open(&path))? else {
-                return Ok(false);
+            let Some(source) = not_found_as_none(std::fs::File::open(&path))? else {
+                return Ok(None);
             };
             let mut out = std::fs::File::create(&target)?;
-            std::io::copy(&mut source, &mut out)?;
-            Ok(true)
+            copy_hashing(source, &mut out).map(Some)
         })
         .await
     }

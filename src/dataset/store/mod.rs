@@ -51,6 +51,9 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
 /// What Lanes needs of a bucket's storage.
 pub trait ObjectStore: Send + Sync {
     /// The object's bytes, or `None` when it does not exist.
@@ -59,10 +62,21 @@ pub trait ObjectStore: Send + Sync {
     fn put(&self, key: &str, body: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
     /// Creates the object only if it does not exist. `Ok(false)`: it existed, nothing written.
     fn put_if_absent(&self, key: &str, body: Vec<u8>) -> impl Future<Output = Result<bool>> + Send;
-    /// Uploads a file's contents as an object (large bodies are streamed).
-    fn put_file(&self, key: &str, path: &Path) -> impl Future<Output = Result<()>> + Send;
-    /// Downloads an object into a file; `Ok(false)` when the object does not exist.
-    fn get_to_file(&self, key: &str, path: &Path) -> impl Future<Output = Result<bool>> + Send;
+    /// Uploads a file's contents as an object (large bodies are streamed). With `if_absent`,
+    /// an existing object is left alone and `Ok(false)` returned.
+    fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        if_absent: bool,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    /// Downloads an object into a file and returns the SHA-256 of the bytes written, so the
+    /// caller can verify without reading the file again; `Ok(None)` when it does not exist.
+    fn get_to_file(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> impl Future<Output = Result<Option<Digest>>> + Send;
     fn exists(&self, key: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Keys under `prefix` (a directory-like prefix ending in '/'), in ascending order.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
@@ -96,10 +110,10 @@ impl ObjectStore for BucketStore {
     async fn put_if_absent(&self, key: &str, body: Vec<u8>) -> Result<bool> {
         delegate!(self, s => s.put_if_absent(key, body))
     }
-    async fn put_file(&self, key: &str, path: &Path) -> Result<()> {
-        delegate!(self, s => s.put_file(key, path))
+    async fn put_file(&self, key: &str, path: &Path, if_absent: bool) -> Result<bool> {
+        delegate!(self, s => s.put_file(key, path, if_absent))
     }
-    async fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {
+    async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
         delegate!(self, s => s.get_to_file(key, path))
     }
     async fn exists(&self, key: &str) -> Result<bool> {

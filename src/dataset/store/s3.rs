@@ -12,7 +12,9 @@ use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use tokio::io::AsyncWriteExt;
 
-use super::{Error, ObjectStore, Result, check_key};
+use sha2::{Digest as _, Sha256};
+
+use super::{Digest, Error, ObjectStore, Result, check_key};
 
 /// Objects under `prefix` in one S3 bucket.
 #[derive(Debug, Clone)]
@@ -157,25 +159,30 @@ impl ObjectStore for S3Store {
         }
     }
 
-    async fn put_file(&self, key: &str, path: &Path) -> Result<()> {
+    async fn put_file(&self, key: &str, path: &Path, if_absent: bool) -> Result<bool> {
         let full = self.key(key)?;
         let body = ByteStream::from_path(path).await.map_err(|e| Error::Io {
             what: "read",
             key: path.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        self.client
+        let mut request = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(&full)
-            .body(body)
-            .send()
-            .await
-            .map(drop)
-            .map_err(|e| remote("upload", key, e))
+            .body(body);
+        if if_absent {
+            request = request.if_none_match("*");
+        }
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if if_absent && matches!(status(&e), Some(412) | Some(409)) => Ok(false),
+            Err(e) => Err(remote("upload", key, e)),
+        }
     }
 
-    async fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {
+    async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
         let full = self.key(key)?;
         let object = match self
             .client
@@ -186,7 +193,7 @@ impl ObjectStore for S3Store {
             .await
         {
             Ok(object) => object,
-            Err(e) if status(&e) == Some(404) => return Ok(false),
+            Err(e) if status(&e) == Some(404) => return Ok(None),
             Err(e) => return Err(remote("download", key, e)),
         };
         let io = |source: std::io::Error| Error::Io {
@@ -195,16 +202,18 @@ impl ObjectStore for S3Store {
             source,
         };
         let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+        let mut hasher = Sha256::new();
         let mut body = object.body;
         while let Some(chunk) = body
             .try_next()
             .await
             .map_err(|e| io(std::io::Error::other(e)))?
         {
+            hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(io)?;
         }
         file.flush().await.map_err(io)?;
-        Ok(true)
+        Ok(Some(hasher.finalize().into()))
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
