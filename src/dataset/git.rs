@@ -119,21 +119,9 @@ pub fn fetch(url: &str, sha: &str, git_ref: &str, dest: &Path) -> Result<(), Err
         let mut init = git();
         init.args(["init", "-q", "--"]).arg(&work);
         run(init, "init")?;
-        let mut by_sha = git();
-        by_sha.arg("-C").arg(&work).args([
-            "fetch",
-            "-q",
-            "--depth",
-            "1",
-            "--no-tags",
-            "--",
-            url,
-            sha,
-        ]);
-        if run(by_sha, "fetch").is_err() {
-            // Servers that refuse to serve a commit by SHA: fetch the ref and check it.
-            let mut by_ref = git();
-            by_ref.arg("-C").arg(&work).args([
+        let shallow_fetch = |what: &str| {
+            let mut fetch = git();
+            fetch.arg("-C").arg(&work).args([
                 "fetch",
                 "-q",
                 "--depth",
@@ -141,9 +129,13 @@ pub fn fetch(url: &str, sha: &str, git_ref: &str, dest: &Path) -> Result<(), Err
                 "--no-tags",
                 "--",
                 url,
-                git_ref,
+                what,
             ]);
-            run(by_ref, "fetch")?;
+            run(fetch, "fetch")
+        };
+        if shallow_fetch(sha).is_err() {
+            // Servers that refuse to serve a commit by SHA: fetch the ref and check it.
+            shallow_fetch(git_ref)?;
         }
         let mut head = git();
         head.arg("-C")

@@ -73,6 +73,26 @@ impl S3Store {
         }
     }
 
+    /// PUTs `body` at `key`; with `if_absent`, as `If-None-Match: *`, answering `false` when
+    /// the server refuses because the key exists.
+    async fn upload(&self, key: &str, body: ByteStream, if_absent: bool) -> Result<bool> {
+        let full = self.key(key)?;
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(body);
+        if if_absent {
+            request = request.if_none_match("*");
+        }
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if if_absent && matches!(status(&e), Some(412) | Some(409)) => Ok(false),
+            Err(e) => Err(remote("upload", key, e)),
+        }
+    }
+
     fn key(&self, key: &str) -> Result<String> {
         check_key(key)?;
         Ok(if self.prefix.is_empty() {
@@ -129,57 +149,22 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
-        let full = self.key(key)?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .body(ByteStream::from(body))
-            .send()
+        self.upload(key, ByteStream::from(body), false)
             .await
             .map(drop)
-            .map_err(|e| remote("put", key, e))
     }
 
     async fn put_if_absent(&self, key: &str, body: Vec<u8>) -> Result<bool> {
-        let full = self.key(key)?;
-        let sent = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .if_none_match("*")
-            .body(ByteStream::from(body))
-            .send()
-            .await;
-        match sent {
-            Ok(_) => Ok(true),
-            Err(e) if matches!(status(&e), Some(412) | Some(409)) => Ok(false),
-            Err(e) => Err(remote("create", key, e)),
-        }
+        self.upload(key, ByteStream::from(body), true).await
     }
 
     async fn put_file(&self, key: &str, path: &Path, if_absent: bool) -> Result<bool> {
-        let full = self.key(key)?;
         let body = ByteStream::from_path(path).await.map_err(|e| Error::Io {
             what: "read",
             key: path.display().to_string(),
             source: std::io::Error::other(e),
         })?;
-        let mut request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .body(body);
-        if if_absent {
-            request = request.if_none_match("*");
-        }
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if if_absent && matches!(status(&e), Some(412) | Some(409)) => Ok(false),
-            Err(e) => Err(remote("upload", key, e)),
-        }
+        self.upload(key, body, if_absent).await
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
