@@ -9,6 +9,7 @@ pub mod copy;
 pub mod csi;
 pub mod dataset;
 pub mod error;
+pub mod failpoint;
 pub mod lane;
 pub mod metrics;
 pub mod mount;

@@ -22,6 +22,17 @@ pub fn temp_path(dir: &Path) -> PathBuf {
     dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
 }
 
+/// Makes `path` a real directory: anything else there (a file, a symlink) is replaced, never
+/// followed. Returns `true` when it had to create the directory.
+pub fn real_dir(path: &Path) -> std::io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => return Ok(false),
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(_) => {}
+    }
+    std::fs::create_dir(path).map(|()| true)
+}
+
 /// Opens a source file for reading without following a symlink put in its place.
 pub fn open_source(path: &Path) -> std::io::Result<File> {
     let file = OpenOptions::new()

@@ -263,11 +263,12 @@ pub fn run(
         Checksum::Sha256 => file::Verify::Sha256,
         Checksum::None => file::Verify::Nothing,
     };
-    let kill_at = kill_point();
+    // Test hook: `LANES_FAILPOINT=copy.before-rename:N` dies before the N-th rename.
+    let kill_at = crate::failpoint::count("copy.before-rename");
     let renamed = AtomicU64::new(0);
     let before_rename = || {
         if kill_at.is_some_and(|n| renamed.fetch_add(1, Ordering::Relaxed) + 1 == n) {
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
+            crate::failpoint::kill("copy.before-rename");
         }
     };
     let results = parallel(&to_copy, options.jobs, |entry| {
@@ -381,16 +382,6 @@ pub fn run(
     Ok(finish(summary, started))
 }
 
-/// Test hook: `LANES_FAILPOINT=copy.before-rename:N` kills the process with SIGKILL just
-/// before the N-th file is renamed into place. Unset in production.
-fn kill_point() -> Option<u64> {
-    std::env::var("LANES_FAILPOINT")
-        .ok()?
-        .strip_prefix("copy.before-rename:")?
-        .parse()
-        .ok()
-}
-
 fn finish(mut summary: Summary, started: Instant) -> Summary {
     summary.seconds = started.elapsed().as_secs_f64();
     summary.bytes_per_second = if summary.seconds > 0.0 {
@@ -465,15 +456,12 @@ fn nearest_existing(path: &Path) -> PathBuf {
         .to_path_buf()
 }
 
-/// Makes `path` a real directory: anything else there (a file, a symlink) is replaced.
+/// Makes `path` a real directory, owner-only until its final mode is set at the end.
 fn ensure_dir(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => return Ok(()),
-        Ok(_) => std::fs::remove_file(path)?,
-        Err(_) => {}
+    if file::real_dir(path)? {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
     }
-    std::fs::create_dir(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+    Ok(())
 }
 
 /// Removes a directory (or anything not a regular file) standing where a file must go.

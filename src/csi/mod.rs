@@ -101,28 +101,20 @@ impl Plugin {
     }
 }
 
-/// A named point where a test can make the plugin die as if by `kill -9`.
-///
-/// Set from `LANES_FAILPOINT` at start-up (a test hook: unset in production, it does nothing).
-/// Used to prove that a retry after a crash between any two steps ends in the right state.
+/// The failpoint this plugin was started with (see [`crate::failpoint`]), read once.
 #[derive(Debug, Clone, Default)]
 pub struct Failpoint(Option<String>);
 
 impl Failpoint {
     /// Reads `LANES_FAILPOINT`.
     pub fn from_env() -> Failpoint {
-        Failpoint(
-            std::env::var("LANES_FAILPOINT")
-                .ok()
-                .filter(|v| !v.is_empty()),
-        )
+        Failpoint(crate::failpoint::configured())
     }
 
     /// Kills the process with SIGKILL when `name` is the configured failpoint.
     pub fn hit(&self, name: &str) {
         if self.0.as_deref() == Some(name) {
-            tracing::error!(failpoint = name, "failpoint reached: killing the plugin");
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
+            crate::failpoint::kill(name);
         }
     }
 

@@ -359,14 +359,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             });
         }
         let (mut uploaded, mut bytes_uploaded) = (0, 0);
-        let kill_at = kill_point();
+        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
+        // the manifest is written.
+        let kill_at = crate::failpoint::count("dataset.push.uploaded");
         while let Some(done) = tasks.join_next().await {
             if let Some(size) = done.map_err(|e| Error::Invalid(e.to_string()))?? {
                 uploaded += 1;
                 bytes_uploaded += size;
-                if kill_at == Some(uploaded) {
-                    let _ =
-                        nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
+                if kill_at == Some(uploaded as u64) {
+                    crate::failpoint::kill("dataset.push.uploaded");
                 }
             }
         }
@@ -520,7 +521,8 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             .canonicalize()
             .map_err(io(format!("resolve {}", dir.display())))?;
         for entry in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-            real_dir(&root.join(&entry.path))?;
+            let path = root.join(&entry.path);
+            crate::copy::file::real_dir(&path).map_err(io(format!("create {}", path.display())))?;
         }
         let mut report = PullReport {
             version: manifest.version.clone(),
@@ -605,16 +607,6 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
 /// Bodies up to this size are uploaded with one conditional PUT instead of HEAD + PUT.
 const SMALL_BODY: u64 = 8 << 20;
 
-/// Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` kills the process with SIGKILL once
-/// N bodies are uploaded, before the manifest is written. Unset in production.
-fn kill_point() -> Option<usize> {
-    std::env::var("LANES_FAILPOINT")
-        .ok()?
-        .strip_prefix("dataset.push.uploaded:")?
-        .parse()
-        .ok()
-}
-
 fn check_tag(tag: &str) -> Result<()> {
     check_part(tag, "the tag").map_err(Error::Invalid)?;
     if tag == "latest" || version_number(tag).is_some() {
@@ -627,16 +619,6 @@ fn check_tag(tag: &str) -> Result<()> {
 
 fn temp_beside(path: &Path) -> PathBuf {
     crate::copy::file::temp_path(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// Makes `path` a real directory, replacing anything else there (never following a link).
-fn real_dir(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => return Ok(()),
-        Ok(_) => std::fs::remove_file(path).map_err(io(format!("replace {}", path.display())))?,
-        Err(_) => {}
-    }
-    std::fs::create_dir(path).map_err(io(format!("create {}", path.display())))
 }
 
 /// True when `path` is a regular file whose SHA-256 is `sha256`.

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use tokio::io::AsyncWriteExt;
 
@@ -93,6 +94,23 @@ impl S3Store {
         }
     }
 
+    /// Starts a GET of `key`; `None` when the object does not exist.
+    async fn fetch(&self, key: &str, what: &'static str) -> Result<Option<GetObjectOutput>> {
+        let full = self.key(key)?;
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(object) => Ok(Some(object)),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(remote(what, key, e)),
+        }
+    }
+
     fn key(&self, key: &str) -> Result<String> {
         check_key(key)?;
         Ok(if self.prefix.is_empty() {
@@ -126,26 +144,15 @@ fn status<E>(err: &SdkError<E>) -> Option<u16> {
 
 impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let full = self.key(key)?;
-        match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(object) => {
-                let bytes = object.body.collect().await.map_err(|e| Error::Io {
-                    what: "read",
-                    key: key.to_owned(),
-                    source: std::io::Error::other(e),
-                })?;
-                Ok(Some(bytes.into_bytes().to_vec()))
-            }
-            Err(e) if status(&e) == Some(404) => Ok(None),
-            Err(e) => Err(remote("get", key, e)),
-        }
+        let Some(object) = self.fetch(key, "get").await? else {
+            return Ok(None);
+        };
+        let bytes = object.body.collect().await.map_err(|e| Error::Io {
+            what: "read",
+            key: key.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(Some(bytes.into_bytes().to_vec()))
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
@@ -168,18 +175,8 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
-        let full = self.key(key)?;
-        let object = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(object) => object,
-            Err(e) if status(&e) == Some(404) => return Ok(None),
-            Err(e) => return Err(remote("download", key, e)),
+        let Some(object) = self.fetch(key, "download").await? else {
+            return Ok(None);
         };
         let io = |source: std::io::Error| Error::Io {
             what: "download",
