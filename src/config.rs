@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cache::Settings as CacheSettings;
 use crate::dataset::bucket::{Buckets, RawDatasets};
 use crate::lane::local::LocalSettings;
 use crate::units::parse_bytes;
@@ -20,6 +21,15 @@ struct RawConfig {
     local: RawLocal,
     mount_timeout_seconds: Option<u64>,
     datasets: RawDatasets,
+    cache: RawCache,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    max_bytes: Option<String>,
+    publish_timeout_seconds: Option<u64>,
+    download_jobs: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -37,6 +47,8 @@ pub struct Config {
     pub mount_timeout: Duration,
     /// Dataset buckets; the embedded default is `local` at `file://<data-dir>/datasets`.
     pub datasets: Buckets,
+    /// The node's dataset cache.
+    pub cache: CacheSettings,
 }
 
 /// A configuration file that could not be used.
@@ -105,7 +117,30 @@ impl Config {
         if timeout == 0 {
             return Err(invalid("mount_timeout_seconds must be above zero".into()));
         }
+        let defaults = CacheSettings::default();
+        let cache = CacheSettings {
+            max_bytes: size("cache.max_bytes", raw.cache.max_bytes.as_ref())?
+                .unwrap_or(defaults.max_bytes),
+            publish_timeout: match raw.cache.publish_timeout_seconds {
+                Some(0) => {
+                    return Err(invalid(
+                        "cache.publish_timeout_seconds must be above zero".into(),
+                    ));
+                }
+                Some(seconds) => Duration::from_secs(seconds),
+                None => defaults.publish_timeout,
+            },
+            jobs: match raw.cache.download_jobs {
+                Some(jobs @ 1..=256) => jobs,
+                Some(_) => return Err(invalid("cache.download_jobs must be 1..256".into())),
+                None => defaults.jobs,
+            },
+        };
+        if cache.max_bytes == 0 {
+            return Err(invalid("cache.max_bytes must be above zero".into()));
+        }
         Ok(Config {
+            cache,
             local: LocalSettings {
                 default_capacity,
                 max_capacity: size("local.max_capacity", raw.local.max_capacity.as_ref())?,
@@ -127,6 +162,7 @@ mod tests {
         assert_eq!(config.local.max_capacity, None);
         assert_eq!(config.mount_timeout, Duration::from_secs(30));
         assert_eq!(config.datasets.default_name(), "local");
+        assert_eq!(config.cache.publish_timeout, Duration::from_secs(60));
     }
 
     #[test]
@@ -144,6 +180,9 @@ mod tests {
             "local:\n  default_capacity: lots\n",
             "local:\n  default_capacity: 0\n",
             "mount_timeout_seconds: 0\n",
+            "cache:\n  max_bytes: 0\n",
+            "cache:\n  publish_timeout_seconds: 0\n",
+            "cache:\n  max_byte: 1Gi\n",
             "datasets:\n  buckets: {a: {dataset_path: \"gs://x\"}}\n",
         ] {
             let err = Config::parse(bad, "t", Path::new("/d"))

@@ -3,6 +3,7 @@
 //! Layers run one way: `csi` (the gRPC edge) → `lane` (where volumes live) → `mount`.
 //! Only `csi` knows tonic; the rest return their own errors with a [`error::Kind`].
 
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod copy;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Counters and histograms of the CSI services.
@@ -17,6 +17,8 @@ pub struct Metrics {
     registry: Registry,
     calls: IntCounterVec,
     seconds: HistogramVec,
+    fill_bytes: IntGaugeVec,
+    fill_files: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -46,6 +48,22 @@ impl Metrics {
             &["rpc"],
         )
         .expect("static metric definition");
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGaugeVec::new(Opts::new(name, help), &["dataset", "of"])
+                .expect("static metric definition");
+            registry
+                .register(Box::new(gauge.clone()))
+                .expect("registered once");
+            gauge
+        };
+        let fill_bytes = gauge(
+            "lanes_dataset_download_bytes",
+            "Bytes of a dataset being cached on this node: done and total",
+        );
+        let fill_files = gauge(
+            "lanes_dataset_download_files",
+            "Files of a dataset being cached on this node: done and total",
+        );
         registry
             .register(Box::new(calls.clone()))
             .expect("registered once");
@@ -56,6 +74,8 @@ impl Metrics {
             registry,
             calls,
             seconds,
+            fill_bytes,
+            fill_files,
         }
     }
 
@@ -67,6 +87,28 @@ impl Metrics {
         self.seconds
             .with_label_values(&[rpc])
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Records how far the download of `dataset` into the node cache has come.
+    pub fn fill_progress(&self, dataset: &str, progress: &crate::cache::fill::Progress) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let set = |gauge: &IntGaugeVec, of: &str, value: &std::sync::atomic::AtomicU64| {
+            gauge
+                .with_label_values(&[dataset, of])
+                .set(value.load(Relaxed) as i64)
+        };
+        set(&self.fill_bytes, "done", &progress.bytes_done);
+        set(&self.fill_bytes, "total", &progress.bytes_total);
+        set(&self.fill_files, "done", &progress.files_done);
+        set(&self.fill_files, "total", &progress.files_total);
+    }
+
+    /// Drops the progress series of a download that ended.
+    pub fn fill_ended(&self, dataset: &str) {
+        for of in ["done", "total"] {
+            let _ = self.fill_bytes.remove_label_values(&[dataset, of]);
+            let _ = self.fill_files.remove_label_values(&[dataset, of]);
+        }
     }
 
     /// The metrics in Prometheus text format.

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod caps;
 pub mod client;
 pub mod controller;
+pub mod datasets;
 pub mod guard;
 pub mod identity;
 pub mod node;
@@ -48,6 +49,12 @@ pub struct Plugin {
     pub metrics: Arc<Metrics>,
     pub mount_timeout: Duration,
     pub failpoint: Failpoint,
+    /// `--data-dir`: everything Lanes keeps on this node lives under it.
+    pub data_dir: std::path::PathBuf,
+    /// The configured dataset buckets (controller: pins references at CreateVolume).
+    pub sources: Arc<crate::dataset::pin::Sources>,
+    /// The node's dataset cache (node role only).
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 impl std::fmt::Debug for Plugin {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::{busy, missing};
-use super::{Plugin, caps};
+use super::{Plugin, caps, datasets};
 use crate::lane::VolumeId;
 use crate::mount::{self, MountEntry, MountFlags, Origin, mountinfo};
 use crate::proto::node_server::Node;
@@ -58,7 +58,12 @@ impl NodeService {
         Ok((data, origin, table))
     }
 
-    async fn mount_op<T, F>(&self, op: &'static str, path: &Path, f: F) -> Result<T, Status>
+    pub(super) async fn mount_op<T, F>(
+        &self,
+        op: &'static str,
+        path: &Path,
+        f: F,
+    ) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&dyn mount::Mounter) -> mount::Result<T> + Send + 'static,
@@ -70,11 +75,45 @@ impl NodeService {
     }
 
     fn guard(&self, id: &VolumeId, path: &Path) -> Result<super::guard::Guard, Status> {
-        let key = format!("{id}@{}", path.display());
+        self.guard_key(&format!("{id}@{}", path.display()))
+    }
+
+    /// Holds `key` for this call; a concurrent call on the same key is ABORTED.
+    pub(super) fn guard_key(&self, key: &str) -> Result<super::guard::Guard, Status> {
         self.0
             .inflight
-            .try_lock(key.clone())
-            .ok_or_else(|| busy(&key))
+            .try_lock(key.to_owned())
+            .ok_or_else(|| busy(key))
+    }
+
+    /// Bytes and inodes of the filesystem at `path` (statvfs; never a walk of the tree).
+    async fn usage(&self, path: &Path) -> Result<Vec<VolumeUsage>, Status> {
+        let stat_path = path.to_owned();
+        let stat = mount::blocking("statvfs", path, self.0.mount_timeout, move || {
+            nix::sys::statvfs::statvfs(&stat_path)
+                .map_err(|e| mount::Error::io("statvfs", &stat_path, e.into()))
+        })
+        .await?;
+        let block = stat.fragment_size();
+        let usage = |total: u64, free: u64, available: u64, unit: volume_usage::Unit| VolumeUsage {
+            total: total as i64,
+            available: available as i64,
+            used: total.saturating_sub(free) as i64,
+            unit: unit as i32,
+        };
+        let bytes = usage(
+            stat.blocks() * block,
+            stat.blocks_free() * block,
+            stat.blocks_available() * block,
+            volume_usage::Unit::Bytes,
+        );
+        let inodes = usage(
+            stat.files(),
+            stat.files_free(),
+            stat.files_available(),
+            volume_usage::Unit::Inodes,
+        );
+        Ok(vec![bytes, inodes])
     }
 
     /// Unmounts every mount of `origin` stacked at `path` (as `table` shows them); refuses to
@@ -125,8 +164,38 @@ fn existing_dir(path: &str, field: &str) -> Result<PathBuf, Status> {
     }
 }
 
+/// Makes sure the publish target is a directory (creating it when its parent exists; never
+/// through a symlink) and returns its canonical path.
+pub(super) fn prepare_target(
+    target: &Path,
+    failpoint: &super::Failpoint,
+) -> Result<PathBuf, Status> {
+    match std::fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(Status::invalid_argument(format!(
+                "target_path {} exists and is not a directory",
+                target.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(target).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "cannot create target_path {} (its parent must exist): {e}",
+                    target.display()
+                ))
+            })?;
+            failpoint.hit("publish.after-mkdir");
+        }
+        Err(e) => return Err(Status::internal(format!("stat {}: {e}", target.display()))),
+    }
+    target
+        .canonicalize()
+        .map_err(|e| Status::internal(format!("resolve {}: {e}", target.display())))
+}
+
 /// Gives the volume's root to `gid` with the setgid bit, so new files inherit the group.
-fn apply_mount_group(data: &Path, gid: u32) -> Result<(), Status> {
+pub(super) fn apply_mount_group(data: &Path, gid: u32) -> Result<(), Status> {
     use std::os::unix::fs::PermissionsExt;
     nix::unistd::chown(data, None, Some(nix::unistd::Gid::from_raw(gid)))
         .map_err(|e| Status::internal(format!("chown {} to group {gid}: {e}", data.display())))?;
@@ -214,6 +283,13 @@ impl Node for NodeService {
                 if req.target_path.is_empty() {
                     return Err(missing("target_path"));
                 }
+                if req.volume_id.is_empty() {
+                    return Err(missing("volume_id"));
+                }
+                if datasets::is_ephemeral(&req) {
+                    Box::pin(self.publish_dataset(&req)).await?;
+                    return Ok(NodePublishVolumeResponse {});
+                }
                 let capability = req.volume_capability.as_ref().ok_or_else(|| missing("volume_capability"))?;
                 let access = caps::check(capability).map_err(Status::invalid_argument)?;
                 if req.staging_target_path.is_empty() {
@@ -241,28 +317,7 @@ impl Node for NodeService {
                     read_only: req.readonly || access.read_only,
                     ..access.flags
                 };
-                match std::fs::symlink_metadata(&target) {
-                    Ok(meta) if meta.is_dir() => {}
-                    Ok(_) => {
-                        return Err(Status::invalid_argument(format!(
-                            "target_path {} exists and is not a directory",
-                            target.display()
-                        )));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        std::fs::create_dir(&target).map_err(|e| {
-                            Status::invalid_argument(format!(
-                                "cannot create target_path {} (its parent must exist): {e}",
-                                target.display()
-                            ))
-                        })?;
-                        self.0.failpoint.hit("publish.after-mkdir");
-                    }
-                    Err(e) => return Err(Status::internal(format!("stat {}: {e}", target.display()))),
-                }
-                let target = target
-                    .canonicalize()
-                    .map_err(|e| Status::internal(format!("resolve {}: {e}", target.display())))?;
+                let target = prepare_target(&target, &self.0.failpoint)?;
                 if let Some(gid) = access.mount_group {
                     apply_mount_group(&data, gid)?;
                 }
@@ -310,7 +365,13 @@ impl Node for NodeService {
                 if req.target_path.is_empty() {
                     return Err(missing("target_path"));
                 }
-                let id = VolumeId::parse(&req.volume_id)?;
+                let id = match VolumeId::parse(&req.volume_id) {
+                    Ok(id) if !self.dataset_volume_at(&req.volume_id) => id,
+                    _ => {
+                        Box::pin(self.unpublish_dataset(&req)).await?;
+                        return Ok(NodeUnpublishVolumeResponse {});
+                    }
+                };
                 let Ok(target) = Path::new(&req.target_path).canonicalize() else {
                     return Ok(NodeUnpublishVolumeResponse {});
                 };
@@ -344,10 +405,19 @@ impl Node for NodeService {
                 if req.volume_path.is_empty() {
                     return Err(missing("volume_path"));
                 }
-                let id = self.volume(&req.volume_id).await?;
                 let path = Path::new(&req.volume_path).canonicalize().map_err(|_| {
                     Status::not_found(format!("volume_path {} does not exist", req.volume_path))
                 })?;
+                if self.dataset_volume_at(&req.volume_id) {
+                    return Ok(NodeGetVolumeStatsResponse {
+                        usage: self.usage(&path).await?,
+                        volume_condition: Some(VolumeCondition {
+                            abnormal: false,
+                            message: "dataset volume is mounted from the node cache".into(),
+                        }),
+                    });
+                }
+                let id = self.volume(&req.volume_id).await?;
                 let (_, origin, table) = self.origin(&id, &[&path]).await?;
                 if !mountinfo::at(&table, &path)
                     .iter()
@@ -358,32 +428,7 @@ impl Node for NodeService {
                         path.display()
                     )));
                 }
-                let stat_path = path.clone();
-                let stat = mount::blocking("statvfs", &path, self.0.mount_timeout, move || {
-                    nix::sys::statvfs::statvfs(&stat_path)
-                        .map_err(|e| mount::Error::io("statvfs", &stat_path, e.into()))
-                })
-                .await?;
-                let block = stat.fragment_size();
-                let usage =
-                    |total: u64, free: u64, available: u64, unit: volume_usage::Unit| VolumeUsage {
-                        total: total as i64,
-                        available: available as i64,
-                        used: total.saturating_sub(free) as i64,
-                        unit: unit as i32,
-                    };
-                let bytes = usage(
-                    stat.blocks() * block,
-                    stat.blocks_free() * block,
-                    stat.blocks_available() * block,
-                    volume_usage::Unit::Bytes,
-                );
-                let inodes = usage(
-                    stat.files(),
-                    stat.files_free(),
-                    stat.files_available(),
-                    volume_usage::Unit::Inodes,
-                );
+                let usage = self.usage(&path).await?;
                 let condition = match self.0.lane.condition(&id) {
                     None => VolumeCondition {
                         abnormal: false,
@@ -395,7 +440,7 @@ impl Node for NodeService {
                     },
                 };
                 Ok(NodeGetVolumeStatsResponse {
-                    usage: vec![bytes, inodes],
+                    usage,
                     volume_condition: Some(condition),
                 })
             })

@@ -15,7 +15,9 @@ use super::controller::ControllerService;
 use super::identity::IdentityService;
 use super::node::NodeService;
 use super::{Failpoint, Plugin, Roles};
+use crate::cache::Cache;
 use crate::config::Config;
+use crate::dataset::pin::Sources;
 use crate::lane::LocalLane;
 use crate::metrics::Metrics;
 use crate::mount::linux::LinuxMounter;
@@ -49,6 +51,8 @@ pub enum ServeError {
     },
     #[error("cannot open the local lane: {0}")]
     Lane(#[from] crate::lane::Error),
+    #[error("cannot open the dataset cache: {0}")]
+    Cache(#[from] crate::cache::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -119,6 +123,20 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         tracing::warn!("{gap}");
     }
     let metrics = Arc::new(Metrics::new());
+    let sources = Arc::new(Sources::new(
+        options.config.datasets.clone(),
+        options.config.cache.jobs,
+    ));
+    let cache = if options.roles.node {
+        Some(Arc::new(Cache::open(
+            &options.data_dir,
+            options.config.cache.clone(),
+            sources.clone(),
+            metrics.clone(),
+        )?))
+    } else {
+        None
+    };
     let plugin = Arc::new(Plugin {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),
@@ -129,6 +147,9 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         metrics: metrics.clone(),
         mount_timeout: options.config.mount_timeout,
         failpoint: Failpoint::from_env(),
+        data_dir: options.data_dir.clone(),
+        sources,
+        cache,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -8,12 +8,10 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::bucket::{Bucket, Buckets, Location, Mode};
+use super::bucket::{Bucket, Buckets, Mode};
 use super::reference::{Reference, Selector};
 use super::repo::Repo;
 use super::store::BucketStore;
-use super::store::fs::FsStore;
-use super::store::s3::{S3Settings, S3Store};
 use crate::units::human;
 
 /// What a command printed: JSON for `--json`, text otherwise.
@@ -62,24 +60,8 @@ pub enum Command {
     },
 }
 
-/// The repository of a configured bucket. S3 credentials come from the standard AWS chain
-/// (environment, profile, workload identity).
 async fn repo_for(bucket: &Bucket, jobs: usize) -> Repo<BucketStore> {
-    let store = match &bucket.location {
-        Location::File(dir) => BucketStore::Fs(FsStore::new(dir)),
-        Location::S3 {
-            bucket: name,
-            prefix,
-        } => {
-            let settings = S3Settings {
-                region: bucket.region.clone(),
-                endpoint: bucket.endpoint.clone(),
-                credentials: None,
-            };
-            BucketStore::S3(S3Store::connect(name, prefix, &settings).await)
-        }
-    };
-    Repo::new(store, &bucket.name, bucket.mode == Mode::ReadWrite, jobs)
+    super::pin::open(bucket, jobs).await
 }
 
 /// Splits a stored-dataset reference into its bucket, name and selector.

@@ -7,6 +7,7 @@ pub mod bucket;
 pub mod command;
 pub mod git;
 pub mod manifest;
+pub mod pin;
 pub mod reference;
 pub mod repo;
 pub mod scan;

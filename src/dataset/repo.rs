@@ -151,6 +151,11 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         }
     }
 
+    /// The store the bucket's objects live in.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
     fn writable(&self) -> Result<()> {
         if self.writable {
             Ok(())

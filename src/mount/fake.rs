@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{MountEntry, MountFlags, Mounter, Result};
+use super::{MountEntry, MountFlags, Mounter, Overlay, Result};
 
 /// Records mounts in a table shaped like mountinfo. Every source is reported as device 0:1.
 #[derive(Debug, Default)]
@@ -44,6 +44,23 @@ impl Mounter for FakeMounter {
             fs_type: "fake".into(),
             source: "fake".into(),
             super_options: vec![],
+        });
+        Ok(())
+    }
+
+    fn overlay(&self, layers: &Overlay, target: &Path, flags: MountFlags) -> Result<()> {
+        let data = layers
+            .data()
+            .map_err(|e| super::Error::io("overlay mount", target, e))?;
+        self.lock().push(MountEntry {
+            major: 0,
+            minor: 2,
+            root: "/".into(),
+            mount_point: target.to_owned(),
+            options: Self::options(flags),
+            fs_type: "overlay".into(),
+            source: "overlay".into(),
+            super_options: data.split(',').map(str::to_owned).collect(),
         });
         Ok(())
     }

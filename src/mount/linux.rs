@@ -5,7 +5,7 @@ use std::path::Path;
 use nix::mount::{MntFlags, MsFlags};
 use sys_mount::{Mount, MountFlags as SysFlags};
 
-use super::{Atime, Error, MountEntry, MountFlags, Mounter, Result, mountinfo};
+use super::{Atime, Error, MountEntry, MountFlags, Mounter, Overlay, Result, mountinfo};
 
 /// Mounts on the running kernel. Needs CAP_SYS_ADMIN.
 #[derive(Debug, Default, Clone, Copy)]
@@ -20,19 +20,23 @@ impl Mounter for LinuxMounter {
             .map_err(|e| Error::io("bind mount", target, e))
     }
 
+    fn overlay(&self, layers: &Overlay, target: &Path, flags: MountFlags) -> Result<()> {
+        let data = layers
+            .data()
+            .map_err(|e| Error::io("overlay mount", target, e))?;
+        let bits = ms_flags(flags, MsFlags::empty());
+        nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            bits,
+            Some(data.as_str()),
+        )
+        .map_err(|e| Error::io("overlay mount", target, e.into()))
+    }
+
     fn remount(&self, target: &Path, flags: MountFlags) -> Result<()> {
-        let mut bits = MsFlags::MS_BIND | MsFlags::MS_REMOUNT;
-        bits.set(MsFlags::MS_RDONLY, flags.read_only);
-        bits.set(MsFlags::MS_NOSUID, flags.nosuid);
-        bits.set(MsFlags::MS_NODEV, flags.nodev);
-        bits.set(MsFlags::MS_NOEXEC, flags.noexec);
-        match flags.atime {
-            Atime::Inherit => {}
-            Atime::NoAtime => bits |= MsFlags::MS_NOATIME,
-            Atime::NoDirAtime => bits |= MsFlags::MS_NODIRATIME,
-            Atime::Relatime => bits |= MsFlags::MS_RELATIME,
-            Atime::Strict => bits |= MsFlags::MS_STRICTATIME,
-        }
+        let bits = ms_flags(flags, MsFlags::MS_BIND | MsFlags::MS_REMOUNT);
         nix::mount::mount(None::<&str>, target, None::<&str>, bits, None::<&str>)
             .map_err(|e| Error::io("remount", target, e.into()))
     }
@@ -56,4 +60,20 @@ impl Mounter for LinuxMounter {
         mountinfo::read_for(paths)
             .map_err(|e| Error::io("read", Path::new("/proc/self/mountinfo"), e))
     }
+}
+
+/// The kernel flags for `flags`, added to `bits`.
+fn ms_flags(flags: MountFlags, mut bits: MsFlags) -> MsFlags {
+    bits.set(MsFlags::MS_RDONLY, flags.read_only);
+    bits.set(MsFlags::MS_NOSUID, flags.nosuid);
+    bits.set(MsFlags::MS_NODEV, flags.nodev);
+    bits.set(MsFlags::MS_NOEXEC, flags.noexec);
+    match flags.atime {
+        Atime::Inherit => {}
+        Atime::NoAtime => bits |= MsFlags::MS_NOATIME,
+        Atime::NoDirAtime => bits |= MsFlags::MS_NODIRATIME,
+        Atime::Relatime => bits |= MsFlags::MS_RELATIME,
+        Atime::Strict => bits |= MsFlags::MS_STRICTATIME,
+    }
+    bits
 }

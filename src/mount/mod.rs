@@ -143,6 +143,9 @@ pub trait Mounter: Send + Sync + 'static {
     fn bind(&self, source: &Path, target: &Path) -> Result<()>;
     /// Re-applies `flags` to the bind mount at `target` (fixes ro/rw and friends in place).
     fn remount(&self, target: &Path, flags: MountFlags) -> Result<()>;
+    /// Mounts an overlay of `layers.lower` (read-only) and `layers.upper` (the volume's own
+    /// changes) at `target`, with `flags`.
+    fn overlay(&self, layers: &Overlay, target: &Path, flags: MountFlags) -> Result<()>;
     /// Unmounts the top mount at `target`.
     fn unmount(&self, target: &Path) -> Result<()>;
     /// The current mount table.
@@ -255,6 +258,46 @@ mod tests {
         assert!(text.contains("\"password\""), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
         assert_eq!(err.kind(), Kind::InvalidArgument);
+    }
+}
+
+/// The directories of an overlay mount: a read-only lower layer, a private upper layer and
+/// the work directory overlayfs needs on the upper layer's filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl Overlay {
+    /// The mount data overlayfs takes. Paths with `,` `:` or `\\` would be read as separators,
+    /// so they are refused (Lanes chooses these paths; a data dir with them is rejected).
+    pub fn data(&self) -> std::io::Result<String> {
+        for path in [&self.lower, &self.upper, &self.work] {
+            let text = path.to_str().unwrap_or(",");
+            if text.contains([',', ':', '\\']) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} cannot be an overlay layer: it contains ',', ':' or '\\'",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            self.lower.display(),
+            self.upper.display(),
+            self.work.display()
+        ))
+    }
+
+    /// True when `entry` is this overlay (or a bind of it).
+    pub fn matches(&self, entry: &MountEntry) -> bool {
+        let upper = format!("upperdir={}", self.upper.display());
+        entry.fs_type == "overlay" && entry.super_options.iter().any(|o| *o == upper)
     }
 }
 

@@ -1,0 +1,374 @@
+//! Building one tree: fetch (or find) every body, verify it, link it into a scratch tree, and
+//! rename the finished tree into place.
+//!
+//! Stored versions fetch their bodies from the bucket in parallel; Git commits are fetched
+//! shallowly, hashed, and their files moved into the blob store, so both end as the same kind
+//! of tree and share bodies with each other.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Semaphore;
+
+use super::fill::Progress;
+use super::{Cache, Error, Record, Result, now_ns, remove_any};
+use crate::dataset::manifest::{Entry, EntryKind};
+use crate::dataset::pin::Pin;
+use crate::dataset::repo::{Repo, blob_key};
+use crate::dataset::scan::hex;
+use crate::dataset::store::{BucketStore, ObjectStore};
+use crate::dataset::{Selector, git, scan};
+use crate::error::Kind;
+
+/// The permission bits a cached file gets: the manifest's rwx bits, never set-id or sticky
+/// (the tree is owned by root; a dataset must not smuggle a set-uid binary into a pod).
+pub(super) fn file_mode(mode: u32) -> u32 {
+    mode & 0o777
+}
+
+/// Bodies downloaded by this process (for the `cache.fill.downloaded:N` failpoint).
+static DOWNLOADED: AtomicU64 = AtomicU64::new(0);
+static SCRATCH: AtomicU64 = AtomicU64::new(0);
+
+fn io(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
+    move |err| Error::io(context, err)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("cache task failed: {e}")))?
+}
+
+impl Cache {
+    fn blob_path(&self, sha256: &str, mode: u32) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(&sha256[..2])
+            .join(format!("{sha256}.{:03o}", file_mode(mode)))
+    }
+
+    /// Builds the tree of `pin` (see the module doc) and returns its path.
+    pub(super) async fn build(
+        self: &Arc<Self>,
+        pin: &Pin,
+        progress: &Arc<Progress>,
+    ) -> Result<PathBuf> {
+        let scratch = self.root.join("tmp").join(format!(
+            "build-{}-{}-{}",
+            pin.key(),
+            std::process::id(),
+            SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&scratch).map_err(io(scratch.display()))?;
+        let result = self.build_in(pin, &scratch, progress).await;
+        let leftover = scratch.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_any(&leftover)).await;
+        result
+    }
+
+    async fn build_in(
+        self: &Arc<Self>,
+        pin: &Pin,
+        scratch: &Path,
+        progress: &Arc<Progress>,
+    ) -> Result<PathBuf> {
+        let (entries, repo) = match pin {
+            Pin::Stored {
+                bucket,
+                name,
+                version,
+            } => {
+                let repo = self.sources().repo(Some(bucket)).await?;
+                let manifest = repo
+                    .resolve(name, &Selector::Named(version.clone()))
+                    .await?;
+                if manifest.version != *version || !manifest.committed {
+                    return Err(Error::new(
+                        Kind::FailedPrecondition,
+                        format!("{pin} is not a committed version of {bucket}/{name}"),
+                    ));
+                }
+                (manifest.entries, Some(repo))
+            }
+            Pin::Git { url, commit } => {
+                let this = self.clone();
+                let (url, commit, scratch) = (url.clone(), commit.clone(), scratch.to_owned());
+                let entries = blocking(move || this.import_git(&url, &commit, &scratch)).await?;
+                (entries, None)
+            }
+        };
+        let files: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .collect();
+        progress
+            .files_total
+            .store(files.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes_total
+            .store(files.iter().map(|e| e.size).sum(), Ordering::Relaxed);
+
+        let mut groups: HashMap<(String, u32), Vec<Entry>> = HashMap::new();
+        for entry in &files {
+            let sha = entry.sha256.clone().unwrap_or_default();
+            groups
+                .entry((sha, file_mode(entry.mode)))
+                .or_default()
+                .push((*entry).clone());
+        }
+        let incoming: u64 = groups
+            .iter()
+            .filter(|((sha, mode), _)| !self.blob_path(sha, *mode).exists())
+            .map(|(_, group)| group[0].size)
+            .sum();
+        let this = self.clone();
+        let room_pin = pin.clone();
+        blocking(move || this.make_room(incoming, &room_pin)).await?;
+
+        let tree = scratch.join("tree");
+        let dirs: Vec<Entry> = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+            .cloned()
+            .collect();
+        let tree_for_dirs = tree.clone();
+        let dirs_for_mkdir = dirs.clone();
+        blocking(move || {
+            std::fs::create_dir_all(&tree_for_dirs).map_err(io(tree_for_dirs.display()))?;
+            for dir in &dirs_for_mkdir {
+                let path = tree_for_dirs.join(&dir.path);
+                std::fs::create_dir_all(&path).map_err(io(path.display()))?;
+            }
+            Ok(())
+        })
+        .await?;
+
+        let limit = Arc::new(Semaphore::new(self.settings().jobs.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for ((sha, mode), group) in groups {
+            let (this, repo, limit, tree, scratch, progress) = (
+                self.clone(),
+                repo.clone(),
+                limit.clone(),
+                tree.clone(),
+                scratch.to_owned(),
+                progress.clone(),
+            );
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let mut blob = this
+                    .ensure_blob(
+                        repo.as_ref(),
+                        &sha,
+                        mode,
+                        group[0].size,
+                        &scratch,
+                        &progress,
+                    )
+                    .await?;
+                for entry in &group {
+                    let target = tree.join(&entry.path);
+                    match link(&blob, &target) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            // The body was collected between fetch and link: fetch it again.
+                            blob = this
+                                .ensure_blob(
+                                    repo.as_ref(),
+                                    &sha,
+                                    mode,
+                                    entry.size,
+                                    &scratch,
+                                    &progress,
+                                )
+                                .await?;
+                            link(&blob, &target).map_err(io(target.display()))?;
+                        }
+                        other => other.map_err(io(target.display()))?,
+                    }
+                    progress.file_done(entry.size);
+                }
+                Ok::<_, Error>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| Error::internal(format!("cache task failed: {e}")))??;
+        }
+
+        let key = pin.key();
+        let (this, pin, tree_done) = (self.clone(), pin.clone(), tree.clone());
+        let scratch = scratch.to_owned();
+        blocking(move || {
+            for entry in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
+                let path = tree_done.join(&entry.path);
+                std::os::unix::fs::symlink(entry.target.as_deref().unwrap_or_default(), &path)
+                    .map_err(io(path.display()))?;
+            }
+            let mut dirs = dirs;
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.path.matches('/').count()));
+            for dir in &dirs {
+                let path = tree_done.join(&dir.path);
+                std::fs::set_permissions(
+                    &path,
+                    std::fs::Permissions::from_mode(file_mode(dir.mode)),
+                )
+                .map_err(io(path.display()))?;
+            }
+            let record = Record {
+                files: entries.iter().filter(|e| e.kind == EntryKind::File).count(),
+                bytes: entries.iter().map(|e| e.size).sum(),
+                built_ns: now_ns(),
+                pin,
+                entries,
+            };
+            let place = this.trees().join(&key);
+            if this.record(&key).is_some() {
+                // Another process finished the same tree first; theirs is as good.
+                return Ok(place);
+            }
+            remove_any(&place);
+            std::fs::rename(&tree_done, &place).map_err(io(place.display()))?;
+            let record_temp = scratch.join("record.json");
+            let text = serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?;
+            std::fs::write(&record_temp, text).map_err(io(record_temp.display()))?;
+            std::fs::rename(&record_temp, this.record_path(&key))
+                .map_err(io(this.record_path(&key).display()))?;
+            Ok(place)
+        })
+        .await
+    }
+
+    /// The verified blob of `sha256` with `mode`: already cached (re-hashed), copied from the
+    /// same body with another mode, or downloaded (hashed while written). A body that does
+    /// not match its hash is fetched once more, then refused.
+    async fn ensure_blob(
+        self: &Arc<Self>,
+        repo: Option<&Repo<BucketStore>>,
+        sha256: &str,
+        mode: u32,
+        size: u64,
+        scratch: &Path,
+        progress: &Progress,
+    ) -> Result<PathBuf> {
+        let blob = self.blob_path(sha256, mode);
+        let temp = scratch.join(format!("blob-{sha256}-{mode:o}"));
+        let (check_blob, check_temp, sha) = (blob.clone(), temp.clone(), sha256.to_owned());
+        let local = blocking(move || Ok(local_copy(&check_blob, &check_temp, &sha))).await?;
+        if local {
+            return place_blob(&temp, &blob, mode).map(|()| blob);
+        }
+        let Some(repo) = repo else {
+            return Err(Error::internal(format!(
+                "body {sha256} vanished from the node cache while the tree was built; retry"
+            )));
+        };
+        for attempt in 0..2 {
+            let digest = repo
+                .store()
+                .get_to_file(&blob_key(sha256), &temp)
+                .await
+                .map_err(crate::dataset::repo::Error::from)?;
+            let Some(digest) = digest else {
+                return Err(Error::internal(format!(
+                    "body {sha256} is missing from the bucket; the dataset version is damaged"
+                )));
+            };
+            if hex(&digest) == sha256 {
+                place_blob(&temp, &blob, mode)?;
+                progress.bytes_downloaded.fetch_add(size, Ordering::Relaxed);
+                let n = DOWNLOADED.fetch_add(1, Ordering::Relaxed) + 1;
+                if crate::failpoint::count("cache.fill.downloaded") == Some(n) {
+                    crate::failpoint::kill("cache.fill.downloaded");
+                }
+                return Ok(blob);
+            }
+            tracing::warn!(
+                body = sha256,
+                attempt,
+                "downloaded body does not match its SHA-256; fetching again"
+            );
+        }
+        let _ = std::fs::remove_file(&temp);
+        Err(Error::internal(format!(
+            "body {sha256} from the bucket does not match its SHA-256 twice; not used"
+        )))
+    }
+
+    /// Fetches commit `commit` of `url`, hashes its files and moves them into the blob store;
+    /// returns the manifest entries of the commit.
+    fn import_git(&self, url: &str, commit: &str, scratch: &Path) -> Result<Vec<Entry>> {
+        let checkout = scratch.join("git");
+        git::fetch(url, commit, commit, &checkout)?;
+        let (entries, _) = scan::scan(&checkout, self.settings().jobs.clamp(1, 8))
+            .map_err(crate::dataset::repo::Error::from)?;
+        for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
+            let sha = entry.sha256.as_deref().unwrap_or_default();
+            let blob = self.blob_path(sha, entry.mode);
+            if !blob.exists() {
+                place_blob(&checkout.join(&entry.path), &blob, entry.mode)?;
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// Hard-links `blob` at `target`; a body linked too often (EMLINK) is copied instead.
+fn link(blob: &Path, target: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(blob, target) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EMLINK) => {
+            std::fs::copy(blob, target).map(drop)
+        }
+        other => other,
+    }
+}
+
+/// True when a verified copy of body `sha256` is ready: `blob` itself (re-hashed; a damaged
+/// one is removed), or a copy at `temp` of the same body cached with another mode.
+fn local_copy(blob: &Path, temp: &Path, sha256: &str) -> bool {
+    let verified = |path: &Path| {
+        std::fs::File::open(path)
+            .and_then(crate::copy::file::sha256)
+            .is_ok_and(|d| hex(&d) == sha256)
+    };
+    if blob.exists() {
+        if verified(blob) {
+            return true;
+        }
+        tracing::warn!(body = sha256, "cached body is damaged; fetching it again");
+        let _ = std::fs::remove_file(blob);
+    }
+    let Some(shard) = blob.parent() else {
+        return false;
+    };
+    let siblings = std::fs::read_dir(shard).into_iter().flatten().flatten();
+    for sibling in siblings {
+        let path = sibling.path();
+        let same_body = sibling
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(sha256) && path != blob);
+        if same_body && std::fs::copy(&path, temp).is_ok() {
+            if verified(temp) {
+                return true;
+            }
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+    false
+}
+
+/// Gives a verified body its mode and moves it to its blob path (no-op when already there).
+fn place_blob(temp: &Path, blob: &Path, mode: u32) -> Result<()> {
+    if !temp.exists() && blob.exists() {
+        return Ok(());
+    }
+    std::fs::set_permissions(temp, std::fs::Permissions::from_mode(file_mode(mode)))
+        .map_err(io(temp.display()))?;
+    if let Some(shard) = blob.parent() {
+        std::fs::create_dir_all(shard).map_err(io(shard.display()))?;
+    }
+    std::fs::rename(temp, blob).map_err(io(blob.display()))
+}

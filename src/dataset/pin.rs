@@ -1,0 +1,212 @@
+//! Pinned datasets: a reference resolved to one immutable thing — a committed version of a
+//! stored dataset, or one Git commit. A pin is what a volume records, so the data under it
+//! never changes after it was resolved.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::bucket::{Bucket, Buckets, Location, Mode};
+use super::reference::{Reference, Selector};
+use super::repo::{Error, Repo, Result};
+use super::scan::hex;
+use super::store::BucketStore;
+use super::store::fs::FsStore;
+use super::store::s3::{S3Settings, S3Store};
+
+/// One immutable dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "lowercase")]
+pub enum Pin {
+    Stored {
+        bucket: String,
+        name: String,
+        version: String,
+    },
+    Git {
+        url: String,
+        commit: String,
+    },
+}
+
+impl Pin {
+    /// A directory name for this pin: readable, and unique through a hash of the whole pin.
+    pub fn key(&self) -> String {
+        let digest = hex(&Sha256::digest(self.to_string().as_bytes()));
+        match self {
+            Pin::Stored { name, version, .. } => format!("{name}-{version}-{}", &digest[..16]),
+            Pin::Git { commit, .. } => format!("git-{}-{}", &commit[..12], &digest[..16]),
+        }
+    }
+
+    /// Parses a pinned reference as [`fmt::Display`] writes it (what a volume context holds).
+    pub fn parse(text: &str) -> Result<Pin> {
+        match Reference::parse(text).map_err(|e| Error::Invalid(e.to_string()))? {
+            Reference::Stored {
+                bucket: Some(bucket),
+                name,
+                selector: Selector::Named(version),
+            } if version.starts_with('v') => Ok(Pin::Stored {
+                bucket,
+                name,
+                version,
+            }),
+            Reference::Git { url, git_ref }
+                if git_ref.len() == 40 && git_ref.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                Ok(Pin::Git {
+                    url,
+                    commit: git_ref,
+                })
+            }
+            _ => Err(Error::Invalid(format!(
+                "{text:?} is not a pinned dataset (bucket/name:v<N> or git+URL@<commit SHA>)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pin::Stored {
+                bucket,
+                name,
+                version,
+            } => write!(f, "{bucket}/{name}:{version}"),
+            Pin::Git { url, commit } => write!(f, "git+{url}@{commit}"),
+        }
+    }
+}
+
+/// The configured buckets, with one open repository per bucket (clients are reused).
+#[derive(Debug)]
+pub struct Sources {
+    buckets: Buckets,
+    jobs: usize,
+    open: Mutex<HashMap<String, Repo<BucketStore>>>,
+}
+
+impl Sources {
+    pub fn new(buckets: Buckets, jobs: usize) -> Sources {
+        Sources {
+            buckets,
+            jobs,
+            open: Mutex::default(),
+        }
+    }
+
+    /// The repository of a bucket (`None`: the default bucket) and the bucket's name.
+    pub async fn repo(&self, bucket: Option<&str>) -> Result<Repo<BucketStore>> {
+        let bucket = self.buckets.get(bucket).map_err(Error::NotFound)?;
+        if let Some(repo) = self.lock().get(&bucket.name) {
+            return Ok(repo.clone());
+        }
+        let repo = open(bucket, self.jobs).await;
+        self.lock().insert(bucket.name.clone(), repo.clone());
+        Ok(repo)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Repo<BucketStore>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now.
+    pub async fn pin(&self, reference: &str) -> Result<Pin> {
+        match Reference::parse(reference).map_err(|e| Error::Invalid(e.to_string()))? {
+            Reference::Stored {
+                bucket,
+                name,
+                selector,
+            } => {
+                let bucket = self
+                    .buckets
+                    .get(bucket.as_deref())
+                    .map_err(Error::NotFound)?
+                    .name
+                    .clone();
+                let manifest = self
+                    .repo(Some(&bucket))
+                    .await?
+                    .resolve(&name, &selector)
+                    .await?;
+                if !manifest.committed {
+                    return Err(Error::Immutable(format!(
+                        "{bucket}/{name}:{} is not committed; only committed versions can be \
+                         mounted (run `lanes dataset commit`)",
+                        manifest.version
+                    )));
+                }
+                Ok(Pin::Stored {
+                    bucket,
+                    name,
+                    version: manifest.version,
+                })
+            }
+            Reference::Git { url, git_ref } => {
+                let commit = tokio::task::spawn_blocking(move || {
+                    super::git::resolve(&url, &git_ref).map(|c| (url, c))
+                })
+                .await
+                .map_err(|e| Error::Invalid(format!("git resolve task: {e}")))??;
+                Ok(Pin::Git {
+                    url: commit.0,
+                    commit: commit.1,
+                })
+            }
+        }
+    }
+}
+
+/// The repository of a configured bucket. S3 credentials come from the standard AWS chain
+/// (environment, profile, workload identity).
+pub async fn open(bucket: &Bucket, jobs: usize) -> Repo<BucketStore> {
+    let store = match &bucket.location {
+        Location::File(dir) => BucketStore::Fs(FsStore::new(dir)),
+        Location::S3 {
+            bucket: name,
+            prefix,
+        } => {
+            let settings = S3Settings {
+                region: bucket.region.clone(),
+                endpoint: bucket.endpoint.clone(),
+                credentials: None,
+            };
+            BucketStore::S3(S3Store::connect(name, prefix, &settings).await)
+        }
+    };
+    Repo::new(store, &bucket.name, bucket.mode == Mode::ReadWrite, jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_round_trip_and_only_pinned_references_parse() {
+        let stored = Pin::Stored {
+            bucket: "prod".into(),
+            name: "imagenet".into(),
+            version: "v3".into(),
+        };
+        assert_eq!(Pin::parse(&stored.to_string()).unwrap(), stored);
+        let git = Pin::Git {
+            url: "https://example.com/r.git".into(),
+            commit: "a".repeat(40),
+        };
+        assert_eq!(Pin::parse(&git.to_string()).unwrap(), git);
+        for loose in [
+            "imagenet:v3",
+            "prod/imagenet",
+            "prod/imagenet:best",
+            "git+https://x/r@main",
+        ] {
+            assert!(Pin::parse(loose).is_err(), "{loose}");
+        }
+        assert_ne!(stored.key(), git.key());
+        assert!(stored.key().starts_with("imagenet-v3-"));
+    }
+}
