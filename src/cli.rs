@@ -52,6 +52,30 @@ pub enum Command {
     Copy(CopyArgs),
     /// Versioned datasets in dataset buckets.
     Dataset(DatasetArgs),
+    /// The node's dataset cache (`<data-dir>/cache`): what it holds, and pruning it.
+    Cache(CacheArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List the cached dataset versions: size, last use, mounts using them now.
+    Ls,
+    /// Remove cached versions no mount uses (least recently used first) until the cache is
+    /// within `cache.max_bytes`, then every body no version links.
+    Prune {
+        /// Remove every version no mount uses, whatever the limit.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +248,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(args) => {
             return run_dataset(args, cli.config.as_deref(), &cli.data_dir).await;
         }
+        Command::Cache(args) => return run_cache(args, cli.config.as_deref(), &cli.data_dir),
     };
     let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;
     let node_id = match args.node_id {
@@ -282,6 +307,68 @@ async fn run_dataset(
         println!("{}", output.json);
     } else {
         print!("{}", output.text);
+    }
+    Ok(())
+}
+
+fn run_cache(
+    args: CacheArgs,
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use crate::units::human;
+    let config = Config::load(config, data_dir)?;
+    let sources = crate::dataset::pin::Sources::new(config.datasets.clone(), 1);
+    let cache = crate::cache::Cache::open(
+        data_dir,
+        config.cache.clone(),
+        std::sync::Arc::new(sources),
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    )?;
+    match args.command {
+        CacheCommand::Ls => {
+            let rows = cache.list()?;
+            if args.json {
+                println!("{}", serde_json::to_string(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<40} {:>7} {:>10} {:>6}  {:<17} KEY",
+                "DATASET", "FILES", "SIZE", "MOUNTS", "LAST USED (UTC)"
+            );
+            for row in &rows {
+                println!(
+                    "{:<40} {:>7} {:>10} {:>6}  {:<17} {}",
+                    row.dataset,
+                    row.files,
+                    human(row.bytes),
+                    row.mounts,
+                    crate::dataset::command::time(row.last_used_unix),
+                    row.key
+                );
+            }
+            let total: u64 = rows.iter().map(|r| r.bytes).sum();
+            println!(
+                "{} versions, {} (limit {})",
+                rows.len(),
+                human(total),
+                human(config.cache.max_bytes)
+            );
+        }
+        CacheCommand::Prune { all } => {
+            let limit = if all { 0 } else { config.cache.max_bytes };
+            let pruned = cache.prune(limit, None)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&pruned)?);
+            } else {
+                println!(
+                    "removed {} versions and {} bodies ({})",
+                    pruned.trees.len(),
+                    pruned.blobs,
+                    human(pruned.bytes)
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -64,6 +64,10 @@ impl Cache {
             SCRATCH.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&scratch).map_err(io(scratch.display()))?;
+        if crate::failpoint::configured().as_deref() == Some("delay:cache.fill") {
+            // Test hook: a download slower than the publish timeout.
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
         let result = self.build_in(pin, &scratch, progress).await;
         let leftover = scratch.clone();
         let _ = tokio::task::spawn_blocking(move || remove_any(&leftover)).await;

@@ -78,7 +78,8 @@ fn stored(reference: &str) -> anyhow::Result<(Option<String>, String, Selector)>
     }
 }
 
-fn time(unix: u64) -> String {
+/// A Unix time as `YYYY-MM-DD HH:MM` (UTC).
+pub fn time(unix: u64) -> String {
     let days = unix / 86_400;
     let (h, m) = ((unix % 86_400) / 3600, (unix % 3600) / 60);
     // Civil date from days since the epoch (proleptic Gregorian).

@@ -2,6 +2,8 @@
 //! to it through the generated gRPC clients.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,6 +32,8 @@ pub struct Plugin {
     pub socket: PathBuf,
     child: Option<Child>,
     failpoint: Option<String>,
+    /// `--config` file, when the test gave one.
+    config: Option<PathBuf>,
 }
 
 impl Plugin {
@@ -53,9 +57,38 @@ impl Plugin {
             socket,
             child: None,
             failpoint: failpoint.map(str::to_owned),
+            config: None,
         };
         plugin.spawn();
         plugin
+    }
+
+    /// Starts with a config file of `config` (YAML) and moto's test credentials in place of
+    /// any ambient AWS settings.
+    pub fn with_config(config: &str, failpoint: Option<&str>) -> Plugin {
+        let root = tempfile::Builder::new()
+            .prefix("lanes-test-")
+            .tempdir()
+            .unwrap();
+        let path = root.path().join("lanes.yaml");
+        std::fs::write(&path, config).unwrap();
+        let mut plugin = Plugin {
+            data_dir: root.path().join("data"),
+            socket: root.path().join("csi.sock"),
+            root,
+            child: None,
+            failpoint: failpoint.map(str::to_owned),
+            config: Some(path),
+        };
+        plugin.spawn();
+        plugin
+    }
+
+    /// Restarts the plugin with a failpoint (or none), on the same data dir and socket.
+    pub fn restart_with(&mut self, failpoint: Option<&str>) {
+        self.stop();
+        self.failpoint = failpoint.map(str::to_owned);
+        self.spawn();
     }
 
     fn spawn(&mut self) {
@@ -73,6 +106,10 @@ impl Plugin {
             Some(point) => command.env("LANES_FAILPOINT", point),
             None => command.env_remove("LANES_FAILPOINT"),
         };
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+            moto::aws_env(&mut command);
+        }
         self.child = Some(command.spawn().expect("start lanes"));
         let deadline = Instant::now() + Duration::from_secs(20);
         // Ready means accepting connections (a stale socket file may still be there).
