@@ -531,3 +531,170 @@ async fn bad_references_get_clear_errors_and_mount_nothing() {
     }
     assert!(!target.exists());
 }
+
+#[tokio::test]
+async fn a_persistent_volume_keeps_the_version_pinned_at_creation() {
+    if !privileged("a_persistent_volume_keeps_the_version_pinned_at_creation") {
+        return;
+    }
+    let Some(bucket) = Bucket::start().await else {
+        return;
+    };
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path(), 8, 6, 700);
+    bucket.push(src.path(), "coco", None).await;
+    let plugin = Plugin::with_config(&bucket.config(""), None);
+    let mut c = plugin.clients().await;
+    let mut create = common::create_request("pvc-coco", 1 << 20);
+    create.parameters.insert("dataset".into(), "coco".into());
+    let volume = c
+        .controller
+        .create_volume(create.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        volume.volume_context.get("dataset").map(String::as_str),
+        Some("prod/coco:v1")
+    );
+
+    // A newer version does not change the volume, not even through a repeated create.
+    std::fs::write(src.path().join("README"), b"v2").unwrap();
+    bucket.push(src.path(), "coco", None).await;
+    let again = c
+        .controller
+        .create_volume(create)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_context, volume.volume_context);
+
+    let id = volume.volume_id.clone();
+    let staging = plugin.dir("staging");
+    let target = plugin.dir("pods").join("t");
+    let stage = common::stage_request(&id, &staging);
+    c.node.node_stage_volume(stage.clone()).await.unwrap();
+    c.node.node_stage_volume(stage.clone()).await.unwrap();
+    c.node
+        .node_publish_volume(common::publish_request(&id, &staging, &target, false))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(target.join("README")).unwrap(), b"seed 8\n");
+    std::fs::write(target.join("checkpoint.pt"), b"weights").unwrap();
+    assert_code(
+        c.controller
+            .delete_volume(common::delete_request(&id))
+            .await,
+        Code::FailedPrecondition,
+        "delete while staged",
+    );
+    c.node
+        .node_unpublish_volume(unpublish_request(&id, &target))
+        .await
+        .unwrap();
+    c.node
+        .node_unstage_volume(common::unstage_request(&id, &staging))
+        .await
+        .unwrap();
+    assert!(mounts_at(&staging).is_empty());
+
+    // Writes persist with the volume; the data under it is still v1.
+    c.node.node_stage_volume(stage).await.unwrap();
+    c.node
+        .node_publish_volume(common::publish_request(&id, &staging, &target, true))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("checkpoint.pt")).unwrap(),
+        b"weights"
+    );
+    assert_eq!(std::fs::read(target.join("README")).unwrap(), b"seed 8\n");
+    c.node
+        .node_unpublish_volume(unpublish_request(&id, &target))
+        .await
+        .unwrap();
+    c.node
+        .node_unstage_volume(common::unstage_request(&id, &staging))
+        .await
+        .unwrap();
+    c.controller
+        .delete_volume(common::delete_request(&id))
+        .await
+        .unwrap();
+
+    let mut missing = common::create_request("pvc-none", 1 << 20);
+    missing
+        .parameters
+        .insert("dataset".into(), "nothing-here".into());
+    assert_code(
+        c.controller.create_volume(missing).await,
+        Code::NotFound,
+        "missing dataset",
+    );
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_git_dataset_at_a_tag_publishes_the_tagged_commit() {
+    if !privileged("a_git_dataset_at_a_tag_publishes_the_tagged_commit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("data.git");
+    std::fs::create_dir_all(repo.join("labels")).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("labels/a.txt"), b"tagged").unwrap();
+    std::fs::write(repo.join("run.sh"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        repo.join("run.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "one"]);
+    git(&repo, &["tag", "-a", "v1", "-m", "release"]);
+    std::fs::write(repo.join("labels/a.txt"), b"later").unwrap();
+    std::fs::write(repo.join("labels/b.txt"), b"later").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "two"]);
+
+    let plugin = Plugin::with_config("", None);
+    let mut c = plugin.clients().await;
+    let target = plugin.dir("pods").join("g");
+    let reference = format!("git+file://{}@v1", repo.display());
+    c.node
+        .node_publish_volume(inline("g1", &target, &reference, true))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("labels/a.txt")).unwrap(),
+        b"tagged"
+    );
+    assert!(!target.join("labels/b.txt").exists());
+    assert!(!target.join(".git").exists());
+    let mode = std::fs::metadata(target.join("run.sh")).unwrap().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    c.node
+        .node_unpublish_volume(unpublish_request("g1", &target))
+        .await
+        .unwrap();
+}

@@ -35,7 +35,7 @@ impl Progress {
     pub fn describe(&self) -> String {
         let get = |n: &AtomicU64| n.load(Ordering::Relaxed);
         let (done, total) = (get(&self.bytes_done), get(&self.bytes_total));
-        let percent = if total == 0 { 0 } else { done * 100 / total };
+        let percent = (done * 100).checked_div(total).unwrap_or(0);
         format!(
             "{} of {} files, {} of {} ({percent}%)",
             get(&self.files_done),

@@ -386,7 +386,7 @@ impl Cache {
                 mounts: users.get(&format!("trees/{key}")).copied().unwrap_or(0),
             });
         }
-        rows.sort_by(|a, b| b.last_used_unix.cmp(&a.last_used_unix));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.last_used_unix));
         Ok(rows)
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::datasets::DATASET_KEY;
 use super::status::{busy, missing};
 use super::{Plugin, TOPOLOGY_KEY, caps};
 use crate::lane::local::CreateRequest;
@@ -30,7 +31,11 @@ impl ControllerService {
         Volume {
             capacity_bytes: meta.capacity_bytes as i64,
             volume_id: meta.id.clone(),
-            volume_context: HashMap::new(),
+            volume_context: meta
+                .dataset
+                .iter()
+                .map(|pin| (DATASET_KEY.to_owned(), pin.clone()))
+                .collect(),
             content_source: None,
             accessible_topology: vec![Topology {
                 segments: [(TOPOLOGY_KEY.to_owned(), meta.node_id.clone())].into(),
@@ -63,6 +68,25 @@ impl ControllerService {
                 .all(|(key, value)| ours.segments.get(key) == Some(value))
         };
         requirement.requisite.is_empty() || requirement.requisite.iter().any(fits)
+    }
+
+    /// True when a volume of this name exists already (its dataset is pinned already).
+    async fn exists(&self, name: &str) -> bool {
+        let Ok(id) = VolumeId::for_name(crate::lane::local::LANE, name) else {
+            return false;
+        };
+        self.0.lane_op(move |lane| lane.get(&id)).await.is_ok()
+    }
+
+    /// Resolves a dataset reference to the version it names now.
+    async fn pin(&self, reference: &str) -> Result<String, Status> {
+        match self.0.sources.pin(reference).await {
+            Ok(pin) => Ok(pin.to_string()),
+            Err(e) => Err(Status::new(
+                super::status::code(e.kind()),
+                format!("parameter dataset {reference:?}: {e}"),
+            )),
+        }
     }
 
     async fn lookup(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta), Status> {
@@ -113,10 +137,17 @@ impl Controller for ControllerService {
                     .try_lock(format!("create:{}", req.name))
                     .ok_or_else(|| busy(&format!("volume name {:?}", req.name)))?;
                 self.0.failpoint.delay("create").await;
+                let dataset = match &params.dataset {
+                    Some(reference) if !self.exists(&req.name).await => {
+                        Some(self.pin(reference).await?)
+                    }
+                    _ => None,
+                };
                 let create = CreateRequest {
                     name: req.name.clone(),
                     range,
                     params,
+                    dataset,
                 };
                 let meta = self.0.lane_op(move |lane| lane.create(&create)).await?;
                 tracing::info!(volume.id = %meta.id, capacity = meta.capacity_bytes, "volume ready");
@@ -206,9 +237,9 @@ impl Controller for ControllerService {
                 if let Err(reason) = caps::check_all(&req.volume_capabilities) {
                     return Ok(unconfirmed(reason));
                 }
-                if !req.volume_context.is_empty() {
+                if req.volume_context != self.volume(&meta).volume_context {
                     return Ok(unconfirmed(
-                        "volume_context does not match: local volumes have an empty context".into(),
+                        "volume_context does not match the one CreateVolume returned".into(),
                     ));
                 }
                 if !req.parameters.is_empty() {

@@ -304,6 +304,45 @@ impl NodeService {
         }
     }
 
+    /// NodeStageVolume of a persistent volume created with a dataset: an overlay at the
+    /// staging path whose lower layer is the pinned version's cached tree and whose upper
+    /// layer is the volume's own data directory (so its changes persist with the volume).
+    pub(super) async fn stage_dataset(
+        &self,
+        pin: &str,
+        data: &Path,
+        staging: &Path,
+    ) -> Result<(), Status> {
+        let pin = Pin::parse(pin).map_err(|e| {
+            Status::internal(format!("the volume records an unusable dataset: {e}"))
+        })?;
+        let cache = self.cache()?.clone();
+        let tree = cache
+            .tree(&pin, cache.settings().publish_timeout)
+            .await
+            .map_err(|e| Status::new(code(e.kind), format!("dataset {pin}: {}", e.message)))?;
+        let work = data.with_file_name("work");
+        crate::copy::file::real_dir(&work)
+            .map_err(|e| Status::internal(format!("create {}: {e}", work.display())))?;
+        let layers = Overlay {
+            lower: tree,
+            upper: data.to_owned(),
+            work,
+        };
+        let flags = MountFlags {
+            nosuid: true,
+            nodev: true,
+            ..Default::default()
+        };
+        let path = staging.to_owned();
+        self.mount_op("overlay mount", staging, move |m| {
+            m.overlay(&layers, &path, flags)
+        })
+        .await?;
+        self.0.failpoint.hit("stage.after-bind");
+        Ok(())
+    }
+
     /// The dataset volume mounted at `path`, if `volume_id` is one (for NodeGetVolumeStats).
     pub(super) fn dataset_volume_at(&self, volume_id: &str) -> bool {
         self.ephemeral_dir(volume_id).join("volume.json").exists()

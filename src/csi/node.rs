@@ -236,6 +236,12 @@ impl Node for NodeService {
                         top.source
                     )));
                 }
+                let lookup = id.clone();
+                let meta = self.0.lane_op(move |lane| lane.get(&lookup)).await?;
+                if let Some(pin) = &meta.dataset {
+                    Box::pin(self.stage_dataset(pin, &data, &staging)).await?;
+                    return Ok(NodeStageVolumeResponse {});
+                }
                 let target = staging.clone();
                 self.mount_op("bind mount", &staging, move |m| m.bind(&data, &target))
                     .await?;

@@ -37,6 +37,8 @@ pub struct CreateRequest {
     pub name: String,
     pub range: Range,
     pub params: CreateParams,
+    /// The pinned dataset the volume starts with (from `params.dataset`, resolved).
+    pub dataset: Option<String>,
 }
 
 /// The local lane on one node.
@@ -177,6 +179,7 @@ impl LocalLane {
                 .unwrap_or_default()
                 .as_secs(),
             project_id,
+            dataset: request.dataset.clone(),
         };
         meta.store(temp)?;
         Ok(meta)
@@ -401,6 +404,7 @@ mod tests {
                 profile: "local".into(),
                 ..Default::default()
             },
+            dataset: None,
         }
     }
 

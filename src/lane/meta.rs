@@ -23,6 +23,10 @@ pub struct VolumeMeta {
     pub created_unix: u64,
     /// The XFS project whose quota enforces `capacity_bytes`, when enforced.
     pub project_id: Option<u32>,
+    /// The pinned dataset (`bucket/name:v<N>` or `git+URL@<sha>`) the volume's data is an
+    /// overlay on; `None` for a plain directory volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
 }
 
 pub const FILE: &str = "volume.json";

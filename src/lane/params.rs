@@ -27,6 +27,9 @@ pub struct CreateParams {
     pub profile: String,
     #[serde(rename = "onDelete")]
     pub on_delete: OnDelete,
+    /// A dataset reference whose data the volume starts with (pinned at creation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
 }
 
 /// The profile used when a StorageClass names none.
@@ -66,6 +69,15 @@ impl TryFrom<&HashMap<String, String>> for CreateParams {
                         }
                     }
                 }
+                "dataset" => {
+                    crate::dataset::Reference::parse(value).map_err(|e| {
+                        Error::InvalidParameter {
+                            key: key.clone(),
+                            reason: e.reason,
+                        }
+                    })?;
+                    params.dataset = Some(value.clone());
+                }
                 other if other.starts_with(SIDECAR_PREFIX) => {}
                 other => return Err(Error::UnknownParameter(other.to_owned())),
             }
@@ -81,10 +93,14 @@ impl CreateParams {
             OnDelete::Delete => "delete",
             OnDelete::Retain => "retain",
         };
-        BTreeMap::from([
+        let mut map = BTreeMap::from([
             ("profile".to_owned(), self.profile.clone()),
             ("onDelete".to_owned(), on_delete.to_owned()),
-        ])
+        ]);
+        if let Some(dataset) = &self.dataset {
+            map.insert("dataset".to_owned(), dataset.clone());
+        }
+        map
     }
 }
 

@@ -53,7 +53,16 @@ impl Mounter for LinuxMounter {
     fn binds_of(&self, dir: &Path) -> Result<Vec<MountEntry>> {
         let text = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("read", Path::new("/proc/self/mountinfo"), e))?;
-        Ok(mountinfo::parse_where(&text, super::bind_filter(dir)))
+        let mut entries = mountinfo::parse_where(&text, super::bind_filter(dir));
+        // Overlays whose upper layer is `dir` (dataset-backed volumes).
+        let upper = format!("upperdir={}", dir.display());
+        let overlays = text
+            .lines()
+            .filter(|line| line.contains(&upper))
+            .flat_map(mountinfo::parse)
+            .filter(|e| super::upper_of(e) == Some(dir));
+        entries.extend(overlays);
+        Ok(entries)
     }
 
     fn table_for(&self, paths: &[&Path]) -> Result<Vec<MountEntry>> {

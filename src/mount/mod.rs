@@ -154,17 +154,11 @@ pub trait Mounter: Send + Sync + 'static {
     /// last component of `dir`), and the entries at or above `dir`: enough to find every mount
     /// of `dir` with [`Origin`].
     fn binds_of(&self, dir: &Path) -> Result<Vec<MountEntry>> {
-        let tail = dir.file_name().map(PathBuf::from).unwrap_or_default();
-        let parent = dir
-            .parent()
-            .and_then(Path::file_name)
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        let suffix = parent.join(tail);
+        let keep = bind_filter(dir);
         Ok(self
             .table()?
             .into_iter()
-            .filter(|e| e.root.ends_with(&suffix) || dir.starts_with(&e.mount_point))
+            .filter(|e| keep(&e.root, &e.mount_point) || upper_of(e) == Some(dir))
             .collect())
     }
     /// The entries mounted at one of `paths` or at an ancestor of one.
@@ -296,8 +290,7 @@ impl Overlay {
 
     /// True when `entry` is this overlay (or a bind of it).
     pub fn matches(&self, entry: &MountEntry) -> bool {
-        let upper = format!("upperdir={}", self.upper.display());
-        entry.fs_type == "overlay" && entry.super_options.iter().any(|o| *o == upper)
+        upper_of(entry) == Some(self.upper.as_path())
     }
 }
 
@@ -307,6 +300,8 @@ impl Overlay {
 pub struct Origin {
     pub device: Option<(u32, u32)>,
     pub root: PathBuf,
+    /// The directory itself: an overlay with it as the upper layer shows it too.
+    pub path: PathBuf,
 }
 
 impl Origin {
@@ -318,20 +313,37 @@ impl Origin {
                 Origin {
                     device: Some((owner.major, owner.minor)),
                     root: owner.root.join(rest),
+                    path: dir.to_owned(),
                 }
             }
             None => Origin {
                 device: None,
                 root: dir.to_owned(),
+                path: dir.to_owned(),
             },
         }
     }
 
-    /// True when `entry` is a bind mount (direct or through another bind) of this directory.
+    /// True when `entry` is a bind mount (direct or through another bind) of this directory,
+    /// or an overlay (or a bind of one) whose upper layer it is.
     pub fn matches(&self, entry: &MountEntry) -> bool {
-        entry.root == self.root
+        let bind = entry.fs_type != "overlay"
+            && entry.root == self.root
             && self
                 .device
-                .is_none_or(|device| device == (entry.major, entry.minor))
+                .is_none_or(|device| device == (entry.major, entry.minor));
+        bind || upper_of(entry) == Some(self.path.as_path())
     }
+}
+
+/// The upper layer of an overlay mount entry.
+pub fn upper_of(entry: &MountEntry) -> Option<&Path> {
+    if entry.fs_type != "overlay" {
+        return None;
+    }
+    entry
+        .super_options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(Path::new)
 }
