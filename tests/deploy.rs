@@ -2,7 +2,7 @@
 //! the way: an unknown (misspelt) field fails the test instead of being silently ignored.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use serde_json::Value;
@@ -63,6 +63,8 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
                 "DaemonSet" => typed::<DaemonSet>(&value),
                 "CSIDriver" => typed::<CSIDriver>(&value),
                 "StorageClass" => typed::<StorageClass>(&value),
+                "ConfigMap" => typed::<ConfigMap>(&value),
+                "Pod" => typed::<Pod>(&value),
                 other => Err(format!("no type for kind {other:?}")),
             }
             .unwrap_or_else(|e| panic!("{}#{index} ({kind}): {e}", file.display()));
@@ -124,5 +126,37 @@ fn a_misspelt_field_is_caught() {
     assert_eq!(
         lost(&doc, &round_trip, "").as_deref(),
         Some(".allowVolumeExpanson")
+    );
+}
+
+#[test]
+fn the_shipped_config_is_one_the_binary_accepts() {
+    let map: ConfigMap = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/config.yaml"))
+            .unwrap(),
+    )
+    .unwrap();
+    let text = &map.data.unwrap()["config.yaml"];
+    let config = lanes::config::Config::parse(
+        text,
+        "deploy/config.yaml",
+        std::path::Path::new("/var/lib/lanes"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.datasets.default_name(), "production");
+    assert_eq!(config.cache.max_bytes, 200 << 30);
+    let driver: CSIDriver = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/csidriver.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let modes = driver.spec.volume_lifecycle_modes.unwrap_or_default();
+    assert_eq!(
+        modes,
+        ["Persistent", "Ephemeral"],
+        "inline dataset volumes need Ephemeral"
     );
 }

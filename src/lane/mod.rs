@@ -32,7 +32,7 @@ pub enum Error {
     InvalidVolumeId { id: String, reason: String },
     #[error("volume {0:?} does not exist")]
     UnknownVolume(String),
-    #[error("StorageClass parameter {0:?} is not known (known: profile, onDelete)")]
+    #[error("StorageClass parameter {0:?} is not known (known: profile, onDelete, dataset)")]
     UnknownParameter(String),
     #[error("StorageClass parameter {key:?}: {reason}")]
     InvalidParameter { key: String, reason: String },
