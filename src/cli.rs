@@ -209,6 +209,10 @@ pub enum CsiCommand {
         /// Mount flag such as noexec (repeatable).
         #[arg(long = "mount-flag")]
         flags: Vec<String>,
+        /// Publish an inline (ephemeral) volume of this dataset instead of a created volume
+        /// (VOLUME_ID is then any name for it).
+        #[arg(long)]
+        dataset: Option<String>,
     },
     /// Unpublish a volume from TARGET and unstage it.
     Unpublish {
@@ -490,10 +494,16 @@ async fn run_client(
             readonly,
             staging,
             flags,
-        } => {
-            let staging = staging_for(staging, volume_id);
-            client::publish(&mut c, volume_id, target, &staging, *readonly, flags).await
-        }
+            dataset,
+        } => match dataset {
+            Some(dataset) => {
+                client::publish_inline(&mut c, volume_id, target, dataset, *readonly, flags).await
+            }
+            None => {
+                let staging = staging_for(staging, volume_id);
+                client::publish(&mut c, volume_id, target, &staging, *readonly, flags).await
+            }
+        },
         CsiCommand::Unpublish {
             volume_id,
             target,

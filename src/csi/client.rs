@@ -214,6 +214,39 @@ pub async fn list(c: &mut Clients) -> CallResult {
 }
 
 /// Stages (at `staging`, created if missing) and publishes a volume at `target`.
+/// Publishes an inline (ephemeral) dataset volume at `target`, as kubelet does for a pod's
+/// `csi:` volume.
+pub async fn publish_inline(
+    c: &mut Clients,
+    volume_id: &str,
+    target: &Path,
+    dataset: &str,
+    readonly: bool,
+    flags: &[String],
+) -> CallResult {
+    let context = [
+        ("dataset", dataset),
+        ("csi.storage.k8s.io/ephemeral", "true"),
+    ];
+    c.node
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(mount_capability(Mode::SingleNodeWriter, flags)),
+            readonly,
+            volume_context: context
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(Report {
+        json: json!({"volume_id": volume_id, "target_path": target, "dataset": dataset, "readonly": readonly}),
+        text: format!("published dataset {dataset} at {}\n", target.display()),
+    })
+}
+
 pub async fn publish(
     c: &mut Clients,
     volume_id: &str,
@@ -266,12 +299,15 @@ pub async fn unpublish(
             target_path: target.display().to_string(),
         })
         .await?;
-    c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: volume_id.to_owned(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await?;
+    // Inline dataset volumes were never staged.
+    if crate::lane::VolumeId::parse(volume_id).is_ok() {
+        c.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await?;
+    }
     Ok(Report {
         json: json!({"volume_id": volume_id, "target_path": target}),
         text: format!("unpublished {volume_id} from {}\n", target.display()),

@@ -62,8 +62,13 @@ impl S3Store {
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint).force_path_style(true);
         }
+        // Every body is verified against its SHA-256 as it is written, which is stronger than
+        // the SDK's CRC check of responses; skipping the latter saves a pass over each body.
         let client = Client::from_conf(
             config
+                .response_checksum_validation(
+                    aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                )
                 .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
                 .build(),
         );
