@@ -27,6 +27,7 @@ cleanup() {
   if [ -n "$plugin" ]; then pkill -f -- "--endpoint $work/csi.sock"; sleep 4; pkill -9 -f -- "--endpoint $work/csi.sock"; fi 2>/dev/null
   kill $moto 2>/dev/null || true
   rm -rf "$work"
+  true
 }
 trap cleanup EXIT
 endpoint=http://127.0.0.1:$port
