@@ -157,6 +157,17 @@ async fn read_only_and_writable_inline_volumes() {
     for _ in 0..3 {
         c.node.node_publish_volume(request.clone()).await.unwrap();
     }
+    let stats = c
+        .node
+        .node_get_volume_stats(lanes::proto::NodeGetVolumeStatsRequest {
+            volume_id: "csi-ro".into(),
+            volume_path: ro.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.usage[0].total > 0 && !stats.volume_condition.unwrap().abnormal);
     assert_eq!(mounts_at(&ro).len(), 1, "repeats mount nothing more");
 
     // Writable: an overlay; the pod's writes stay in its volume.

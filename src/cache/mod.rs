@@ -270,6 +270,15 @@ impl Cache {
             tokio::spawn(async move {
                 let shown = pin.to_string();
                 tracing::info!(dataset = shown, "downloading dataset into the node cache");
+                // The fill that just ended may have built the tree already.
+                let ready = {
+                    let (this, pin) = (this.clone(), pin.clone());
+                    tokio::task::spawn_blocking(move || this.ready(&pin)).await
+                };
+                if let Ok(Ok(Some(tree))) = ready {
+                    this.fills.finish(finisher, Ok(tree));
+                    return;
+                }
                 let build = this.build(&pin, &progress);
                 tokio::pin!(build);
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
