@@ -3,6 +3,10 @@
 //! Layers run one way: `csi` (the gRPC edge) → `lane` (where volumes live) → `mount`.
 //! Only `csi` knows tonic; the rest return their own errors with a [`error::Kind`].
 
+// Deeply nested async handlers (gRPC call → dataset pinning → S3 client) need more room
+// than the default when their future types are laid out.
+#![recursion_limit = "256"]
+
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -139,7 +139,7 @@ impl Controller for ControllerService {
                 self.0.failpoint.delay("create").await;
                 let dataset = match &params.dataset {
                     Some(reference) if !self.exists(&req.name).await => {
-                        Some(self.pin(reference).await?)
+                        Some(Box::pin(self.pin(reference)).await?)
                     }
                     _ => None,
                 };

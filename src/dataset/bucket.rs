@@ -93,9 +93,13 @@ impl Location {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsRef {
-    /// A Kubernetes Secret with `access_key_id` and `access_key` fields.
+    /// A Kubernetes Secret with `access_key_id` and `access_key` fields (or the AWS names
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`; optional `session_token`).
     #[serde(rename = "secretName")]
     pub secret_name: String,
+    /// The Secret's namespace; default: the namespace the plugin runs in.
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 /// A configured bucket.

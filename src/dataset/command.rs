@@ -60,8 +60,8 @@ pub enum Command {
     },
 }
 
-async fn repo_for(bucket: &Bucket, jobs: usize) -> Repo<BucketStore> {
-    super::pin::open(bucket, jobs).await
+async fn repo_for(bucket: &Bucket, jobs: usize) -> anyhow::Result<Repo<BucketStore>> {
+    Ok(super::pin::open(bucket, jobs, None).await?)
 }
 
 /// Splits a stored-dataset reference into its bucket, name and selector.
@@ -98,7 +98,7 @@ pub fn time(unix: u64) -> String {
 /// Runs one command against the configured buckets.
 pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Result<Output> {
     let open = async |bucket: Option<&str>| -> anyhow::Result<Repo<BucketStore>> {
-        Ok(repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs).await)
+        repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs).await
     };
     Ok(match command {
         Command::Buckets => {

@@ -11,6 +11,7 @@ pub mod pin;
 pub mod reference;
 pub mod repo;
 pub mod scan;
+pub mod secret;
 pub mod store;
 
 pub use manifest::{Entry, EntryKind, Manifest};

@@ -83,11 +83,21 @@ impl fmt::Display for Pin {
 }
 
 /// The configured buckets, with one open repository per bucket (clients are reused).
-#[derive(Debug)]
 pub struct Sources {
     buckets: Buckets,
     jobs: usize,
     open: Mutex<HashMap<String, Repo<BucketStore>>>,
+    /// The Kubernetes API for buckets whose credentials are in a Secret (default: found
+    /// in-cluster or from a kubeconfig when first needed).
+    kube: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("buckets", &self.buckets)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sources {
@@ -96,7 +106,14 @@ impl Sources {
             buckets,
             jobs,
             open: Mutex::default(),
+            kube: None,
         }
+    }
+
+    /// Uses `client` to read credential Secrets.
+    pub fn with_kube(mut self, client: kube::Client) -> Sources {
+        self.kube = Some(client);
+        self
     }
 
     /// The repository of a bucket (`None`: the default bucket) and the bucket's name.
@@ -105,7 +122,7 @@ impl Sources {
         if let Some(repo) = self.lock().get(&bucket.name) {
             return Ok(repo.clone());
         }
-        let repo = open(bucket, self.jobs).await;
+        let repo = open(bucket, self.jobs, self.kube.clone()).await?;
         self.lock().insert(bucket.name.clone(), repo.clone());
         Ok(repo)
     }
@@ -161,9 +178,43 @@ impl Sources {
     }
 }
 
-/// The repository of a configured bucket. S3 credentials come from the standard AWS chain
-/// (environment, profile, workload identity).
-pub async fn open(bucket: &Bucket, jobs: usize) -> Repo<BucketStore> {
+/// The repository of a configured bucket. S3 credentials come from the Secret the bucket
+/// names (read through `kube`, or the default Kubernetes client), else from the standard AWS
+/// chain (environment, profile, workload identity).
+pub async fn open(
+    bucket: &Bucket,
+    jobs: usize,
+    kube: Option<kube::Client>,
+) -> Result<Repo<BucketStore>> {
+    let secret = match &bucket.credentials {
+        None => None,
+        Some(reference) => {
+            let client = match kube {
+                Some(client) => client,
+                None => kube::Client::try_default().await.map_err(|e| {
+                    Error::Store(crate::dataset::store::Error::Remote {
+                        what: "credentials",
+                        key: reference.secret_name.clone(),
+                        message: format!(
+                            "bucket {} takes its credentials from a Kubernetes Secret, and no \
+                             Kubernetes API is reachable: {e}",
+                            bucket.name
+                        ),
+                        unavailable: true,
+                    })
+                })?,
+            };
+            let namespace = reference
+                .namespace
+                .clone()
+                .unwrap_or_else(super::secret::own_namespace);
+            Some(super::secret::SecretCredentials::new(
+                client,
+                &namespace,
+                &reference.secret_name,
+            ))
+        }
+    };
     let store = match &bucket.location {
         Location::File(dir) => BucketStore::Fs(FsStore::new(dir)),
         Location::S3 {
@@ -174,11 +225,17 @@ pub async fn open(bucket: &Bucket, jobs: usize) -> Repo<BucketStore> {
                 region: bucket.region.clone(),
                 endpoint: bucket.endpoint.clone(),
                 credentials: None,
+                secret,
             };
             BucketStore::S3(S3Store::connect(name, prefix, &settings).await)
         }
     };
-    Repo::new(store, &bucket.name, bucket.mode == Mode::ReadWrite, jobs)
+    Ok(Repo::new(
+        store,
+        &bucket.name,
+        bucket.mode == Mode::ReadWrite,
+        jobs,
+    ))
 }
 
 #[cfg(test)]

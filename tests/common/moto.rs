@@ -57,6 +57,7 @@ impl Moto {
             region: Some("us-east-1".into()),
             endpoint: Some(self.endpoint.clone()),
             credentials: Some(("testing".into(), "testing".into())),
+            secret: None,
         }
     }
 

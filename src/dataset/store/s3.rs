@@ -26,12 +26,29 @@ pub struct S3Store {
 }
 
 /// How to reach an S3 bucket.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct S3Settings {
     pub region: Option<String>,
     pub endpoint: Option<String>,
-    /// Static credentials (access key ID, secret); `None` uses the standard AWS chain.
+    /// Static credentials (access key ID, secret); with neither this nor `secret`, the
+    /// standard AWS chain is used.
     pub credentials: Option<(String, String)>,
+    /// Credentials read from a Kubernetes Secret.
+    pub secret: Option<crate::dataset::secret::SecretCredentials>,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secret", &self.secret)
+            .finish()
+    }
 }
 
 impl S3Store {
@@ -44,13 +61,16 @@ impl S3Store {
                 .unwrap_or_else(|| "us-east-1".into()),
         );
         let mut config = aws_sdk_s3::config::Builder::new().region(region);
-        match &settings.credentials {
-            Some((id, secret)) => {
+        match (&settings.credentials, &settings.secret) {
+            (Some((id, secret)), _) => {
                 config = config.credentials_provider(aws_sdk_s3::config::Credentials::new(
                     id, secret, None, None, "lanes",
                 ));
             }
-            None => {
+            (None, Some(secret)) => {
+                config = config.credentials_provider(secret.clone());
+            }
+            (None, None) => {
                 let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
                     .load()
                     .await;
