@@ -306,7 +306,7 @@ async fn run_dataset(
         DatasetCommand::Rm { reference } => C::Rm { reference },
         DatasetCommand::Resolve { reference } => C::Resolve { reference },
     };
-    let output = command::run(command, &buckets, args.jobs.max(1)).await?;
+    let output = command::run(command, &buckets, args.jobs.max(1), args.json).await?;
     if args.json {
         println!("{}", output.json);
     } else {

@@ -11,7 +11,7 @@
 //! - a file that cannot be read is reported by path and the rest is still copied.
 
 pub(crate) mod file;
-mod progress;
+pub(crate) mod progress;
 pub(crate) mod walk;
 
 use std::collections::{HashMap, HashSet};

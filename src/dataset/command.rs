@@ -96,9 +96,16 @@ pub fn time(unix: u64) -> String {
 }
 
 /// Runs one command against the configured buckets.
-pub async fn run(command: Command, buckets: &Buckets, jobs: usize) -> anyhow::Result<Output> {
+/// Push and pull show progress on stderr unless `quiet`.
+pub async fn run(
+    command: Command,
+    buckets: &Buckets,
+    jobs: usize,
+    quiet: bool,
+) -> anyhow::Result<Output> {
     let open = async |bucket: Option<&str>| -> anyhow::Result<Repo<BucketStore>> {
-        repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs).await
+        let repo = repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs).await?;
+        Ok(repo.with_progress(crate::copy::progress::Progress::new(quiet)))
     };
     Ok(match command {
         Command::Buckets => {

@@ -22,6 +22,7 @@ use super::manifest::{EntryKind, FORMAT, Manifest};
 use super::reference::{Selector, check_part};
 use super::scan::{ScanError, hex, scan};
 use super::store::{self, ObjectStore};
+use crate::copy::progress::Progress;
 use crate::error::Kind;
 
 /// Failures of dataset operations.
@@ -123,6 +124,8 @@ pub struct Repo<S> {
     bucket: String,
     writable: bool,
     jobs: usize,
+    /// Where push and pull report how far they are (quiet unless set).
+    progress: Progress,
 }
 
 fn now() -> u64 {
@@ -148,7 +151,14 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             bucket: bucket.to_owned(),
             writable,
             jobs: jobs.max(1),
+            progress: Progress::new(true),
         }
+    }
+
+    /// Reports push and pull progress through `progress` (a bar on a terminal).
+    pub fn with_progress(mut self, progress: Progress) -> Repo<S> {
+        self.progress = progress;
+        self
     }
 
     /// The store the bucket's objects live in.
@@ -348,8 +358,11 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         }
         let limit = Arc::new(Semaphore::new(self.jobs));
         let mut tasks = tokio::task::JoinSet::new();
+        let progress = self.progress.clone();
+        progress.start(unique.len() as u64, unique.values().map(|b| b.size).sum());
+        let _finish = Finish(&progress);
         for body in unique.into_values() {
-            let (store, limit) = (self.store.clone(), limit.clone());
+            let (store, limit, progress) = (self.store.clone(), limit.clone(), progress.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 let key = blob_key(&body.sha256);
@@ -360,6 +373,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 } else {
                     !store.exists(&key).await? && store.put_file(&key, &body.path, false).await?
                 };
+                progress.advance(body.size);
                 Ok::<_, store::Error>(created.then_some(body.size))
             });
         }
@@ -536,16 +550,24 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         };
         let limit = Arc::new(Semaphore::new(self.jobs));
         let mut tasks = tokio::task::JoinSet::new();
+        let progress = self.progress.clone();
+        progress.start(manifest.files() as u64, manifest.size());
+        let _finish = Finish(&progress);
         for entry in manifest
             .entries
             .iter()
             .filter(|e| e.kind == EntryKind::File)
             .cloned()
         {
-            let (store, limit, target) =
-                (self.store.clone(), limit.clone(), root.join(&entry.path));
+            let (store, limit, target, progress) = (
+                self.store.clone(),
+                limit.clone(),
+                root.join(&entry.path),
+                progress.clone(),
+            );
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
+                let _advance = Advance(&progress, entry.size);
                 let expected = entry.sha256.clone().unwrap_or_default();
                 let check = target.clone();
                 let expected_for_check = expected.clone();
@@ -606,6 +628,24 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             std::fs::rename(&temp, &path).map_err(io(format!("place {}", path.display())))?;
         }
         Ok(report)
+    }
+}
+
+/// Stops a progress reporter when dropped (also on an early error return).
+struct Finish<'a>(&'a Progress);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+/// Counts one file of `bytes` as done when dropped.
+struct Advance<'a>(&'a Progress, u64);
+
+impl Drop for Advance<'_> {
+    fn drop(&mut self) {
+        self.0.advance(self.1);
     }
 }
 
