@@ -22,7 +22,7 @@ use super::status::{code, missing};
 use crate::cache::Cache;
 use crate::dataset::pin::Pin;
 use crate::dataset::scan::hex;
-use crate::mount::{MountEntry, MountFlags, Origin, Overlay, mountinfo};
+use crate::mount::{MountEntry, MountFlags, Origin, Overlay, mountinfo, upper_of};
 use crate::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
 
 /// The volume attribute that names the dataset.
@@ -103,12 +103,7 @@ impl NodeService {
     /// True when `entry` is a dataset mount this plugin made for the volume at `dir`: a bind
     /// of a cached tree or an overlay whose upper layer is the volume's.
     fn is_dataset_mount(&self, cache_origin: &Origin, dir: &Path, entry: &MountEntry) -> bool {
-        let upper = Overlay {
-            lower: PathBuf::new(),
-            upper: dir.join("upper"),
-            work: PathBuf::new(),
-        };
-        upper.matches(entry)
+        upper_of(entry) == Some(dir.join("upper").as_path())
             || (cache_origin.device == Some((entry.major, entry.minor))
                 && entry.root.starts_with(cache_origin.root.join("trees")))
     }

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::status::{busy, missing};
 use super::{Plugin, caps, datasets};
-use crate::lane::VolumeId;
+use crate::lane::{VolumeId, VolumeMeta};
 use crate::mount::{self, MountEntry, MountFlags, Origin, mountinfo};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{Rpc, rpc};
@@ -29,13 +29,18 @@ pub struct NodeService(pub Arc<Plugin>);
 impl NodeService {
     /// Parses the ID and loads the volume; unknown volumes are NOT_FOUND.
     async fn volume(&self, volume_id: &str) -> Result<VolumeId, Status> {
+        self.volume_meta(volume_id).await.map(|(id, _)| id)
+    }
+
+    /// [`Self::volume`], with what the volume's record says.
+    async fn volume_meta(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta), Status> {
         if volume_id.is_empty() {
             return Err(missing("volume_id"));
         }
         let id = VolumeId::parse(volume_id)?;
         let lookup = id.clone();
-        self.0.lane_op(move |lane| lane.get(&lookup)).await?;
-        Ok(id)
+        let meta = self.0.lane_op(move |lane| lane.get(&lookup)).await?;
+        Ok((id, meta))
     }
 
     /// The mount-table location of a volume's data directory, and the table entries at or
@@ -221,7 +226,7 @@ impl Node for NodeService {
                     .as_ref()
                     .ok_or_else(|| missing("volume_capability"))?;
                 caps::check(capability).map_err(Status::invalid_argument)?;
-                let id = self.volume(&req.volume_id).await?;
+                let (id, meta) = self.volume_meta(&req.volume_id).await?;
                 let staging = existing_dir(&req.staging_target_path, "staging_target_path")?;
                 let _guard = self.guard(&id, &staging)?;
                 let (data, origin, table) = self.origin(&id, &[&staging]).await?;
@@ -236,8 +241,6 @@ impl Node for NodeService {
                         top.source
                     )));
                 }
-                let lookup = id.clone();
-                let meta = self.0.lane_op(move |lane| lane.get(&lookup)).await?;
                 if let Some(pin) = &meta.dataset {
                     Box::pin(self.stage_dataset(pin, &data, &staging)).await?;
                     return Ok(NodeStageVolumeResponse {});
