@@ -709,3 +709,97 @@ async fn a_git_dataset_at_a_tag_publishes_the_tagged_commit() {
         .await
         .unwrap();
 }
+
+/// A Kubernetes API on loopback (real HTTP, served by the test) that knows one PVC with a
+/// dataset annotation; returns a kubeconfig file naming it.
+async fn kube_api_with_pvc(dir: &Path, annotation: &str) -> PathBuf {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let pvc = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("claim-1".into()),
+            namespace: Some("team-a".into()),
+            annotations: Some([("lanes.csi.dev/dataset".to_owned(), annotation.to_owned())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let body = serde_json::to_string(&pvc).unwrap();
+    let app = axum::Router::new().route(
+        "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    )
+    .fallback(|| async {
+        let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"not found"}"#;
+        (
+            axum::http::StatusCode::NOT_FOUND,
+            [("content-type", "application/json")],
+            status,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster: {{server: \"http://127.0.0.1:{port}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: mock, user: u}}\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    kubeconfig
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pvc_annotation_asks_for_a_dataset() {
+    let Some(bucket) = Bucket::start().await else {
+        return;
+    };
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path(), 9, 3, 100);
+    bucket.push(src.path(), "voc", Some("gold")).await;
+    let kubeconfig = kube_api_with_pvc(src.path(), "voc:gold").await;
+    let plugin = Plugin::with_config_env(
+        &bucket.config(""),
+        None,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let mut c = plugin.clients().await;
+    let mut create = common::create_request("pvc-annotated", 1 << 20);
+    for (key, value) in [
+        ("csi.storage.k8s.io/pvc/name", "claim-1"),
+        ("csi.storage.k8s.io/pvc/namespace", "team-a"),
+    ] {
+        create.parameters.insert(key.into(), value.into());
+    }
+    let volume = c
+        .controller
+        .create_volume(create.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        volume.volume_context.get("dataset").map(String::as_str),
+        Some("prod/voc:v1")
+    );
+    // A PVC without the annotation (unknown to the API) is a plain volume.
+    create.name = "pvc-plain".into();
+    create
+        .parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "other".into());
+    let plain = c
+        .controller
+        .create_volume(create)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(plain.volume_context.is_empty());
+}

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use tonic::{Request, Response, Status};
 
 use super::datasets::DATASET_KEY;
@@ -18,6 +19,9 @@ use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta};
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{Rpc, rpc};
 use crate::proto::*;
+
+/// The PVC annotation that asks for a dataset (like the StorageClass parameter `dataset`).
+pub const PVC_DATASET_ANNOTATION: &str = "lanes.csi.dev/dataset";
 
 /// Marks ListVolumes tokens as ours.
 const TOKEN_PREFIX: &str = "after:";
@@ -78,6 +82,46 @@ impl ControllerService {
         self.0.lane_op(move |lane| lane.get(&id)).await.is_ok()
     }
 
+    /// The dataset a PVC asks for in its `lanes.csi.dev/dataset` annotation. csi-provisioner
+    /// names the PVC in the parameters when run with `--extra-create-metadata`; without those
+    /// parameters, or without a Kubernetes API, there is none.
+    async fn pvc_dataset(
+        &self,
+        parameters: &HashMap<String, String>,
+    ) -> Result<Option<String>, Status> {
+        let (Some(name), Some(namespace)) = (
+            parameters.get("csi.storage.k8s.io/pvc/name"),
+            parameters.get("csi.storage.k8s.io/pvc/namespace"),
+        ) else {
+            return Ok(None);
+        };
+        let Some(client) = self.0.kube().await else {
+            return Ok(None);
+        };
+        let api: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client, namespace);
+        let pvc = match api.get_opt(name).await {
+            Ok(pvc) => pvc,
+            Err(kube::Error::Api(status)) if status.code == 404 => None,
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "reading PVC {namespace}/{name} for its {PVC_DATASET_ANNOTATION} annotation: {e}"
+                )));
+            }
+        };
+        let Some(reference) = pvc
+            .and_then(|p| p.metadata.annotations)
+            .and_then(|a| a.get(PVC_DATASET_ANNOTATION).cloned())
+        else {
+            return Ok(None);
+        };
+        crate::dataset::Reference::parse(&reference).map_err(|e| {
+            Status::invalid_argument(format!(
+                "PVC {namespace}/{name} annotation {PVC_DATASET_ANNOTATION}: {e}"
+            ))
+        })?;
+        Ok(Some(reference))
+    }
+
     /// Resolves a dataset reference to the version it names now.
     async fn pin(&self, reference: &str) -> Result<String, Status> {
         match self.0.sources.pin(reference).await {
@@ -120,7 +164,10 @@ impl Controller for ControllerService {
                         "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
                     ));
                 }
-                let params = CreateParams::try_from(&req.parameters)?;
+                let mut params = CreateParams::try_from(&req.parameters)?;
+                if params.dataset.is_none() {
+                    params.dataset = Box::pin(self.pvc_dataset(&req.parameters)).await?;
+                }
                 if !self.topology_allows(req.accessibility_requirements.as_ref()) {
                     return Err(Status::resource_exhausted(format!(
                         "the local lane of node {:?} cannot satisfy the requisite topology",

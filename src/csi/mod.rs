@@ -55,6 +55,9 @@ pub struct Plugin {
     pub sources: Arc<crate::dataset::pin::Sources>,
     /// The node's dataset cache (node role only).
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// The Kubernetes API, found on first use (in-cluster or a kubeconfig); `None` when
+    /// there is none (standalone use), which turns off what needs it.
+    pub kube: tokio::sync::OnceCell<Option<kube::Client>>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -92,6 +95,19 @@ impl Plugin {
             }
         }
         result.map(Response::new)
+    }
+
+    /// The Kubernetes API client, if one can be made here.
+    pub async fn kube(&self) -> Option<kube::Client> {
+        self.kube
+            .get_or_init(|| async {
+                kube::Client::try_default()
+                    .await
+                    .inspect_err(|e| tracing::info!(error = %e, "no Kubernetes API; PVC annotations are not read"))
+                    .ok()
+            })
+            .await
+            .clone()
     }
 
     /// Runs blocking lane work off the async runtime.

@@ -150,6 +150,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         data_dir: options.data_dir.clone(),
         sources,
         cache,
+        kube: Default::default(),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -34,6 +34,8 @@ pub struct Plugin {
     failpoint: Option<String>,
     /// `--config` file, when the test gave one.
     config: Option<PathBuf>,
+    /// Extra environment for the plugin.
+    env: Vec<(String, String)>,
 }
 
 impl Plugin {
@@ -58,6 +60,7 @@ impl Plugin {
             child: None,
             failpoint: failpoint.map(str::to_owned),
             config: None,
+            env: Vec::new(),
         };
         plugin.spawn();
         plugin
@@ -66,6 +69,11 @@ impl Plugin {
     /// Starts with a config file of `config` (YAML) and moto's test credentials in place of
     /// any ambient AWS settings.
     pub fn with_config(config: &str, failpoint: Option<&str>) -> Plugin {
+        Plugin::with_config_env(config, failpoint, &[])
+    }
+
+    /// [`Plugin::with_config`] with extra environment variables.
+    pub fn with_config_env(config: &str, failpoint: Option<&str>, env: &[(&str, &str)]) -> Plugin {
         let root = tempfile::Builder::new()
             .prefix("lanes-test-")
             .tempdir()
@@ -79,6 +87,10 @@ impl Plugin {
             child: None,
             failpoint: failpoint.map(str::to_owned),
             config: Some(path),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         plugin.spawn();
         plugin
@@ -110,6 +122,9 @@ impl Plugin {
             command.arg("--config").arg(config);
             moto::aws_env(&mut command);
         }
+        command
+            .env_remove("KUBECONFIG")
+            .envs(self.env.iter().cloned());
         self.child = Some(command.spawn().expect("start lanes"));
         let deadline = Instant::now() + Duration::from_secs(20);
         // Ready means accepting connections (a stale socket file may still be there).
