@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use serde_json::Value;
+use std::path::Path;
 
 fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Result<Value, String> {
     let parsed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
@@ -13,6 +14,15 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Resu
 }
 
 /// Checks that everything in `original` is also in `round_trip`; returns the first path that is not.
+/// A manifest under deploy/, parsed into its type.
+fn manifest<T: serde::de::DeserializeOwned>(name: &str) -> T {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(name);
+    serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn lost(original: &Value, round_trip: &Value, path: &str) -> Option<String> {
     match (original, round_trip) {
         (Value::Object(a), Value::Object(b)) => {
@@ -93,26 +103,12 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
 
 #[test]
 fn the_driver_and_the_storage_class_agree_with_the_binary() {
-    let driver: CSIDriver = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/csidriver.yaml"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let driver: CSIDriver = manifest("csidriver.yaml");
     assert_eq!(
         driver.metadata.name.as_deref(),
         Some(lanes::csi::DEFAULT_DRIVER_NAME)
     );
-    let class: StorageClass = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/storageclass-local.yaml"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let class: StorageClass = manifest("storageclass-local.yaml");
     assert_eq!(class.provisioner, lanes::csi::DEFAULT_DRIVER_NAME);
     let params: std::collections::HashMap<String, String> =
         class.parameters.unwrap().into_iter().collect();
@@ -131,11 +127,7 @@ fn a_misspelt_field_is_caught() {
 
 #[test]
 fn the_shipped_config_is_one_the_binary_accepts() {
-    let map: ConfigMap = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/config.yaml"))
-            .unwrap(),
-    )
-    .unwrap();
+    let map: ConfigMap = manifest("config.yaml");
     let text = &map.data.unwrap()["config.yaml"];
     let config = lanes::config::Config::parse(
         text,
@@ -145,14 +137,7 @@ fn the_shipped_config_is_one_the_binary_accepts() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.datasets.default_name(), "production");
     assert_eq!(config.cache.max_bytes, 200 << 30);
-    let driver: CSIDriver = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/csidriver.yaml"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let driver: CSIDriver = manifest("csidriver.yaml");
     let modes = driver.spec.volume_lifecycle_modes.unwrap_or_default();
     assert_eq!(
         modes,

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 
 use super::caps;
-use super::node::{NodeService, apply_mount_group, prepare_target};
+use super::node::{NodeService, apply_mount_group, prepare_target, remove_target};
 use super::status::{code, missing};
 use crate::cache::Cache;
 use crate::dataset::pin::Pin;
@@ -108,6 +108,23 @@ impl NodeService {
                 && entry.root.starts_with(cache_origin.root.join("trees")))
     }
 
+    /// The mount-table entries at or above `target` and the cache, and where the cache lies.
+    async fn dataset_table(
+        &self,
+        target: &Path,
+        cache: &Cache,
+    ) -> Result<(Vec<MountEntry>, Origin), Status> {
+        let cache_root = cache.root().to_owned();
+        let (probe_target, probe_cache) = (target.to_owned(), cache_root.clone());
+        let table = self
+            .mount_op("read mount table", target, move |m| {
+                m.table_for(&[&probe_target, &probe_cache])
+            })
+            .await?;
+        let origin = Origin::of(&table, &cache_root);
+        Ok((table, origin))
+    }
+
     /// NodePublishVolume of an ephemeral dataset volume.
     pub(super) async fn publish_dataset(
         &self,
@@ -132,14 +149,7 @@ impl NodeService {
         let record = self.dataset_record(&dir, reference, &cache).await?;
         let target = prepare_target(&target, &self.0.failpoint)?;
 
-        let cache_root = cache.root().to_owned();
-        let (probe_target, probe_cache) = (target.clone(), cache_root.clone());
-        let table = self
-            .mount_op("read mount table", &target, move |m| {
-                m.table_for(&[&probe_target, &probe_cache])
-            })
-            .await?;
-        let cache_origin = Origin::of(&table, &cache_root);
+        let (table, cache_origin) = self.dataset_table(&target, &cache).await?;
         if let Some(top) = mountinfo::at(&table, &target).last() {
             if !self.is_dataset_mount(&cache_origin, &dir, top) {
                 return Err(Status::already_exists(format!(
@@ -259,44 +269,15 @@ impl NodeService {
             return Ok(());
         };
         let _guard = self.guard_key(&format!("{}@{}", req.volume_id, target.display()))?;
-        let cache_root = self.cache()?.root().to_owned();
-        let (probe_target, probe_cache) = (target.clone(), cache_root.clone());
-        let table = self
-            .mount_op("read mount table", &target, move |m| {
-                m.table_for(&[&probe_target, &probe_cache])
-            })
-            .await?;
-        let cache_origin = Origin::of(&table, &cache_root);
-        let stack = mountinfo::at(&table, &target);
-        if let Some(foreign) = stack
-            .iter()
-            .find(|e| !self.is_dataset_mount(&cache_origin, &dir, e))
-        {
-            return Err(Status::failed_precondition(format!(
-                "{} has a mount of {} ({}) that is not dataset volume {}; refusing to unmount it",
-                target.display(),
-                foreign.source,
-                foreign.fs_type,
-                req.volume_id
-            )));
-        }
-        for _ in 0..stack.len() {
-            let path = target.clone();
-            self.mount_op("unmount", &target, move |m| m.unmount(&path))
-                .await?;
-        }
+        let (table, cache_origin) = self.dataset_table(&target, self.cache()?).await?;
+        let what = format!("dataset volume {}", req.volume_id);
+        self.unmount_ours(&what, &target, &table, |e| {
+            self.is_dataset_mount(&cache_origin, &dir, e)
+        })
+        .await?;
         self.0.failpoint.hit("unpublish.after-unmount");
         remove_volume_dir(&dir)?;
-        match std::fs::remove_dir(&target) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Status::failed_precondition(format!(
-                    "unmounted, but {} could not be removed ({e}); it is not an empty \
-                     directory, so Lanes leaves it alone",
-                    target.display()
-                )))
-            }
-            _ => Ok(()),
-        }
+        remove_target(&target)
     }
 
     /// NodeStageVolume of a persistent volume created with a dataset: an overlay at the

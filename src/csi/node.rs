@@ -121,19 +121,19 @@ impl NodeService {
         Ok(vec![bytes, inodes])
     }
 
-    /// Unmounts every mount of `origin` stacked at `path` (as `table` shows them); refuses to
-    /// touch anything else. One read of the table serves the whole call.
-    async fn unmount_all(
+    /// Unmounts every mount stacked at `path` (as `table` shows them) when all of them are
+    /// `ours`; refuses to touch anything else. `what` names the volume in the error.
+    pub(super) async fn unmount_ours(
         &self,
-        id: &VolumeId,
+        what: &str,
         path: &Path,
-        origin: &Origin,
         table: &[MountEntry],
+        ours: impl Fn(&MountEntry) -> bool,
     ) -> Result<(), Status> {
         let stack = mountinfo::at(table, path);
-        if let Some(foreign) = stack.iter().find(|entry| !origin.matches(entry)) {
+        if let Some(foreign) = stack.iter().find(|entry| !ours(entry)) {
             return Err(Status::failed_precondition(format!(
-                "{} has a mount of {} ({}) that is not volume {id}; refusing to unmount it",
+                "{} has a mount of {} ({}) that is not {what}; refusing to unmount it",
                 path.display(),
                 foreign.source,
                 foreign.root.display()
@@ -197,6 +197,21 @@ pub(super) fn prepare_target(
     target
         .canonicalize()
         .map_err(|e| Status::internal(format!("resolve {}: {e}", target.display())))
+}
+
+/// Removes an unpublished target directory: only when it is empty, and a missing one is
+/// fine.
+pub(super) fn remove_target(target: &Path) -> Result<(), Status> {
+    match std::fs::remove_dir(target) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Status::failed_precondition(format!(
+                "unmounted, but {} could not be removed ({e}); it is not an empty directory, \
+                 so Lanes leaves it alone",
+                target.display()
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Gives the volume's root to `gid` with the setgid bit, so new files inherit the group.
@@ -275,7 +290,10 @@ impl Node for NodeService {
                 };
                 let _guard = self.guard(&id, &staging)?;
                 let (_, origin, table) = self.origin(&id, &[&staging]).await?;
-                self.unmount_all(&id, &staging, &origin, &table).await?;
+                self.unmount_ours(&format!("volume {id}"), &staging, &table, |e| {
+                    origin.matches(e)
+                })
+                .await?;
                 Ok(NodeUnstageVolumeResponse {})
             })
             .await
@@ -386,19 +404,13 @@ impl Node for NodeService {
                 };
                 let _guard = self.guard(&id, &target)?;
                 let (_, origin, table) = self.origin(&id, &[&target]).await?;
-                self.unmount_all(&id, &target, &origin, &table).await?;
+                self.unmount_ours(&format!("volume {id}"), &target, &table, |e| {
+                    origin.matches(e)
+                })
+                .await?;
                 self.0.failpoint.hit("unpublish.after-unmount");
-                match std::fs::remove_dir(&target) {
-                    Ok(()) => Ok(NodeUnpublishVolumeResponse {}),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        Ok(NodeUnpublishVolumeResponse {})
-                    }
-                    Err(e) => Err(Status::failed_precondition(format!(
-                        "unmounted, but {} could not be removed ({e}); it is not an empty \
-                         directory, so Lanes leaves it alone",
-                        target.display()
-                    ))),
-                }
+                remove_target(&target)?;
+                Ok(NodeUnpublishVolumeResponse {})
             })
             .await
     }
