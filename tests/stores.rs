@@ -6,9 +6,9 @@ use std::process::Command;
 
 use lanes::dataset::reference::Selector;
 use lanes::dataset::repo::Repo;
-use lanes::dataset::store::ObjectStore;
 use lanes::dataset::store::fs::FsStore;
 use lanes::dataset::store::s3::{S3Settings, S3Store};
+use lanes::dataset::store::{Blob, ObjectStore};
 use lanes::error::Kind;
 
 mod common;
@@ -46,22 +46,44 @@ async fn contract<S: ObjectStore>(store: &S, scratch: &Path) {
 
     let source = scratch.join("upload");
     std::fs::write(&source, vec![42u8; 3 << 20]).unwrap();
-    assert!(store.put_file("blobs/big", &source, false).await.unwrap());
+    use sha2::Digest as _;
+    let digest: [u8; 32] = sha2::Sha256::digest(vec![42u8; 3 << 20]).into();
     assert!(
-        !store.put_file("blobs/big", &source, true).await.unwrap(),
+        store
+            .put_blob("blobs/big", Blob::File(source.clone()), &digest, false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_blob("blobs/big", Blob::File(source), &digest, true)
+            .await
+            .unwrap(),
         "if_absent leaves an existing body alone"
     );
+    let small: [u8; 32] = sha2::Sha256::digest(b"small body").into();
+    assert!(
+        store
+            .put_blob(
+                "blobs/small",
+                Blob::Memory(b"small body".to_vec()),
+                &small,
+                true
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get("blobs/small").await.unwrap().as_deref(),
+        Some(&b"small body"[..])
+    );
     let target = scratch.join("download");
-    let digest = store
+    let fetched = store
         .get_to_file("blobs/big", &target)
         .await
         .unwrap()
         .expect("present");
-    use sha2::Digest as _;
-    assert_eq!(
-        digest,
-        <[u8; 32]>::from(sha2::Sha256::digest(vec![42u8; 3 << 20]))
-    );
+    assert_eq!(fetched, digest);
     assert_eq!(std::fs::read(&target).unwrap(), vec![42u8; 3 << 20]);
     assert!(
         store

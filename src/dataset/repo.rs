@@ -11,17 +11,18 @@
 //! Rules: committed versions are immutable (no rewrite, no removal); a read-only bucket
 //! refuses every write; every body is verified against its SHA-256 before it is placed.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::manifest::{EntryKind, FORMAT, Manifest};
+use super::manifest::{Entry, EntryKind, FORMAT, Manifest};
 use super::reference::{Selector, check_part};
-use super::scan::{ScanError, hex, scan};
-use super::store::{self, ObjectStore};
+use super::scan::{ReadBody, ScanError, hex, read_body, walk_tree};
+use super::store::{self, Blob, ObjectStore};
 use crate::copy::progress::Progress;
 use crate::error::Kind;
 
@@ -325,12 +326,25 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 ));
             }
         }
-        let (dir_owned, jobs) = (dir.to_owned(), self.jobs);
-        let (entries, bodies) = tokio::task::spawn_blocking(move || scan(&dir_owned, jobs))
+        let root = dir.to_owned();
+        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??;
         let parent = self.resolve(name, &Selector::Latest).await.ok();
-        // Nothing changed since the latest version: that version is the answer.
+        // Bodies of the parent version are in the bucket already (bodies are never removed
+        // while a version names them).
+        let known: HashSet<String> = parent
+            .iter()
+            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.clone()))
+            .collect();
+        let sent = self.send_bodies(dir, &entries, known).await?;
+        for (index, read) in sent.hashed {
+            entries[index].size = read.size;
+            entries[index].sha256 = Some(hex(&read.sha256));
+        }
+        let (uploaded, bytes_uploaded) = (sent.uploaded, sent.bytes_uploaded);
+        // Nothing changed since the latest version: that version is the answer (every body
+        // was known, so nothing was sent).
         if commit
             && tag.is_none()
             && let Some(parent) = parent.as_ref().filter(|p| p.entries == entries)
@@ -343,52 +357,6 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 bodies_uploaded: 0,
                 bytes_uploaded: 0,
             });
-        }
-        // Bodies of the parent version are in the bucket already (bodies are never removed
-        // while a version names them); the others are checked and uploaded, in parallel.
-        let known: std::collections::HashSet<&str> = parent
-            .iter()
-            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.as_deref()))
-            .collect();
-        let mut unique = std::collections::BTreeMap::new();
-        for body in bodies {
-            if !known.contains(body.sha256.as_str()) {
-                unique.entry(body.sha256.clone()).or_insert(body);
-            }
-        }
-        let limit = Arc::new(Semaphore::new(self.jobs));
-        let mut tasks = tokio::task::JoinSet::new();
-        let progress = self.progress.clone();
-        progress.start(unique.len() as u64, unique.values().map(|b| b.size).sum());
-        let _finish = Finish(&progress);
-        for body in unique.into_values() {
-            let (store, limit, progress) = (self.store.clone(), limit.clone(), progress.clone());
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let key = blob_key(&body.sha256);
-                // Small bodies: one conditional PUT (the server refuses it if the body is
-                // there). Large ones: ask first, so an existing body is never sent again.
-                let created = if body.size <= SMALL_BODY {
-                    store.put_file(&key, &body.path, true).await?
-                } else {
-                    !store.exists(&key).await? && store.put_file(&key, &body.path, false).await?
-                };
-                progress.advance(body.size);
-                Ok::<_, store::Error>(created.then_some(body.size))
-            });
-        }
-        let (mut uploaded, mut bytes_uploaded) = (0, 0);
-        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
-        // the manifest is written.
-        let kill_at = crate::failpoint::count("dataset.push.uploaded");
-        while let Some(done) = tasks.join_next().await {
-            if let Some(size) = done.map_err(|e| Error::Invalid(e.to_string()))?? {
-                uploaded += 1;
-                bytes_uploaded += size;
-                if kill_at == Some(uploaded as u64) {
-                    crate::failpoint::kill("dataset.push.uploaded");
-                }
-            }
         }
         let parent = parent.map(|m| m.version);
         let mut manifest = Manifest {
@@ -631,6 +599,105 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     }
 }
 
+/// What [`Repo::send_bodies`] did: each file's hash (by entry index) and what was uploaded.
+struct Sent {
+    hashed: Vec<(usize, ReadBody)>,
+    uploaded: usize,
+    bytes_uploaded: u64,
+}
+
+impl<S: ObjectStore + Clone + 'static> Repo<S> {
+    /// Hashes every file of `entries` (under `dir`) and uploads each body that is neither in
+    /// `known` nor already sent by this push, as soon as it is hashed: reading, hashing and
+    /// sending overlap. A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent
+    /// from memory with one conditional PUT; a larger one is streamed from its file after a
+    /// HEAD says the bucket lacks it. At most `jobs` bodies are in flight, and hashing uses
+    /// at most one thread per core.
+    async fn send_bodies(
+        &self,
+        dir: &Path,
+        entries: &[Entry],
+        known: HashSet<String>,
+    ) -> Result<Sent> {
+        let files: Vec<(usize, PathBuf, u64)> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == EntryKind::File)
+            .map(|(index, e)| (index, dir.join(&e.path), e.size))
+            .collect();
+        let progress = self.progress.clone();
+        progress.start(files.len() as u64, files.iter().map(|f| f.2).sum());
+        let _finish = Finish(&progress);
+        let in_flight = Arc::new(Semaphore::new(self.jobs));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hashing = Arc::new(Semaphore::new(cores));
+        let claimed = Arc::new(Mutex::new(known));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, path, size) in files {
+            let (store, progress) = (self.store.clone(), progress.clone());
+            let (in_flight, hashing, claimed) =
+                (in_flight.clone(), hashing.clone(), claimed.clone());
+            tasks.spawn(async move {
+                let _slot = in_flight.acquire_owned().await;
+                let mut read = {
+                    let _core = hashing.acquire_owned().await;
+                    let file = path.clone();
+                    tokio::task::spawn_blocking(move || read_body(&file, size, SMALL_BODY))
+                        .await
+                        .map_err(|e| Error::Invalid(e.to_string()))?
+                        .map_err(|e| ScanError {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?
+                };
+                let sha256 = hex(&read.sha256);
+                let fresh = claimed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sha256.clone());
+                let key = blob_key(&sha256);
+                // Small bodies: one conditional PUT (the server refuses it if the body is
+                // there). Large ones: ask first, so an existing body is never sent again.
+                let created = match (read.bytes.take(), fresh) {
+                    (_, false) => false,
+                    (Some(bytes), true) => {
+                        let body = Blob::Memory(bytes);
+                        store.put_blob(&key, body, &read.sha256, true).await?
+                    }
+                    (None, true) => {
+                        !store.exists(&key).await?
+                            && store
+                                .put_blob(&key, Blob::File(path), &read.sha256, false)
+                                .await?
+                    }
+                };
+                progress.advance(read.size);
+                Ok::<_, Error>((index, read, created))
+            });
+        }
+        let mut sent = Sent {
+            hashed: Vec::new(),
+            uploaded: 0,
+            bytes_uploaded: 0,
+        };
+        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
+        // the manifest is written.
+        let kill_at = crate::failpoint::count("dataset.push.uploaded");
+        while let Some(done) = tasks.join_next().await {
+            let (index, read, created) = done.map_err(|e| Error::Invalid(e.to_string()))??;
+            if created {
+                sent.uploaded += 1;
+                sent.bytes_uploaded += read.size;
+                if kill_at == Some(sent.uploaded as u64) {
+                    crate::failpoint::kill("dataset.push.uploaded");
+                }
+            }
+            sent.hashed.push((index, read));
+        }
+        Ok(sent)
+    }
+}
+
 /// Stops a progress reporter when dropped (also on an early error return).
 struct Finish<'a>(&'a Progress);
 
@@ -688,6 +755,7 @@ fn place(temp: &Path, target: &Path, mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataset::scan::scan;
     use crate::dataset::store::fs::FsStore;
     use rand::{Rng, SeedableRng};
     use sha2::{Digest as _, Sha256};

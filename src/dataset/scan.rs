@@ -25,8 +25,10 @@ pub struct ScanError {
     pub reason: String,
 }
 
-/// Scans `root`: manifest entries (sorted by path) and the file bodies with their hashes.
-pub fn scan(root: &Path, jobs: usize) -> Result<(Vec<Entry>, Vec<Body>), ScanError> {
+/// Walks `root` into manifest entries sorted by path, reading no file: files have no SHA-256
+/// yet. Everything a manifest could not describe safely is refused here, before any body is
+/// read or sent.
+pub fn walk_tree(root: &Path) -> Result<Vec<Entry>, ScanError> {
     if !root.is_dir() {
         return Err(ScanError {
             path: root.to_owned(),
@@ -40,15 +42,8 @@ pub fn scan(root: &Path, jobs: usize) -> Result<(Vec<Entry>, Vec<Body>), ScanErr
             reason: failure.error,
         });
     }
-    let hashes = crate::copy::parallel(&walked, jobs, |entry| match entry.kind {
-        Kind::File { .. } => crate::copy::file::open_source(&root.join(&entry.rel))
-            .and_then(crate::copy::file::sha256)
-            .map(|digest| Some(hex(&digest))),
-        _ => Ok(None),
-    });
     let mut entries = Vec::with_capacity(walked.len());
-    let mut bodies = Vec::new();
-    for (entry, hash) in walked.iter().zip(hashes) {
+    for entry in walked {
         let fail = |reason: String| ScanError {
             path: root.join(&entry.rel),
             reason,
@@ -58,7 +53,6 @@ pub fn scan(root: &Path, jobs: usize) -> Result<(Vec<Entry>, Vec<Body>), ScanErr
             .to_str()
             .ok_or_else(|| fail("the name is not UTF-8".into()))?
             .to_owned();
-        let hash = hash.map_err(|e| fail(e.to_string()))?;
         let (kind, size, target) = match &entry.kind {
             Kind::Dir => (EntryKind::Dir, 0, None),
             Kind::File { size, .. } => (EntryKind::File, *size, None),
@@ -74,23 +68,92 @@ pub fn scan(root: &Path, jobs: usize) -> Result<(Vec<Entry>, Vec<Body>), ScanErr
                 (EntryKind::Symlink, 0, Some(target.to_owned()))
             }
         };
-        if let Some(sha256) = &hash {
-            bodies.push(Body {
-                path: root.join(&entry.rel),
-                sha256: sha256.clone(),
-                size,
-            });
-        }
         entries.push(Entry {
             path,
             kind,
             size,
             mode: entry.mode,
-            sha256: hash,
+            sha256: None,
             target,
         });
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
+
+/// A file's body as read for a push.
+#[derive(Debug)]
+pub struct ReadBody {
+    pub sha256: [u8; 32],
+    /// Bytes read (the file may have changed since it was walked).
+    pub size: u64,
+    /// The bytes, when the file is at most the `keep` limit given to [`read_body`].
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// Reads and hashes one file without following a symlink put in its place. A file of at
+/// most `keep` bytes is kept in memory, so it can be sent without being read again.
+pub fn read_body(path: &Path, size: u64, keep: u64) -> std::io::Result<ReadBody> {
+    use sha2::{Digest as _, Sha256};
+    use std::io::Read;
+    let mut file = crate::copy::file::open_source(path)?;
+    if size > keep {
+        let mut counted = Counted(&mut file, 0);
+        let sha256 = crate::copy::file::sha256(&mut counted)?;
+        let size = counted.1;
+        return Ok(ReadBody {
+            sha256,
+            size,
+            bytes: None,
+        });
+    }
+    let mut bytes = Vec::with_capacity(size as usize + 1);
+    file.read_to_end(&mut bytes)?;
+    Ok(ReadBody {
+        sha256: Sha256::digest(&bytes).into(),
+        size: bytes.len() as u64,
+        bytes: Some(bytes),
+    })
+}
+
+/// A reader that counts what it hands out.
+struct Counted<R>(R, u64);
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+}
+
+/// Scans `root`: manifest entries (sorted by path) and the file bodies with their hashes,
+/// hashed on `jobs` threads.
+pub fn scan(root: &Path, jobs: usize) -> Result<(Vec<Entry>, Vec<Body>), ScanError> {
+    let mut entries = walk_tree(root)?;
+    let hashes = crate::copy::parallel(&entries, jobs, |entry| match entry.kind {
+        EntryKind::File => read_body(&root.join(&entry.path), entry.size, 0).map(Some),
+        _ => Ok(None),
+    });
+    let mut bodies = Vec::new();
+    for (entry, read) in entries.iter_mut().zip(hashes) {
+        let path = root.join(&entry.path);
+        let Some(read) = read.map_err(|e| ScanError {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?
+        else {
+            continue;
+        };
+        let sha256 = hex(&read.sha256);
+        entry.size = read.size;
+        entry.sha256 = Some(sha256.clone());
+        bodies.push(Body {
+            path,
+            sha256,
+            size: read.size,
+        });
+    }
     Ok((entries, bodies))
 }
 

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Digest, Error, ObjectStore, Result, check_key};
+use super::{Blob, Digest, Error, ObjectStore, Result, check_key};
 
 const TEMP_PREFIX: &str = ".lanes-tmp-";
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -127,12 +127,18 @@ impl ObjectStore for FsStore {
         .await
     }
 
-    async fn put_file(&self, key: &str, source: &Path, if_absent: bool) -> Result<bool> {
+    async fn put_blob(
+        &self,
+        key: &str,
+        body: Blob,
+        _sha256: &Digest,
+        if_absent: bool,
+    ) -> Result<bool> {
         let path = self.path(key)?;
-        let source = source.to_owned();
         blocking("upload", key, move || {
-            let temp = Self::temp_beside(&path, |f| {
-                std::io::copy(&mut std::fs::File::open(&source)?, f).map(drop)
+            let temp = Self::temp_beside(&path, |f| match &body {
+                Blob::Memory(bytes) => f.write_all(bytes),
+                Blob::File(source) => std::io::copy(&mut std::fs::File::open(source)?, f).map(drop),
             })?;
             let placed = if if_absent {
                 match std::fs::hard_link(&temp, &path) {

@@ -8,7 +8,7 @@ pub mod fs;
 pub mod s3;
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::Kind;
 
@@ -62,12 +62,15 @@ pub trait ObjectStore: Send + Sync {
     fn put(&self, key: &str, body: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
     /// Creates the object only if it does not exist. `Ok(false)`: it existed, nothing written.
     fn put_if_absent(&self, key: &str, body: Vec<u8>) -> impl Future<Output = Result<bool>> + Send;
-    /// Uploads a file's contents as an object (large bodies are streamed). With `if_absent`,
-    /// an existing object is left alone and `Ok(false)` returned.
-    fn put_file(
+    /// Uploads a body whose SHA-256 the caller has computed: the store hands the digest to
+    /// the server where it can (S3 signs the request with it, so the server refuses a body
+    /// that does not match) instead of hashing the bytes again. With `if_absent`, an existing
+    /// object is left alone and `Ok(false)` returned.
+    fn put_blob(
         &self,
         key: &str,
-        path: &Path,
+        body: Blob,
+        sha256: &Digest,
         if_absent: bool,
     ) -> impl Future<Output = Result<bool>> + Send;
     /// Downloads an object into a file and returns the SHA-256 of the bytes written, so the
@@ -82,6 +85,15 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// Removes an object; removing a missing object succeeds.
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Where the bytes of an upload come from.
+#[derive(Debug)]
+pub enum Blob {
+    /// Already read (small bodies are read once: hashed, then sent from memory).
+    Memory(Vec<u8>),
+    /// Streamed from a file.
+    File(PathBuf),
 }
 
 /// The store of a configured bucket, whichever kind it is.
@@ -110,8 +122,14 @@ impl ObjectStore for BucketStore {
     async fn put_if_absent(&self, key: &str, body: Vec<u8>) -> Result<bool> {
         delegate!(self, s => s.put_if_absent(key, body))
     }
-    async fn put_file(&self, key: &str, path: &Path, if_absent: bool) -> Result<bool> {
-        delegate!(self, s => s.put_file(key, path, if_absent))
+    async fn put_blob(
+        &self,
+        key: &str,
+        body: Blob,
+        sha256: &Digest,
+        if_absent: bool,
+    ) -> Result<bool> {
+        delegate!(self, s => s.put_blob(key, body, sha256, if_absent))
     }
     async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
         delegate!(self, s => s.get_to_file(key, path))

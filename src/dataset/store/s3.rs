@@ -4,18 +4,32 @@
 //! standard AWS chain (environment, profile, workload identity) unless the caller passes them;
 //! they are never logged. `put_if_absent` is a conditional PUT (`If-None-Match: *`), which the
 //! server refuses with 412 when the key exists.
+//!
+//! Integrity without hashing twice: a body is uploaded under its SHA-256, which Lanes has
+//! already computed, so the request is signed with that digest as its payload hash
+//! (`x-amz-content-sha256`); S3 recomputes it and refuses a body that does not match. The
+//! SDK's own request checksums (a CRC32 trailer in aws-chunked framing) would only hash every
+//! byte again, so they are turned off. Downloads are hashed as they are written, which is
+//! stronger than the SDK's CRC check of responses, so that is off too.
 
 use std::path::Path;
 
+use std::io::Write;
+
+use aws_runtime::auth::PayloadSigningOverride;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::error::{BoxError, DisplayErrorContext, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
-use tokio::io::AsyncWriteExt;
-
 use sha2::{Digest as _, Sha256};
 
-use super::{Digest, Error, ObjectStore, Result, check_key};
+use super::{Blob, Digest, Error, ObjectStore, Result, check_key};
+use crate::dataset::scan::hex;
+
+/// Downloaded bytes are handed to a blocking writer in batches of about this size.
+const WRITE_BATCH: usize = 4 << 20;
 
 /// Objects under `prefix` in one S3 bucket.
 #[derive(Debug, Clone)]
@@ -82,12 +96,15 @@ impl S3Store {
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint).force_path_style(true);
         }
-        // Every body is verified against its SHA-256 as it is written, which is stronger than
-        // the SDK's CRC check of responses; skipping the latter saves a pass over each body.
+        // Bodies are verified by their SHA-256 both ways (see the module docs); the SDK's
+        // CRCs would only cost a second pass over every byte.
         let client = Client::from_conf(
             config
                 .response_checksum_validation(
                     aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+                )
+                .request_checksum_calculation(
+                    aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
                 )
                 .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
                 .build(),
@@ -100,8 +117,15 @@ impl S3Store {
     }
 
     /// PUTs `body` at `key`; with `if_absent`, as `If-None-Match: *`, answering `false` when
-    /// the server refuses because the key exists.
-    async fn upload(&self, key: &str, body: ByteStream, if_absent: bool) -> Result<bool> {
+    /// the server refuses because the key exists. With `sha256`, the request is signed with
+    /// that payload hash instead of one the SDK computes.
+    async fn upload(
+        &self,
+        key: &str,
+        body: ByteStream,
+        sha256: Option<&Digest>,
+        if_absent: bool,
+    ) -> Result<bool> {
         let full = self.key(key)?;
         let mut request = self
             .client
@@ -112,7 +136,17 @@ impl S3Store {
         if if_absent {
             request = request.if_none_match("*");
         }
-        match request.send().await {
+        let sent = match sha256 {
+            Some(digest) => {
+                request
+                    .customize()
+                    .interceptor(SignedPayload(hex(digest)))
+                    .send()
+                    .await
+            }
+            None => request.send().await,
+        };
+        match sent {
             Ok(_) => Ok(true),
             Err(e) if if_absent && matches!(status(&e), Some(412) | Some(409)) => Ok(false),
             Err(e) => Err(remote("upload", key, e)),
@@ -143,6 +177,58 @@ impl S3Store {
         } else {
             format!("{}/{key}", self.prefix)
         })
+    }
+}
+
+/// Signs a request with a payload SHA-256 the caller already knows (lowercase hex), so the
+/// SDK does not read the body to compute it and the server checks the body against it.
+#[derive(Debug)]
+struct SignedPayload(String);
+
+impl Intercept for SignedPayload {
+    fn name(&self) -> &'static str {
+        "SignedPayload"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state()
+            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
+
+/// Writes downloaded chunks to a file off the async runtime, hashing them on the way. The
+/// file is created by the first batch, so a small body costs one blocking call.
+struct HashingWriter {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    hasher: Sha256,
+}
+
+impl HashingWriter {
+    fn write(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(batch);
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(std::fs::File::create(&self.path)?),
+        };
+        file.write_all(batch)
+    }
+
+    /// Writes `batch` in a blocking task; gives the writer and the emptied buffer back.
+    async fn write_batch(mut self, mut batch: Vec<u8>) -> std::io::Result<(Self, Vec<u8>)> {
+        tokio::task::spawn_blocking(move || {
+            self.write(&batch)?;
+            batch.clear();
+            Ok((self, batch))
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 }
 
@@ -181,22 +267,31 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
-        self.upload(key, ByteStream::from(body), false)
+        self.upload(key, ByteStream::from(body), None, false)
             .await
             .map(drop)
     }
 
     async fn put_if_absent(&self, key: &str, body: Vec<u8>) -> Result<bool> {
-        self.upload(key, ByteStream::from(body), true).await
+        self.upload(key, ByteStream::from(body), None, true).await
     }
 
-    async fn put_file(&self, key: &str, path: &Path, if_absent: bool) -> Result<bool> {
-        let body = ByteStream::from_path(path).await.map_err(|e| Error::Io {
-            what: "read",
-            key: path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        self.upload(key, body, if_absent).await
+    async fn put_blob(
+        &self,
+        key: &str,
+        body: Blob,
+        sha256: &Digest,
+        if_absent: bool,
+    ) -> Result<bool> {
+        let stream = match body {
+            Blob::Memory(bytes) => ByteStream::from(bytes),
+            Blob::File(path) => ByteStream::from_path(&path).await.map_err(|e| Error::Io {
+                what: "read",
+                key: path.display().to_string(),
+                source: std::io::Error::other(e),
+            })?,
+        };
+        self.upload(key, stream, Some(sha256), if_absent).await
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
@@ -208,19 +303,27 @@ impl ObjectStore for S3Store {
             key: key.to_owned(),
             source,
         };
-        let mut file = tokio::fs::File::create(path).await.map_err(io)?;
-        let mut hasher = Sha256::new();
+        let mut writer = HashingWriter {
+            path: path.to_owned(),
+            file: None,
+            hasher: Sha256::new(),
+        };
+        let expected = object.content_length().unwrap_or(0).max(0) as usize;
+        let mut batch = Vec::with_capacity(expected.min(WRITE_BATCH));
         let mut body = object.body;
         while let Some(chunk) = body
             .try_next()
             .await
             .map_err(|e| io(std::io::Error::other(e)))?
         {
-            hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(io)?;
+            batch.extend_from_slice(&chunk);
+            if batch.len() >= WRITE_BATCH {
+                (writer, batch) = writer.write_batch(batch).await.map_err(io)?;
+            }
         }
-        file.flush().await.map_err(io)?;
-        Ok(Some(hasher.finalize().into()))
+        // The last batch, even an empty one: it creates the file of an empty body.
+        (writer, _) = writer.write_batch(batch).await.map_err(io)?;
+        Ok(Some(writer.hasher.finalize().into()))
     }
 
     async fn exists(&self, key: &str) -> Result<bool> {
@@ -276,5 +379,94 @@ impl ObjectStore for S3Store {
             .await
             .map(drop)
             .map_err(|e| remote("delete", key, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a PUT carried: its payload-hash header, its content encoding, and whether the
+    /// body matched the payload hash it claimed.
+    type Seen = Arc<Mutex<Vec<(String, Option<String>, bool)>>>;
+
+    /// An HTTP server on loopback that records each PUT and answers 200.
+    async fn recording_server() -> (String, Seen) {
+        let seen: Seen = Arc::default();
+        let record = seen.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let record = record.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let header = |name: &str| {
+                    parts
+                        .headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let claimed = header("x-amz-content-sha256").unwrap_or_default();
+                let encoding = header("content-encoding");
+                drop(parts);
+                let body = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let matches = hex(&Sha256::digest(&body)) == claimed;
+                record.lock().unwrap().push((claimed, encoding, matches));
+                ""
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{address}"), seen)
+    }
+
+    #[tokio::test]
+    async fn blobs_are_signed_with_their_known_sha256_in_plain_framing() {
+        let (endpoint, seen) = recording_server().await;
+        let settings = S3Settings {
+            endpoint: Some(endpoint),
+            credentials: Some(("test-id".into(), "test-secret".into())),
+            ..Default::default()
+        };
+        let store = S3Store::connect("bucket", "prefix", &settings).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("body");
+        std::fs::write(&file, vec![7u8; 300_000]).unwrap();
+        let on_disk: Digest = Sha256::digest(vec![7u8; 300_000]).into();
+        let in_memory: Digest = Sha256::digest(b"in memory").into();
+
+        let memory = Blob::Memory(b"in memory".to_vec());
+        assert!(
+            store
+                .put_blob("k/a", memory, &in_memory, true)
+                .await
+                .unwrap()
+        );
+        let streamed = Blob::File(file);
+        assert!(
+            store
+                .put_blob("k/b", streamed, &on_disk, false)
+                .await
+                .unwrap()
+        );
+        store.put("k/c", b"manifest".to_vec()).await.unwrap();
+
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            vec![
+                hex(&in_memory).as_str(),
+                hex(&on_disk).as_str(),
+                hex(&Sha256::digest(b"manifest")).as_str(),
+            ],
+            "each PUT is signed with its body's SHA-256"
+        );
+        for (claimed, encoding, matches) in &seen {
+            assert!(matches, "the body sent under {claimed} has that hash");
+            assert_eq!(encoding, &None, "no aws-chunked framing");
+        }
     }
 }
