@@ -7,7 +7,7 @@ use std::process::Command;
 use lanes::dataset::reference::Selector;
 use lanes::dataset::repo::Repo;
 use lanes::dataset::store::fs::FsStore;
-use lanes::dataset::store::s3::{S3Settings, S3Store};
+use lanes::dataset::store::s3::{Multipart, S3Settings, S3Store};
 use lanes::dataset::store::{Blob, ObjectStore};
 use lanes::error::Kind;
 
@@ -205,6 +205,80 @@ async fn s3_store_against_a_real_server() {
     assert_eq!(
         dead.exists("k").await.unwrap_err().kind(),
         Kind::Unavailable
+    );
+}
+
+#[tokio::test]
+async fn large_bodies_go_up_in_parts_checked_against_their_hash() {
+    use rand::{RngCore, SeedableRng};
+    use sha2::Digest as _;
+    let Some(moto) = Moto::start() else { return };
+    moto.store("parts", "").await;
+    let settings = S3Settings {
+        multipart: Multipart {
+            threshold: 8 << 20,
+            part_size: 5 << 20,
+            parallel: 3,
+        },
+        ..moto.settings()
+    };
+    let store = S3Store::connect("parts", "", &settings).await;
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("big");
+    let mut bytes = vec![0u8; (23 << 20) + 12345];
+    rand_chacha::ChaCha8Rng::seed_from_u64(23).fill_bytes(&mut bytes);
+    std::fs::write(&source, &bytes).unwrap();
+    let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+
+    assert!(
+        store
+            .put_blob("blobs/big", Blob::File(source.clone()), &digest, false)
+            .await
+            .unwrap()
+    );
+    let head = moto
+        .client()
+        .head_object()
+        .bucket("parts")
+        .key("blobs/big")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head.e_tag().unwrap_or_default().ends_with("-5\""),
+        "five parts: {:?}",
+        head.e_tag()
+    );
+    let target = dir.path().join("back");
+    assert_eq!(
+        store.get_to_file("blobs/big", &target).await.unwrap(),
+        Some(digest)
+    );
+    assert!(std::fs::read(&target).unwrap() == bytes, "same bytes back");
+
+    // A file that is not what its hash says (changed since it was hashed) is never
+    // completed: no object, and no upload left open.
+    let err = store
+        .put_blob("blobs/wrong", Blob::File(source.clone()), &[0u8; 32], false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("changed while"), "{err}");
+    assert!(!store.exists("blobs/wrong").await.unwrap());
+    let open = moto
+        .client()
+        .list_multipart_uploads()
+        .bucket("parts")
+        .send()
+        .await
+        .unwrap();
+    assert!(open.uploads().is_empty(), "{:?}", open.uploads());
+
+    // Conditional completion leaves an existing body alone.
+    assert!(
+        !store
+            .put_blob("blobs/big", Blob::File(source), &digest, true)
+            .await
+            .unwrap()
     );
 }
 

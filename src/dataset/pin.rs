@@ -226,6 +226,7 @@ pub async fn open(
                 endpoint: bucket.endpoint.clone(),
                 credentials: None,
                 secret,
+                multipart: Default::default(),
             };
             BucketStore::S3(S3Store::connect(name, prefix, &settings).await)
         }

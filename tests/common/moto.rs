@@ -58,11 +58,12 @@ impl Moto {
             endpoint: Some(self.endpoint.clone()),
             credentials: Some(("testing".into(), "testing".into())),
             secret: None,
+            multipart: Default::default(),
         }
     }
 
-    /// Creates a bucket and returns a store on it under `prefix`.
-    pub async fn store(&self, bucket: &str, prefix: &str) -> S3Store {
+    /// A plain SDK client on this server, to look behind a store's back.
+    pub fn client(&self) -> aws_sdk_s3::Client {
         let config = aws_sdk_s3::config::Builder::new()
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
@@ -73,6 +74,11 @@ impl Moto {
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .build();
         aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Creates a bucket and returns a store on it under `prefix`.
+    pub async fn store(&self, bucket: &str, prefix: &str) -> S3Store {
+        self.client()
             .create_bucket()
             .bucket(bucket)
             .send()

@@ -28,6 +28,9 @@ use sha2::{Digest as _, Sha256};
 use super::{Blob, Digest, Error, ObjectStore, Result, check_key};
 use crate::dataset::scan::hex;
 
+mod multipart;
+use multipart::Pinned;
+
 /// Downloaded bytes are handed to a blocking writer in batches of about this size.
 const WRITE_BATCH: usize = 4 << 20;
 
@@ -37,7 +40,35 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
+    multipart: Multipart,
 }
+
+/// How large bodies are split into a multipart upload: a single PUT stops at 5 GiB, and parts
+/// in parallel move one big body faster than one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Multipart {
+    /// Bodies larger than this go up in parts.
+    pub threshold: u64,
+    /// The size of each part but the last; raised when a body would need more than 10,000.
+    pub part_size: u64,
+    /// Parts of one body sent at once.
+    pub parallel: usize,
+}
+
+impl Default for Multipart {
+    fn default() -> Multipart {
+        Multipart {
+            threshold: 1 << 30,
+            part_size: 64 << 20,
+            parallel: 4,
+        }
+    }
+}
+
+/// S3 allows at most this many parts in one upload.
+const MAX_PARTS: u64 = 10_000;
+/// Files are streamed to the SDK in reads of this size.
+const READ_BUFFER: usize = 1 << 20;
 
 /// How to reach an S3 bucket.
 #[derive(Clone, Default)]
@@ -49,6 +80,7 @@ pub struct S3Settings {
     pub credentials: Option<(String, String)>,
     /// Credentials read from a Kubernetes Secret.
     pub secret: Option<crate::dataset::secret::SecretCredentials>,
+    pub multipart: Multipart,
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -61,6 +93,7 @@ impl std::fmt::Debug for S3Settings {
                 &self.credentials.as_ref().map(|_| "<redacted>"),
             )
             .field("secret", &self.secret)
+            .field("multipart", &self.multipart)
             .finish()
     }
 }
@@ -113,6 +146,7 @@ impl S3Store {
             client,
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
+            multipart: settings.multipart,
         }
     }
 
@@ -285,11 +319,15 @@ impl ObjectStore for S3Store {
     ) -> Result<bool> {
         let stream = match body {
             Blob::Memory(bytes) => ByteStream::from(bytes),
-            Blob::File(path) => ByteStream::from_path(&path).await.map_err(|e| Error::Io {
-                what: "read",
-                key: path.display().to_string(),
-                source: std::io::Error::other(e),
-            })?,
+            Blob::File(path) => {
+                let source = Pinned::open(&path).await?;
+                if source.size > self.multipart.threshold {
+                    return self.upload_parts(key, source, sha256, if_absent).await;
+                }
+                let stream = source.range(0, source.size).await?;
+                // `source` stays open until the upload is done: the SDK reads through it.
+                return self.upload(key, stream, Some(sha256), if_absent).await;
+            }
         };
         self.upload(key, stream, Some(sha256), if_absent).await
     }
