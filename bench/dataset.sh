@@ -63,3 +63,11 @@ for tree in small large; do
     "$(echo "100 * $(median "$tree.lanes-repush") / $(median "$tree.lanes-push")" | bc -l)"
 done
 echo "(lanes hashes every byte on push and verifies every byte on pull; s5cmd and aws do not)"
+printf '\nS3 server CPU seconds per run (medians): when they are close to the wall times above, the\nserver is the bottleneck and no client can be much faster than the others.\n'
+printf '%-6s %-8s %9s %9s %9s\n' tree op lanes s5cmd awscli
+for tree in small large; do
+  for op in push pull; do
+    printf '%-6s %-8s %8.2fs %8.2fs %8.2fs\n' "$tree" "$op" "$(median "$tree.lanes-$op" server)" \
+      "$(median "$tree.s5cmd-$op" server)" "$(median "$tree.aws-$op" server)"
+  done
+done

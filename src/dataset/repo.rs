@@ -11,20 +11,19 @@
 //! Rules: committed versions are immutable (no rewrite, no removal); a read-only bucket
 //! refuses every write; every body is verified against its SHA-256 before it is placed.
 
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
-use super::manifest::{Entry, EntryKind, FORMAT, Manifest};
+use super::manifest::Manifest;
 use super::reference::{Selector, check_part};
-use super::scan::{ReadBody, ScanError, hex, read_body, walk_tree};
-use super::store::{self, Blob, ObjectStore};
+use super::scan::ScanError;
+use super::store::{self, ObjectStore};
 use crate::copy::progress::Progress;
 use crate::error::Kind;
+
+mod pull;
+mod push;
 
 /// Failures of dataset operations.
 #[derive(Debug, thiserror::Error)]
@@ -307,103 +306,6 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         }
     }
 
-    /// Pushes `dir` as a new version of `name`, uploading only bodies the bucket lacks.
-    pub async fn push(
-        &self,
-        dir: &Path,
-        name: &str,
-        message: &str,
-        tag: Option<&str>,
-        commit: bool,
-    ) -> Result<PushReport> {
-        self.writable()?;
-        self.info(name).await?;
-        if let Some(tag) = tag {
-            check_tag(tag)?;
-            if !commit {
-                return Err(Error::Invalid(
-                    "only committed versions can be tagged; drop --no-commit or tag later".into(),
-                ));
-            }
-        }
-        let root = dir.to_owned();
-        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root))
-            .await
-            .map_err(|e| Error::Invalid(e.to_string()))??;
-        let parent = self.resolve(name, &Selector::Latest).await.ok();
-        // Bodies of the parent version are in the bucket already (bodies are never removed
-        // while a version names them).
-        let known: HashSet<String> = parent
-            .iter()
-            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.clone()))
-            .collect();
-        let sent = self.send_bodies(dir, &entries, known).await?;
-        for (index, read) in sent.hashed {
-            entries[index].size = read.size;
-            entries[index].sha256 = Some(hex(&read.sha256));
-        }
-        let (uploaded, bytes_uploaded) = (sent.uploaded, sent.bytes_uploaded);
-        // Nothing changed since the latest version: that version is the answer (every body
-        // was known, so nothing was sent).
-        if commit
-            && tag.is_none()
-            && let Some(parent) = parent.as_ref().filter(|p| p.entries == entries)
-        {
-            return Ok(PushReport {
-                version: parent.version.clone(),
-                committed: true,
-                files: parent.files(),
-                bytes: parent.size(),
-                bodies_uploaded: 0,
-                bytes_uploaded: 0,
-            });
-        }
-        let parent = parent.map(|m| m.version);
-        let mut manifest = Manifest {
-            format: FORMAT,
-            dataset: name.to_owned(),
-            version: String::new(),
-            parent,
-            message: message.to_owned(),
-            created_unix: now(),
-            committed: commit,
-            entries,
-        };
-        // Claim the next version number; a concurrent pusher that got there first makes us
-        // take the one after.
-        let mut next = self
-            .version_ids(name)
-            .await?
-            .last()
-            .and_then(|v| version_number(v))
-            .unwrap_or(0)
-            + 1;
-        loop {
-            manifest.version = format!("v{next}");
-            let body = serde_json::to_vec_pretty(&manifest).expect("serializable");
-            if self
-                .store
-                .put_if_absent(&format!("datasets/{name}/versions/v{next}.json"), body)
-                .await?
-            {
-                break;
-            }
-            next += 1;
-        }
-        if let Some(tag) = tag {
-            self.tag(name, &Selector::Named(manifest.version.clone()), tag)
-                .await?;
-        }
-        Ok(PushReport {
-            version: manifest.version.clone(),
-            committed: commit,
-            files: manifest.files(),
-            bytes: manifest.size(),
-            bodies_uploaded: uploaded,
-            bytes_uploaded,
-        })
-    }
-
     /// Commits an uncommitted version; committing a committed one is a no-op.
     pub async fn commit(&self, name: &str, selector: &Selector) -> Result<Manifest> {
         self.writable()?;
@@ -498,204 +400,6 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             .await?;
         Ok(manifest.version)
     }
-
-    /// Downloads a version into `dir`, verifying every body; identical files already there
-    /// are skipped. A body whose hash does not match is never placed.
-    pub async fn pull(&self, name: &str, selector: &Selector, dir: &Path) -> Result<PullReport> {
-        let manifest = self.resolve(name, selector).await?;
-        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-        let root = dir
-            .canonicalize()
-            .map_err(io(format!("resolve {}", dir.display())))?;
-        for entry in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-            let path = root.join(&entry.path);
-            crate::copy::file::real_dir(&path).map_err(io(format!("create {}", path.display())))?;
-        }
-        let mut report = PullReport {
-            version: manifest.version.clone(),
-            files: manifest.files(),
-            ..Default::default()
-        };
-        let limit = Arc::new(Semaphore::new(self.jobs));
-        let mut tasks = tokio::task::JoinSet::new();
-        let progress = self.progress.clone();
-        progress.start(manifest.files() as u64, manifest.size());
-        let _finish = Finish(&progress);
-        for entry in manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .cloned()
-        {
-            let (store, limit, target, progress) = (
-                self.store.clone(),
-                limit.clone(),
-                root.join(&entry.path),
-                progress.clone(),
-            );
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let _advance = Advance(&progress, entry.size);
-                let expected = entry.sha256.clone().unwrap_or_default();
-                let check = target.clone();
-                let expected_for_check = expected.clone();
-                let identical =
-                    tokio::task::spawn_blocking(move || same_body(&check, &expected_for_check))
-                        .await
-                        .unwrap_or(false);
-                if identical {
-                    return Ok::<_, Error>(None);
-                }
-                let temp = temp_beside(&target);
-                let Some(digest) = store.get_to_file(&blob_key(&expected), &temp).await? else {
-                    return Err(Error::Corrupt(format!(
-                        "body {expected} of {} is missing from the bucket",
-                        entry.path
-                    )));
-                };
-                if hex(&digest) != expected {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(Error::Corrupt(format!(
-                        "body of {} does not match its SHA-256 ({} != {expected}); not placed",
-                        entry.path,
-                        hex(&digest)
-                    )));
-                }
-                let (place_temp, place_target, mode) = (temp.clone(), target.clone(), entry.mode);
-                tokio::task::spawn_blocking(move || place(&place_temp, &place_target, mode))
-                    .await
-                    .map_err(|e| Error::Invalid(e.to_string()))?
-                    .inspect_err(|_| {
-                        let _ = std::fs::remove_file(&temp);
-                    })?;
-                Ok(Some(entry.size))
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            match done.map_err(|e| Error::Invalid(e.to_string()))?? {
-                Some(bytes) => {
-                    report.downloaded += 1;
-                    report.bytes_downloaded += bytes;
-                }
-                None => report.skipped += 1,
-            }
-        }
-        for entry in manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Symlink)
-        {
-            let target = entry.target.as_deref().unwrap_or_default();
-            let path = root.join(&entry.path);
-            if std::fs::read_link(&path).is_ok_and(|t| t == Path::new(target)) {
-                continue;
-            }
-            let temp = temp_beside(&path);
-            std::os::unix::fs::symlink(target, &temp)
-                .map_err(io(format!("link {}", path.display())))?;
-            std::fs::rename(&temp, &path).map_err(io(format!("place {}", path.display())))?;
-        }
-        Ok(report)
-    }
-}
-
-/// What [`Repo::send_bodies`] did: each file's hash (by entry index) and what was uploaded.
-struct Sent {
-    hashed: Vec<(usize, ReadBody)>,
-    uploaded: usize,
-    bytes_uploaded: u64,
-}
-
-impl<S: ObjectStore + Clone + 'static> Repo<S> {
-    /// Hashes every file of `entries` (under `dir`) and uploads each body that is neither in
-    /// `known` nor already sent by this push, as soon as it is hashed: reading, hashing and
-    /// sending overlap. A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent
-    /// from memory with one conditional PUT; a larger one is streamed from its file after a
-    /// HEAD says the bucket lacks it. At most `jobs` bodies are in flight, and hashing uses
-    /// at most one thread per core.
-    async fn send_bodies(
-        &self,
-        dir: &Path,
-        entries: &[Entry],
-        known: HashSet<String>,
-    ) -> Result<Sent> {
-        let files: Vec<(usize, PathBuf, u64)> = entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.kind == EntryKind::File)
-            .map(|(index, e)| (index, dir.join(&e.path), e.size))
-            .collect();
-        let progress = self.progress.clone();
-        progress.start(files.len() as u64, files.iter().map(|f| f.2).sum());
-        let _finish = Finish(&progress);
-        let in_flight = Arc::new(Semaphore::new(self.jobs));
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let hashing = Arc::new(Semaphore::new(cores));
-        let claimed = Arc::new(Mutex::new(known));
-        let mut tasks = tokio::task::JoinSet::new();
-        for (index, path, size) in files {
-            let (store, progress) = (self.store.clone(), progress.clone());
-            let (in_flight, hashing, claimed) =
-                (in_flight.clone(), hashing.clone(), claimed.clone());
-            tasks.spawn(async move {
-                let _slot = in_flight.acquire_owned().await;
-                let mut read = {
-                    let _core = hashing.acquire_owned().await;
-                    let file = path.clone();
-                    tokio::task::spawn_blocking(move || read_body(&file, size, SMALL_BODY))
-                        .await
-                        .map_err(|e| Error::Invalid(e.to_string()))?
-                        .map_err(|e| ScanError {
-                            path: path.clone(),
-                            reason: e.to_string(),
-                        })?
-                };
-                let sha256 = hex(&read.sha256);
-                let fresh = claimed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(sha256.clone());
-                let key = blob_key(&sha256);
-                // Small bodies: one conditional PUT (the server refuses it if the body is
-                // there). Large ones: ask first, so an existing body is never sent again.
-                let created = match (read.bytes.take(), fresh) {
-                    (_, false) => false,
-                    (Some(bytes), true) => {
-                        let body = Blob::Memory(bytes);
-                        store.put_blob(&key, body, &read.sha256, true).await?
-                    }
-                    (None, true) => {
-                        !store.exists(&key).await?
-                            && store
-                                .put_blob(&key, Blob::File(path), &read.sha256, false)
-                                .await?
-                    }
-                };
-                progress.advance(read.size);
-                Ok::<_, Error>((index, read, created))
-            });
-        }
-        let mut sent = Sent {
-            hashed: Vec::new(),
-            uploaded: 0,
-            bytes_uploaded: 0,
-        };
-        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
-        // the manifest is written.
-        let kill_at = crate::failpoint::count("dataset.push.uploaded");
-        while let Some(done) = tasks.join_next().await {
-            let (index, read, created) = done.map_err(|e| Error::Invalid(e.to_string()))??;
-            if created {
-                sent.uploaded += 1;
-                sent.bytes_uploaded += read.size;
-                if kill_at == Some(sent.uploaded as u64) {
-                    crate::failpoint::kill("dataset.push.uploaded");
-                }
-            }
-            sent.hashed.push((index, read));
-        }
-        Ok(sent)
-    }
 }
 
 /// Stops a progress reporter when dropped (also on an early error return).
@@ -716,9 +420,6 @@ impl Drop for Advance<'_> {
     }
 }
 
-/// Bodies up to this size are uploaded with one conditional PUT instead of HEAD + PUT.
-const SMALL_BODY: u64 = 8 << 20;
-
 fn check_tag(tag: &str) -> Result<()> {
     check_part(tag, "the tag").map_err(Error::Invalid)?;
     if tag == "latest" || version_number(tag).is_some() {
@@ -729,33 +430,11 @@ fn check_tag(tag: &str) -> Result<()> {
     Ok(())
 }
 
-fn temp_beside(path: &Path) -> PathBuf {
-    crate::copy::file::temp_path(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// True when `path` is a regular file whose SHA-256 is `sha256`.
-fn same_body(path: &Path, sha256: &str) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
-        && std::fs::File::open(path)
-            .and_then(crate::copy::file::sha256)
-            .is_ok_and(|d| hex(&d) == sha256)
-}
-
-/// Sets the mode of a verified temporary and renames it into place.
-fn place(temp: &Path, target: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(temp, std::fs::Permissions::from_mode(mode & 0o7777))
-        .map_err(io(format!("chmod {}", temp.display())))?;
-    if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
-        std::fs::remove_dir_all(target).map_err(io(format!("replace {}", target.display())))?;
-    }
-    std::fs::rename(temp, target).map_err(io(format!("place {}", target.display())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::scan::scan;
+    use crate::dataset::scan::{hex, scan};
+    use std::path::Path;
     use crate::dataset::store::fs::FsStore;
     use rand::{Rng, SeedableRng};
     use sha2::{Digest as _, Sha256};

@@ -1,0 +1,220 @@
+//! Pushing a directory as a new version: walk and check, then read, hash and send each body
+//! once, many at a time, and only then claim the next version number.
+//!
+//! Rules: nothing is read or sent when the tree has a path or link a manifest cannot hold; a
+//! body the bucket already has (the parent version's, or one this push sent) is never sent
+//! again; no version exists until every body it names is in the bucket.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+
+use super::{Error, Finish, PushReport, Repo, Result, blob_key, check_tag, now, version_number};
+use crate::dataset::manifest::{Entry, EntryKind, FORMAT, Manifest};
+use crate::dataset::reference::Selector;
+use crate::dataset::scan::{ReadBody, ScanError, hex, read_body, walk_tree};
+use crate::dataset::store::{Blob, ObjectStore};
+
+/// Bodies up to this size are read into memory, hashed, and sent with one conditional PUT;
+/// larger ones are streamed from their file after a HEAD says the bucket lacks them.
+const SMALL_BODY: u64 = 8 << 20;
+
+impl<S: ObjectStore + Clone + 'static> Repo<S> {
+    /// Pushes `dir` as a new version of `name`, uploading only bodies the bucket lacks.
+    pub async fn push(
+        &self,
+        dir: &Path,
+        name: &str,
+        message: &str,
+        tag: Option<&str>,
+        commit: bool,
+    ) -> Result<PushReport> {
+        self.writable()?;
+        self.info(name).await?;
+        if let Some(tag) = tag {
+            check_tag(tag)?;
+            if !commit {
+                return Err(Error::Invalid(
+                    "only committed versions can be tagged; drop --no-commit or tag later".into(),
+                ));
+            }
+        }
+        let root = dir.to_owned();
+        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root))
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))??;
+        let parent = self.resolve(name, &Selector::Latest).await.ok();
+        // Bodies of the parent version are in the bucket already (bodies are never removed
+        // while a version names them).
+        let known: HashSet<String> = parent
+            .iter()
+            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.clone()))
+            .collect();
+        let sent = self.send_bodies(dir, &entries, known).await?;
+        for (index, read) in sent.hashed {
+            entries[index].size = read.size;
+            entries[index].sha256 = Some(hex(&read.sha256));
+        }
+        let (uploaded, bytes_uploaded) = (sent.uploaded, sent.bytes_uploaded);
+        // Nothing changed since the latest version: that version is the answer (every body
+        // was known, so nothing was sent).
+        if commit
+            && tag.is_none()
+            && let Some(parent) = parent.as_ref().filter(|p| p.entries == entries)
+        {
+            return Ok(PushReport {
+                version: parent.version.clone(),
+                committed: true,
+                files: parent.files(),
+                bytes: parent.size(),
+                bodies_uploaded: 0,
+                bytes_uploaded: 0,
+            });
+        }
+        let parent = parent.map(|m| m.version);
+        let mut manifest = Manifest {
+            format: FORMAT,
+            dataset: name.to_owned(),
+            version: String::new(),
+            parent,
+            message: message.to_owned(),
+            created_unix: now(),
+            committed: commit,
+            entries,
+        };
+        // Claim the next version number; a concurrent pusher that got there first makes us
+        // take the one after.
+        let mut next = self
+            .version_ids(name)
+            .await?
+            .last()
+            .and_then(|v| version_number(v))
+            .unwrap_or(0)
+            + 1;
+        loop {
+            manifest.version = format!("v{next}");
+            let body = serde_json::to_vec_pretty(&manifest).expect("serializable");
+            if self
+                .store
+                .put_if_absent(&format!("datasets/{name}/versions/v{next}.json"), body)
+                .await?
+            {
+                break;
+            }
+            next += 1;
+        }
+        if let Some(tag) = tag {
+            self.tag(name, &Selector::Named(manifest.version.clone()), tag)
+                .await?;
+        }
+        Ok(PushReport {
+            version: manifest.version.clone(),
+            committed: commit,
+            files: manifest.files(),
+            bytes: manifest.size(),
+            bodies_uploaded: uploaded,
+            bytes_uploaded,
+        })
+    }
+}
+
+/// What [`Repo::send_bodies`] did: each file's hash (by entry index) and what was uploaded.
+struct Sent {
+    hashed: Vec<(usize, ReadBody)>,
+    uploaded: usize,
+    bytes_uploaded: u64,
+}
+
+impl<S: ObjectStore + Clone + 'static> Repo<S> {
+    /// Hashes every file of `entries` (under `dir`) and uploads each body that is neither in
+    /// `known` nor already sent by this push, as soon as it is hashed: reading, hashing and
+    /// sending overlap. A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent
+    /// from memory with one conditional PUT; a larger one is streamed from its file after a
+    /// HEAD says the bucket lacks it. At most `jobs` bodies are in flight, and hashing uses
+    /// at most one thread per core.
+    async fn send_bodies(
+        &self,
+        dir: &Path,
+        entries: &[Entry],
+        known: HashSet<String>,
+    ) -> Result<Sent> {
+        let files: Vec<(usize, PathBuf, u64)> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.kind == EntryKind::File)
+            .map(|(index, e)| (index, dir.join(&e.path), e.size))
+            .collect();
+        let progress = self.progress.clone();
+        progress.start(files.len() as u64, files.iter().map(|f| f.2).sum());
+        let _finish = Finish(&progress);
+        let in_flight = Arc::new(Semaphore::new(self.jobs));
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hashing = Arc::new(Semaphore::new(cores));
+        let claimed = Arc::new(Mutex::new(known));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, path, size) in files {
+            let (store, progress) = (self.store.clone(), progress.clone());
+            let (in_flight, hashing, claimed) =
+                (in_flight.clone(), hashing.clone(), claimed.clone());
+            tasks.spawn(async move {
+                let _slot = in_flight.acquire_owned().await;
+                let mut read = {
+                    let _core = hashing.acquire_owned().await;
+                    let file = path.clone();
+                    tokio::task::spawn_blocking(move || read_body(&file, size, SMALL_BODY))
+                        .await
+                        .map_err(|e| Error::Invalid(e.to_string()))?
+                        .map_err(|e| ScanError {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?
+                };
+                let sha256 = hex(&read.sha256);
+                let fresh = claimed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sha256.clone());
+                let key = blob_key(&sha256);
+                // Small bodies: one conditional PUT (the server refuses it if the body is
+                // there). Large ones: ask first, so an existing body is never sent again.
+                let created = match (read.bytes.take(), fresh) {
+                    (_, false) => false,
+                    (Some(bytes), true) => {
+                        let body = Blob::Memory(bytes);
+                        store.put_blob(&key, body, &read.sha256, true).await?
+                    }
+                    (None, true) => {
+                        !store.exists(&key).await?
+                            && store
+                                .put_blob(&key, Blob::File(path), &read.sha256, false)
+                                .await?
+                    }
+                };
+                progress.advance(read.size);
+                Ok::<_, Error>((index, read, created))
+            });
+        }
+        let mut sent = Sent {
+            hashed: Vec::new(),
+            uploaded: 0,
+            bytes_uploaded: 0,
+        };
+        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
+        // the manifest is written.
+        let kill_at = crate::failpoint::count("dataset.push.uploaded");
+        while let Some(done) = tasks.join_next().await {
+            let (index, read, created) = done.map_err(|e| Error::Invalid(e.to_string()))??;
+            if created {
+                sent.uploaded += 1;
+                sent.bytes_uploaded += read.size;
+                if kill_at == Some(sent.uploaded as u64) {
+                    crate::failpoint::kill("dataset.push.uploaded");
+                }
+            }
+            sent.hashed.push((index, read));
+        }
+        Ok(sent)
+    }
+}
