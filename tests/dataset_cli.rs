@@ -110,3 +110,113 @@ fn push_versions_pull_and_a_read_only_bucket() {
     let git = lanes(&data, &config, &["ls", "git+ext::sh"]);
     assert!(String::from_utf8_lossy(&git.stderr).contains("unsupported Git transport"));
 }
+
+/// Pushes `src` as `name`, returning the JSON report.
+fn push(data: &Path, config: &Path, src: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "push", src.to_str().unwrap(), name];
+    args.extend_from_slice(extra);
+    ok_json(lanes(data, config, &args))
+}
+
+#[test]
+fn a_re_push_trusts_remembered_hashes_only_for_untouched_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let config = root.join("lanes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "datasets:\n  buckets:\n    team: {{dataset_path: \"file://{}/team\"}}\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let (src, data) = (root.join("src"), root.join("data"));
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..20 {
+        std::fs::write(src.join(format!("f{i}")), vec![i as u8; 4096]).unwrap();
+    }
+    // Files written within 2 s of a push are never remembered (racy): let the tree settle.
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    ok_json(lanes(&data, &config, &["--json", "create", "ds"]));
+    let first = push(&data, &config, &src, "ds", &[]);
+    assert_eq!(
+        (first["version"].as_str(), first["bodies_uploaded"].as_u64()),
+        (Some("v1"), Some(20))
+    );
+    let remembered = std::fs::read_dir(data.join("push-cache")).unwrap().count();
+    assert_eq!(remembered, 1, "one cache file for the pushed directory");
+
+    // Unchanged: the latest version is the answer.
+    let again = push(&data, &config, &src, "ds", &[]);
+    assert_eq!(
+        (again["version"].as_str(), again["bodies_uploaded"].as_u64()),
+        (Some("v1"), Some(0))
+    );
+
+    // Same size, mtime put back: only the change time moved. The new bytes are pushed.
+    let target = src.join("f3");
+    let mtime = std::fs::metadata(&target).unwrap().modified().unwrap();
+    std::fs::write(&target, vec![0xEEu8; 4096]).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&target)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let changed = push(&data, &config, &src, "ds", &[]);
+    assert_eq!(
+        (
+            changed["version"].as_str(),
+            changed["bodies_uploaded"].as_u64()
+        ),
+        (Some("v2"), Some(1))
+    );
+    let out = root.join("out");
+    ok_json(lanes(
+        &data,
+        &config,
+        &["--json", "pull", "ds:v2", out.to_str().unwrap()],
+    ));
+    assert_eq!(std::fs::read(out.join("f3")).unwrap(), vec![0xEEu8; 4096]);
+
+    // A remembered hash is used only when the version's bodies include it: a cache that lies
+    // makes the file be read, not the lie be recorded. --rehash ignores the cache altogether.
+    for cache in std::fs::read_dir(data.join("push-cache")).unwrap() {
+        let path = cache.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let wrong = "0".repeat(64);
+        let lying = regex_free_replace_sha(&text, &wrong);
+        std::fs::write(&path, lying).unwrap();
+    }
+    let lied_to = push(&data, &config, &src, "ds", &[]);
+    assert_eq!(
+        (
+            lied_to["version"].as_str(),
+            lied_to["bodies_uploaded"].as_u64()
+        ),
+        (Some("v2"), Some(0))
+    );
+    let rehashed = push(&data, &config, &src, "ds", &["--rehash"]);
+    assert_eq!(
+        (
+            rehashed["version"].as_str(),
+            rehashed["bodies_uploaded"].as_u64()
+        ),
+        (Some("v2"), Some(0))
+    );
+}
+
+/// Replaces every `"sha256":"<64 hex>"` value in `text` with `with`.
+fn regex_free_replace_sha(text: &str, with: &str) -> String {
+    let key = "\"sha256\":\"";
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(key) {
+        out.push_str(&rest[..at + key.len()]);
+        out.push_str(with);
+        rest = &rest[at + key.len() + 64..];
+    }
+    out.push_str(rest);
+    out
+}

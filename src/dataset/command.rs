@@ -34,6 +34,8 @@ pub enum Command {
         message: String,
         tag: Option<String>,
         commit: bool,
+        /// Where file hashes are remembered between pushes (none: hash every file).
+        hash_cache: Option<std::path::PathBuf>,
     },
     Commit {
         reference: String,
@@ -154,6 +156,7 @@ pub async fn run(
             message,
             tag,
             commit,
+            hash_cache,
         } => {
             let (bucket, name, selector) = stored(&reference)?;
             if selector != Selector::Latest {
@@ -161,6 +164,7 @@ pub async fn run(
             }
             let report = open(bucket.as_deref())
                 .await?
+                .with_hash_cache(hash_cache)
                 .push(&dir, &name, &message, tag.as_deref(), commit)
                 .await?;
             let text = format!(

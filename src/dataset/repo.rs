@@ -126,6 +126,8 @@ pub struct Repo<S> {
     jobs: usize,
     /// Where push and pull report how far they are (quiet unless set).
     progress: Progress,
+    /// Where push remembers the hashes of the files it read (none: it remembers nothing).
+    hash_cache: Option<std::path::PathBuf>,
 }
 
 fn now() -> u64 {
@@ -152,7 +154,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             writable,
             jobs: jobs.max(1),
             progress: Progress::new(true),
+            hash_cache: None,
         }
+    }
+
+    /// Lets push remember file hashes under `dir` (see [`super::hashcache`]), so a re-push
+    /// reads only what changed; `None` hashes every file every time.
+    pub fn with_hash_cache(mut self, dir: Option<std::path::PathBuf>) -> Repo<S> {
+        self.hash_cache = dir;
+        self
     }
 
     /// Reports push and pull progress through `progress` (a bar on a terminal).
@@ -434,10 +444,10 @@ fn check_tag(tag: &str) -> Result<()> {
 mod tests {
     use super::*;
     use crate::dataset::scan::{hex, scan};
-    use std::path::Path;
     use crate::dataset::store::fs::FsStore;
     use rand::{Rng, SeedableRng};
     use sha2::{Digest as _, Sha256};
+    use std::path::Path;
 
     fn repo(dir: &Path) -> Repo<FsStore> {
         Repo::new(FsStore::new(dir.join("bucket")), "local", true, 8)

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 use super::{Error, Finish, PushReport, Repo, Result, blob_key, check_tag, now, version_number};
+use crate::dataset::hashcache::{HashCache, Stamp, now_ns};
 use crate::dataset::manifest::{Entry, EntryKind, FORMAT, Manifest};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::{ReadBody, ScanError, hex, read_body, walk_tree};
@@ -52,11 +53,21 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             .iter()
             .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.clone()))
             .collect();
-        let sent = self.send_bodies(dir, &entries, known).await?;
-        for (index, read) in sent.hashed {
+        let cache = Arc::new(match &self.hash_cache {
+            Some(cache_dir) => HashCache::open(cache_dir, dir),
+            None => HashCache::disabled(),
+        });
+        let sent = self
+            .send_bodies(dir, &entries, Arc::new(known), cache.clone())
+            .await?;
+        let mut remember = Vec::with_capacity(sent.hashed.len());
+        for (index, read, stamp, seen) in sent.hashed {
             entries[index].size = read.size;
             entries[index].sha256 = Some(hex(&read.sha256));
+            remember.push((entries[index].path.clone(), stamp, read.sha256, seen));
         }
+        // The hashes are facts about the files whatever happens to this push next.
+        let _ = tokio::task::spawn_blocking(move || cache.save(remember)).await;
         let (uploaded, bytes_uploaded) = (sent.uploaded, sent.bytes_uploaded);
         // Nothing changed since the latest version: that version is the answer (every body
         // was known, so nothing was sent).
@@ -120,9 +131,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     }
 }
 
-/// What [`Repo::send_bodies`] did: each file's hash (by entry index) and what was uploaded.
+/// What [`Repo::send_bodies`] did: each file's hash (by entry index, with the file's stamp and
+/// when it was taken) and what was uploaded.
 struct Sent {
-    hashed: Vec<(usize, ReadBody)>,
+    hashed: Vec<(usize, ReadBody, Stamp, i64)>,
     uploaded: usize,
     bytes_uploaded: u64,
 }
@@ -130,7 +142,7 @@ struct Sent {
 impl<S: ObjectStore + Clone + 'static> Repo<S> {
     /// Hashes every file of `entries` (under `dir`) and uploads each body that is neither in
     /// `known` nor already sent by this push, as soon as it is hashed: reading, hashing and
-    /// sending overlap. A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent
+    /// sending overlap. A file `cache` remembers, whose body is `known`, is not read at all. A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent
     /// from memory with one conditional PUT; a larger one is streamed from its file after a
     /// HEAD says the bucket lacks it. At most `jobs` bodies are in flight, and hashing uses
     /// at most one thread per core.
@@ -138,44 +150,50 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         &self,
         dir: &Path,
         entries: &[Entry],
-        known: HashSet<String>,
+        known: Arc<HashSet<String>>,
+        cache: Arc<HashCache>,
     ) -> Result<Sent> {
-        let files: Vec<(usize, PathBuf, u64)> = entries
+        let files: Vec<(usize, String, PathBuf)> = entries
             .iter()
             .enumerate()
             .filter(|(_, e)| e.kind == EntryKind::File)
-            .map(|(index, e)| (index, dir.join(&e.path), e.size))
+            .map(|(index, e)| (index, e.path.clone(), dir.join(&e.path)))
             .collect();
+        let total = entries.iter().filter(|e| e.kind == EntryKind::File);
         let progress = self.progress.clone();
-        progress.start(files.len() as u64, files.iter().map(|f| f.2).sum());
+        progress.start(files.len() as u64, total.map(|e| e.size).sum());
         let _finish = Finish(&progress);
         let in_flight = Arc::new(Semaphore::new(self.jobs));
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hashing = Arc::new(Semaphore::new(cores));
-        let claimed = Arc::new(Mutex::new(known));
+        let claimed = Arc::new(Mutex::new(HashSet::new()));
         let mut tasks = tokio::task::JoinSet::new();
-        for (index, path, size) in files {
+        for (index, rel, path) in files {
             let (store, progress) = (self.store.clone(), progress.clone());
             let (in_flight, hashing, claimed) =
                 (in_flight.clone(), hashing.clone(), claimed.clone());
+            let (known, cache) = (known.clone(), cache.clone());
             tasks.spawn(async move {
                 let _slot = in_flight.acquire_owned().await;
-                let mut read = {
+                let (mut read, stamp, seen) = {
                     let _core = hashing.acquire_owned().await;
-                    let file = path.clone();
-                    tokio::task::spawn_blocking(move || read_body(&file, size, SMALL_BODY))
-                        .await
-                        .map_err(|e| Error::Invalid(e.to_string()))?
-                        .map_err(|e| ScanError {
-                            path: path.clone(),
-                            reason: e.to_string(),
-                        })?
+                    let (file, bucket_has) = (path.clone(), known.clone());
+                    tokio::task::spawn_blocking(move || {
+                        recall_or_read(&file, &rel, &cache, &bucket_has)
+                    })
+                    .await
+                    .map_err(|e| Error::Invalid(e.to_string()))?
+                    .map_err(|e| ScanError {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?
                 };
                 let sha256 = hex(&read.sha256);
-                let fresh = claimed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(sha256.clone());
+                let fresh = !known.contains(&sha256)
+                    && claimed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(sha256.clone());
                 let key = blob_key(&sha256);
                 // Small bodies: one conditional PUT (the server refuses it if the body is
                 // there). Large ones: ask first, so an existing body is never sent again.
@@ -193,7 +211,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     }
                 };
                 progress.advance(read.size);
-                Ok::<_, Error>((index, read, created))
+                Ok::<_, Error>((index, read, stamp, seen, created))
             });
         }
         let mut sent = Sent {
@@ -205,7 +223,8 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         // the manifest is written.
         let kill_at = crate::failpoint::count("dataset.push.uploaded");
         while let Some(done) = tasks.join_next().await {
-            let (index, read, created) = done.map_err(|e| Error::Invalid(e.to_string()))??;
+            let (index, read, stamp, seen, created) =
+                done.map_err(|e| Error::Invalid(e.to_string()))??;
             if created {
                 sent.uploaded += 1;
                 sent.bytes_uploaded += read.size;
@@ -213,8 +232,37 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     crate::failpoint::kill("dataset.push.uploaded");
                 }
             }
-            sent.hashed.push((index, read));
+            sent.hashed.push((index, read, stamp, seen));
         }
         Ok(sent)
     }
+}
+
+/// Looks at one file: when `cache` remembers its hash and the bucket has that body, nothing is
+/// read; otherwise the file is read and hashed. Also returns the file's stamp and when it was
+/// taken (before the stat, so a write racing the read makes the entry racy).
+fn recall_or_read(
+    path: &Path,
+    rel: &str,
+    cache: &HashCache,
+    known: &HashSet<String>,
+) -> std::io::Result<(ReadBody, Stamp, i64)> {
+    let seen = now_ns();
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("no longer a regular file"));
+    }
+    let stamp = Stamp::of(&meta);
+    if let Some(sha256) = cache.lookup(rel, &stamp)
+        && known.contains(&hex(&sha256))
+    {
+        let size = meta.len();
+        let read = ReadBody {
+            sha256,
+            size,
+            bytes: None,
+        };
+        return Ok((read, stamp, seen));
+    }
+    Ok((read_body(path, meta.len(), SMALL_BODY)?, stamp, seen))
 }

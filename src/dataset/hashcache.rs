@@ -1,0 +1,185 @@
+//! The SHA-256s of files pushed before, so that a re-push of an unchanged tree reads nothing.
+//!
+//! Rule: a remembered hash is reused only while the kernel's record of the file is unchanged —
+//! device, inode, size, modification time and change time. The change time moves with every
+//! write and no ordinary process can set it back. A file whose times were within [`RACY`] of
+//! the moment it was looked at is not remembered at all: a write in the same clock tick would
+//! not have moved them (the rule git applies to its index). The cache is best effort: one that
+//! cannot be read is empty, one that cannot be written is skipped, and neither fails a push.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::scan::hex;
+
+/// Times closer than this to when a file was looked at make its entry untrustworthy.
+const RACY_NS: i64 = 2_000_000_000;
+/// How [`RACY_NS`] reads in prose.
+pub const RACY: &str = "2 s";
+const FORMAT: u32 = 1;
+
+/// What the kernel says of a file, enough to tell that its contents may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    pub fn of(meta: &Metadata) -> Stamp {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Remembered {
+    stamp: Stamp,
+    sha256: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Stored {
+    format: u32,
+    files: HashMap<String, Remembered>,
+}
+
+/// The remembered hashes of one pushed directory.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    /// Where it is kept; `None`: nothing is remembered or kept.
+    path: Option<PathBuf>,
+    files: HashMap<String, Remembered>,
+}
+
+impl HashCache {
+    /// A cache that remembers nothing (`lanes dataset push --rehash`).
+    pub fn disabled() -> HashCache {
+        HashCache::default()
+    }
+
+    /// The cache for pushes of `root`, kept under `dir`.
+    pub fn open(dir: &Path, root: &Path) -> HashCache {
+        let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
+        let name = hex(&Sha256::digest(root.as_os_str().as_encoded_bytes()));
+        let path = dir.join(format!("{}.json", &name[..32]));
+        let files = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Stored>(&bytes).ok())
+            .filter(|stored| stored.format == FORMAT)
+            .map(|stored| stored.files)
+            .unwrap_or_default();
+        HashCache {
+            path: Some(path),
+            files,
+        }
+    }
+
+    /// The hash remembered for `rel` when the file is still as it was then.
+    pub fn lookup(&self, rel: &str, stamp: &Stamp) -> Option<[u8; 32]> {
+        let remembered = self.files.get(rel).filter(|r| r.stamp == *stamp)?;
+        let mut digest = [0u8; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(remembered.sha256.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(digest)
+    }
+
+    /// Replaces what is kept with `hashed` (path, stamp, hash, and when the stamp was taken in
+    /// nanoseconds since the epoch), leaving out racy entries. Best effort, atomic.
+    pub fn save(&self, hashed: impl IntoIterator<Item = (String, Stamp, [u8; 32], i64)>) {
+        let Some(path) = &self.path else { return };
+        let files = hashed
+            .into_iter()
+            .filter(|(_, stamp, _, seen)| stamp.mtime_ns.max(stamp.ctime_ns) < seen - RACY_NS)
+            .map(|(rel, stamp, sha256, _)| {
+                let sha256 = hex(&sha256);
+                (rel, Remembered { stamp, sha256 })
+            })
+            .collect();
+        let stored = Stored {
+            format: FORMAT,
+            files,
+        };
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                let temp = crate::copy::file::temp_path(path.parent().unwrap_or(Path::new(".")));
+                let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
+                std::fs::write(&temp, bytes)?;
+                std::fs::rename(&temp, path).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&temp);
+                })
+            });
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "push hash cache not written");
+        }
+    }
+}
+
+/// Nanoseconds since the epoch, now.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_only_unchanged_settled_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir(&root).unwrap();
+        let file = root.join("a");
+        std::fs::write(&file, b"one").unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&file).unwrap());
+        let sha: [u8; 32] = Sha256::digest(b"one").into();
+        let later = now_ns() + 10 * RACY_NS;
+
+        let cache = HashCache::open(&dir.path().join("cache"), &root);
+        assert_eq!(cache.lookup("a", &stamp), None, "nothing remembered yet");
+        cache.save([
+            ("a".to_owned(), stamp, sha, later),
+            ("racy".to_owned(), stamp, sha, now_ns()),
+        ]);
+        let cache = HashCache::open(&dir.path().join("cache"), &root);
+        assert_eq!(cache.lookup("a", &stamp), Some(sha));
+        assert_eq!(
+            cache.lookup("racy", &stamp),
+            None,
+            "seen too soon after a write"
+        );
+
+        // Any write moves the change time (and here the size): the hash is not reused.
+        std::fs::write(&file, b"two!").unwrap();
+        let changed = Stamp::of(&std::fs::metadata(&file).unwrap());
+        assert_ne!(changed, stamp);
+        assert_eq!(cache.lookup("a", &changed), None);
+
+        // Another directory has its own cache; a disabled one remembers nothing.
+        assert_eq!(
+            HashCache::open(&dir.path().join("cache"), dir.path()).lookup("a", &stamp),
+            None
+        );
+        HashCache::disabled().save([("a".to_owned(), stamp, sha, later)]);
+        assert_eq!(HashCache::disabled().lookup("a", &stamp), None);
+    }
+}
