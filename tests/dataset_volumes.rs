@@ -216,6 +216,28 @@ async fn read_only_and_writable_inline_volumes() {
         2,
         "one tree and its record"
     );
+
+    // With the bucket gone, an explicit version this node holds still publishes (committed
+    // versions never change); a tag still needs the bucket and says so.
+    drop(bucket);
+    let offline = pods.join("offline");
+    c.node
+        .node_publish_volume(inline("csi-offline", &offline, "prod/iris:v1", true))
+        .await
+        .unwrap();
+    assert_eq!(listing(&offline), listing(src.path()));
+    c.node
+        .node_unpublish_volume(unpublish_request("csi-offline", &offline))
+        .await
+        .unwrap();
+    let tagged = pods.join("tagged");
+    let err = c
+        .node
+        .node_publish_volume(inline("csi-tagged", &tagged, "prod/iris:best", true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(mounts_at(&tagged).is_empty());
 }
 
 #[tokio::test]

@@ -189,6 +189,14 @@ impl Cache {
         self.trees().join(format!("{key}.json"))
     }
 
+    /// The pin of `reference` when it names a version explicitly and this node holds that
+    /// version's finished tree: committed versions never change, so the bucket need not be
+    /// asked (a warm publish costs no request, and works while the bucket is down).
+    pub fn cached_pin(&self, reference: &str) -> Option<Pin> {
+        let pin = self.sources().explicit_pin(reference)?;
+        self.record_path(&pin.key()).is_file().then_some(pin)
+    }
+
     /// Where the tree of `pin` lives (whether or not it is there).
     pub fn tree_path(&self, pin: &Pin) -> PathBuf {
         self.trees().join(pin.key())

@@ -228,7 +228,13 @@ impl NodeService {
             return Ok(record);
         }
         let wait = cache.settings().publish_timeout;
-        let pin = match tokio::time::timeout(wait, cache.sources().pin(reference)).await {
+        let resolved = async {
+            match cache.cached_pin(reference) {
+                Some(pin) => Ok(pin),
+                None => cache.sources().pin(reference).await,
+            }
+        };
+        let pin = match tokio::time::timeout(wait, resolved).await {
             Ok(Ok(pin)) => pin,
             Ok(Err(e)) => {
                 return Err(Status::new(

@@ -132,6 +132,27 @@ impl Sources {
     }
 
     /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now.
+    /// The pin a reference names by itself, asking no bucket: a stored dataset at an explicit
+    /// version (`v<N>`) in a configured bucket. Only a caller that knows the version is
+    /// committed (a finished cache tree is only ever built from one) may use it.
+    pub fn explicit_pin(&self, reference: &str) -> Option<Pin> {
+        match Reference::parse(reference).ok()? {
+            Reference::Stored {
+                bucket,
+                name,
+                selector: Selector::Named(version),
+            } if super::repo::version_number(&version).is_some() => {
+                let bucket = self.buckets.get(bucket.as_deref()).ok()?.name.clone();
+                Some(Pin::Stored {
+                    bucket,
+                    name,
+                    version,
+                })
+            }
+            _ => None,
+        }
+    }
+
     pub async fn pin(&self, reference: &str) -> Result<Pin> {
         match Reference::parse(reference).map_err(|e| Error::Invalid(e.to_string()))? {
             Reference::Stored {

@@ -142,7 +142,9 @@ pub fn blob_key(sha256: &str) -> String {
     format!("blobs/sha256/{}/{sha256}", &sha256[..2])
 }
 
-fn version_number(version: &str) -> Option<u64> {
+/// The number of a version ID (`v<N>`); `None` for anything else (tags can never look like
+/// one).
+pub fn version_number(version: &str) -> Option<u64> {
     version.strip_prefix('v')?.parse().ok()
 }
 
