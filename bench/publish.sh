@@ -56,8 +56,9 @@ for run in $(seq "$runs"); do
   [ "$(find "$work/pods/cold-$run" -type f | wc -l)" = "$files" ] || { echo "cold mount incomplete" >&2; exit 1; }
   t warm-ro C publish "ro-$run" "$work/pods/ro-$run" --dataset imagenet --readonly
   t warm-rw C publish "rw-$run" "$work/pods/rw-$run" --dataset imagenet
+  t warm-pin C publish "pin-$run" "$work/pods/pin-$run" --dataset imagenet:v1 --readonly
   echo written > "$work/pods/rw-$run/part00/new.txt"
-  for v in cold ro rw; do C unpublish "$v-$run" "$work/pods/$v-$run" >/dev/null; done
+  for v in cold ro rw pin; do C unpublish "$v-$run" "$work/pods/$v-$run" >/dev/null; done
   rm -rf "$work/s5" "$work/aws"
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   t s5cmd s5 cp "s3://bench/lanes/blobs/*" "$work/s5/"
@@ -68,6 +69,7 @@ cold=$(median cold); s5=$(median s5cmd); awsm=$(median aws)
 printf '%-34s %10s\n' "median of $runs (seconds)" ""
 printf '%-34s %10.3f\n' "lanes cold publish (ro)" "$cold" "s5cmd cp (same bodies)" "$s5" "aws s3 sync (same bodies)" "$awsm"
 printf '%-34s %10.1f ms\n' "lanes warm publish, read-only" "$(echo "$(median warm-ro) * 1000" | bc)" \
-  "lanes warm publish, writable" "$(echo "$(median warm-rw) * 1000" | bc)"
+  "lanes warm publish, writable" "$(echo "$(median warm-rw) * 1000" | bc)" \
+  "lanes warm publish, imagenet:v1" "$(echo "$(median warm-pin) * 1000" | bc)"
 printf 'cold/s5cmd %.2f   cold/aws %.2f   (target: <= 1.00 and <= 0.50)\n' \
   "$(echo "$cold / $s5" | bc -l)" "$(echo "$cold / $awsm" | bc -l)"
