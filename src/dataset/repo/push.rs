@@ -142,10 +142,11 @@ struct Sent {
 impl<S: ObjectStore + Clone + 'static> Repo<S> {
     /// Hashes every file of `entries` (under `dir`) and uploads each body that is neither in
     /// `known` nor already sent by this push, as soon as it is hashed: reading, hashing and
-    /// sending overlap. A file `cache` remembers, whose body is `known`, is not read at all. A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent
-    /// from memory with one conditional PUT; a larger one is streamed from its file after a
-    /// HEAD says the bucket lacks it. At most `jobs` bodies are in flight, and hashing uses
-    /// at most one thread per core.
+    /// sending overlap. A file `cache` remembers, whose body is `known`, is not read at all.
+    /// A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent from memory with
+    /// one conditional PUT; a larger one is streamed from its file after a HEAD says the
+    /// bucket lacks it. At most `jobs` bodies are in flight, and hashing uses at most one
+    /// thread per core.
     async fn send_bodies(
         &self,
         dir: &Path,
