@@ -306,7 +306,7 @@ impl Cache {
     fn import_git(&self, url: &str, commit: &str, scratch: &Path) -> Result<Vec<Entry>> {
         let checkout = scratch.join("git");
         git::fetch(url, commit, commit, &checkout)?;
-        let (entries, _) = scan::scan(&checkout, self.settings().jobs.clamp(1, 8))
+        let entries = scan::scan(&checkout, self.settings().jobs.clamp(1, 8))
             .map_err(crate::dataset::repo::Error::from)?;
         for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
             let sha = entry.sha256.as_deref().unwrap_or_default();

@@ -2,8 +2,8 @@
 //!
 //! Rule: a remembered hash is reused only while the kernel's record of the file is unchanged —
 //! device, inode, size, modification time and change time. The change time moves with every
-//! write and no ordinary process can set it back. A file whose times were within [`RACY`] of
-//! the moment it was looked at is not remembered at all: a write in the same clock tick would
+//! write and no ordinary process can set it back. A file whose times were within [`RACY_NS`]
+//! of the moment it was looked at is not remembered at all: a write in the same clock tick would
 //! not have moved them (the rule git applies to its index). The cache is best effort: one that
 //! cannot be read is empty, one that cannot be written is skipped, and neither fails a push.
 
@@ -19,8 +19,6 @@ use super::scan::hex;
 
 /// Times closer than this to when a file was looked at make its entry untrustworthy.
 const RACY_NS: i64 = 2_000_000_000;
-/// How [`RACY_NS`] reads in prose.
-pub const RACY: &str = "2 s";
 const FORMAT: u32 = 1;
 
 /// What the kernel says of a file, enough to tell that its contents may have changed.

@@ -131,7 +131,6 @@ impl Sources {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now.
     /// The pin a reference names by itself, asking no bucket: a stored dataset at an explicit
     /// version (`v<N>`) in a configured bucket. Only a caller that knows the version is
     /// committed (a finished cache tree is only ever built from one) may use it.
@@ -153,6 +152,7 @@ impl Sources {
         }
     }
 
+    /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now.
     pub async fn pin(&self, reference: &str) -> Result<Pin> {
         match Reference::parse(reference).map_err(|e| Error::Invalid(e.to_string()))? {
             Reference::Stored {

@@ -471,8 +471,8 @@ mod tests {
     }
 
     fn same_tree(a: &Path, b: &Path) {
-        let (left, _) = scan(a, 4).unwrap();
-        let (right, _) = scan(b, 4).unwrap();
+        let left = scan(a, 4).unwrap();
+        let right = scan(b, 4).unwrap();
         assert_eq!(left, right);
     }
 

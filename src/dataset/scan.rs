@@ -9,14 +9,6 @@ use std::path::{Path, PathBuf};
 use super::manifest::{Entry, EntryKind, link_stays_inside};
 use crate::copy::walk::{self, Kind};
 
-/// A file of the scanned tree whose body may need uploading.
-#[derive(Debug, Clone)]
-pub struct Body {
-    pub path: PathBuf,
-    pub sha256: String,
-    pub size: u64,
-}
-
 /// Why a directory cannot be pushed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot push {path}: {reason}")]
@@ -127,34 +119,24 @@ impl<R: std::io::Read> std::io::Read for Counted<R> {
     }
 }
 
-/// Scans `root`: manifest entries (sorted by path) and the file bodies with their hashes,
-/// hashed on `jobs` threads.
-pub fn scan(root: &Path, jobs: usize) -> Result<(Vec<Entry>, Vec<Body>), ScanError> {
+/// Scans `root`: manifest entries sorted by path, every file hashed, on `jobs` threads.
+pub fn scan(root: &Path, jobs: usize) -> Result<Vec<Entry>, ScanError> {
     let mut entries = walk_tree(root)?;
     let hashes = crate::copy::parallel(&entries, jobs, |entry| match entry.kind {
         EntryKind::File => read_body(&root.join(&entry.path), entry.size, 0).map(Some),
         _ => Ok(None),
     });
-    let mut bodies = Vec::new();
     for (entry, read) in entries.iter_mut().zip(hashes) {
-        let path = root.join(&entry.path);
-        let Some(read) = read.map_err(|e| ScanError {
-            path: path.clone(),
+        let read = read.map_err(|e| ScanError {
+            path: root.join(&entry.path),
             reason: e.to_string(),
-        })?
-        else {
-            continue;
-        };
-        let sha256 = hex(&read.sha256);
-        entry.size = read.size;
-        entry.sha256 = Some(sha256.clone());
-        bodies.push(Body {
-            path,
-            sha256,
-            size: read.size,
-        });
+        })?;
+        if let Some(read) = read {
+            entry.size = read.size;
+            entry.sha256 = Some(hex(&read.sha256));
+        }
     }
-    Ok((entries, bodies))
+    Ok(entries)
 }
 
 /// Lowercase hex of a digest.
@@ -175,7 +157,7 @@ mod tests {
         std::fs::write(root.join("a/x"), b"test").unwrap();
         std::fs::write(root.join("top"), b"").unwrap();
         std::os::unix::fs::symlink("a/x", root.join("link")).unwrap();
-        let (entries, bodies) = scan(root, 4).unwrap();
+        let entries = scan(root, 4).unwrap();
         let paths: Vec<_> = entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, vec!["a", "a/empty", "a/x", "link", "top"]);
         let x = entries.iter().find(|e| e.path == "a/x").unwrap();
@@ -183,7 +165,7 @@ mod tests {
             x.sha256.as_deref(),
             Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
         );
-        assert_eq!(bodies.len(), 2);
+        assert_eq!(entries.iter().filter(|e| e.sha256.is_some()).count(), 2);
         let manifest = Manifest {
             format: FORMAT,
             dataset: "d".into(),

@@ -317,19 +317,21 @@ impl ObjectStore for S3Store {
         sha256: &Digest,
         if_absent: bool,
     ) -> Result<bool> {
-        let stream = match body {
-            Blob::Memory(bytes) => ByteStream::from(bytes),
+        match body {
+            Blob::Memory(bytes) => {
+                let stream = ByteStream::from(bytes);
+                self.upload(key, stream, Some(sha256), if_absent).await
+            }
             Blob::File(path) => {
                 let source = Pinned::open(&path).await?;
                 if source.size > self.multipart.threshold {
                     return self.upload_parts(key, source, sha256, if_absent).await;
                 }
-                let stream = source.range(0, source.size).await?;
                 // `source` stays open until the upload is done: the SDK reads through it.
-                return self.upload(key, stream, Some(sha256), if_absent).await;
+                let stream = source.range(0, source.size).await?;
+                self.upload(key, stream, Some(sha256), if_absent).await
             }
-        };
-        self.upload(key, stream, Some(sha256), if_absent).await
+        }
     }
 
     async fn get_to_file(&self, key: &str, path: &Path) -> Result<Option<Digest>> {
