@@ -24,6 +24,9 @@ pub enum Kind {
     DeadlineExceeded,
     /// Out of space or another finite resource.
     ResourceExhausted,
+    /// Stored data is damaged (a body or manifest that fails its checks); retrying will not
+    /// help until the data is repaired.
+    DataLoss,
     /// Anything else; the message says what to look at.
     Internal,
 }

@@ -15,9 +15,11 @@ pub mod csi;
 pub mod dataset;
 pub mod error;
 pub mod failpoint;
+pub mod fsutil;
 pub mod lane;
 pub mod metrics;
 pub mod mount;
+pub mod text;
 pub mod units;
 
 /// Code generated from `proto/csi.proto`.

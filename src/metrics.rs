@@ -3,7 +3,6 @@
 //! Per RPC: a count by result code and a latency histogram. The registry is owned by the
 //! [`Metrics`] value handed to the services; there is no global registry.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,25 +118,67 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `address` until `shutdown` resolves.
+/// Connections the metrics endpoint serves at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long one connection may live: one request, no keep-alive.
+const CONNECTION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves.
+///
+/// Rule: idle or slow clients cannot exhaust the plugin's file descriptors. At most
+/// [`MAX_CONNECTIONS`] connections are open at once (the rest are closed on accept); each
+/// serves one request and is closed after [`CONNECTION_DEADLINE`] whatever it is doing.
 pub async fn serve(
-    address: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move { metrics.render() }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }));
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!(%address, "metrics endpoint listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let response = respond(&metrics, request.uri().path());
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .timer(TokioTimer::new())
+                .header_read_timeout(CONNECTION_DEADLINE / 2)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
+            drop(slot);
+        });
+    }
+}
+
+fn respond(metrics: &Metrics, path: &str) -> http::Response<axum::body::Body> {
+    let (status, body) = match path {
+        "/metrics" => (http::StatusCode::OK, metrics.render()),
+        "/healthz" => (http::StatusCode::OK, "ok\n".to_owned()),
+        _ => (http::StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    };
+    let mut response = http::Response::new(axum::body::Body::from(body));
+    *response.status_mut() = status;
+    response
 }

@@ -140,6 +140,22 @@ async fn readonly_and_mount_flags_are_honoured_and_fixed_in_place() {
         mounts_at(&reader)[0].read_only(),
         "reader-only access mode mounts read-only"
     );
+    // A reader-only publication never shares the volume with a writer.
+    let mut writer = publish_request(&id, &staging, &pod.join("writer"), false);
+    writer.volume_capability = Some(mount_capability(Mode::SingleNodeMultiWriter, &[]));
+    assert_code(
+        c.node.node_publish_volume(writer).await,
+        Code::FailedPrecondition,
+        "writer beside a reader-only publication",
+    );
+    assert!(
+        !pod.join("writer").exists(),
+        "a refused publish creates nothing"
+    );
+    c.node
+        .node_unpublish_volume(unpublish_request(&id, &reader))
+        .await
+        .unwrap();
 
     let flagged = pod.join("flagged");
     let mut request = publish_request(&id, &staging, &flagged, false);
@@ -472,17 +488,39 @@ async fn node_info_capabilities_and_expand() {
     }
     let id = create(&mut c, "pvc-nexp").await;
     let path = plugin.dir("somewhere");
-    let grown = c
-        .node
-        .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: id.clone(),
-            volume_path: path.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(grown.capacity_bytes, 8 << 20);
+    // NodeExpandVolume needs the volume mounted at volume_path.
+    assert_code(
+        c.node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: path.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "expand where the volume is not mounted",
+    );
+    if privileged("node_expand_at_the_staging_path") {
+        c.node
+            .node_stage_volume(stage_request(&id, &path))
+            .await
+            .unwrap();
+        let grown = c
+            .node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: path.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(grown.capacity_bytes, 8 << 20);
+        c.node
+            .node_unstage_volume(unstage_request(&id, &path))
+            .await
+            .unwrap();
+    }
     assert_code(
         c.node
             .node_expand_volume(NodeExpandVolumeRequest {

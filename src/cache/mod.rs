@@ -31,6 +31,9 @@ use crate::metrics::Metrics;
 use crate::mount::{Origin, mountinfo};
 use crate::units::human;
 
+/// The name prefix of a tree set aside as damaged (kept in `tmp/` while a mount uses it).
+const SET_ASIDE: &str = "damaged-";
+
 /// Cache settings from the config file (`cache:`).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -227,6 +230,22 @@ impl Cache {
         Ok(())
     }
 
+    /// Removes trees that were set aside as damaged while mounted, once no mount uses them.
+    pub fn sweep_set_aside(&self) {
+        let Ok(users) = self.users() else {
+            return;
+        };
+        let Ok(entries) = read_dir(&self.root.join("tmp")) else {
+            return;
+        };
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(SET_ASIDE) && !users.contains_key(&format!("tmp/{name}")) {
+                remove_any(&entry.path());
+            }
+        }
+    }
+
     /// How many mounts use each `trees/<key>` and `tmp/<name>`: bind mounts whose root lies
     /// in the cache, and overlays whose lower layer does.
     fn users(&self) -> Result<HashMap<String, usize>> {
@@ -340,7 +359,7 @@ impl Cache {
             let aside = self
                 .root
                 .join("tmp")
-                .join(format!("damaged-{key}-{}", now_ns()));
+                .join(format!("{SET_ASIDE}{key}-{}", now_ns()));
             std::fs::rename(&tree, &aside).map_err(|e| Error::io(tree.display(), e))?;
             if !self
                 .users()?

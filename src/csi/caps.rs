@@ -5,6 +5,7 @@
 //! refused with a reason, never silently ignored.
 
 use crate::mount::MountFlags;
+use crate::mount::ledger::{AccessMode, Asked};
 use crate::proto::VolumeCapability;
 use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::volume_capability::{AccessType, MountVolume};
@@ -12,6 +13,8 @@ use crate::proto::volume_capability::{AccessType, MountVolume};
 /// What a supported capability asks of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Access {
+    /// The access mode asked for.
+    pub mode: AccessMode,
     /// The access mode only allows reading.
     pub read_only: bool,
     /// Flags for the mount, from `mount_flags`.
@@ -32,11 +35,11 @@ pub fn check(capability: &VolumeCapability) -> Result<Access, String> {
     let Some(access_mode) = &capability.access_mode else {
         return Err("volume_capability.access_mode is required".into());
     };
-    let read_only = match Mode::try_from(access_mode.mode) {
-        Ok(Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter) => {
-            false
-        }
-        Ok(Mode::SingleNodeReaderOnly) => true,
+    let (mode, read_only) = match Mode::try_from(access_mode.mode) {
+        Ok(Mode::SingleNodeWriter) => (AccessMode::SingleNodeWriter, false),
+        Ok(Mode::SingleNodeSingleWriter) => (AccessMode::SingleNodeSingleWriter, false),
+        Ok(Mode::SingleNodeMultiWriter) => (AccessMode::SingleNodeMultiWriter, false),
+        Ok(Mode::SingleNodeReaderOnly) => (AccessMode::SingleNodeReaderOnly, true),
         Ok(
             mode @ (Mode::MultiNodeReaderOnly
             | Mode::MultiNodeSingleWriter
@@ -52,6 +55,7 @@ pub fn check(capability: &VolumeCapability) -> Result<Access, String> {
         }
     };
     check_mount(mount).map(|(flags, mount_group)| Access {
+        mode,
         read_only: read_only || flags.read_only,
         flags,
         mount_group,
@@ -75,6 +79,28 @@ fn check_mount(mount: &MountVolume) -> Result<(MountFlags, Option<u32>), String>
         ),
     };
     Ok((flags, group))
+}
+
+/// What a stage or publish with `capability` (already checked) and the request's `readonly`
+/// asks for, as the node ledger compares repeats.
+pub fn asked(capability: &VolumeCapability, access: &Access, readonly: bool) -> Asked {
+    let (block, fs_type, flags, mount_group) = match &capability.access_type {
+        Some(AccessType::Mount(mount)) => (
+            false,
+            mount.fs_type.clone(),
+            mount.mount_flags.as_slice(),
+            mount.volume_mount_group.clone(),
+        ),
+        _ => (true, String::new(), &[][..], String::new()),
+    };
+    Asked {
+        mode: access.mode,
+        block,
+        fs_type,
+        flags_sha256: Asked::digest_flags(flags),
+        mount_group,
+        readonly,
+    }
 }
 
 /// Checks every capability of a request; the first unsupported one's reason is returned.

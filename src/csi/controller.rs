@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use tonic::{Request, Response, Status};
 
 use super::datasets::DATASET_KEY;
-use super::status::{busy, missing};
+use super::status::missing;
 use super::{Plugin, TOPOLOGY_KEY, caps};
 use crate::lane::local::CreateRequest;
 use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta};
@@ -151,7 +151,7 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         self.0
             .call("CreateVolume", async {
-                VolumeId::for_name(crate::lane::local::LANE, &req.name)?;
+                let id = VolumeId::for_name(crate::lane::local::LANE, &req.name)?;
                 caps::check_all(&req.volume_capabilities).map_err(Status::invalid_argument)?;
                 if req.volume_content_source.is_some() {
                     return Err(Status::invalid_argument(
@@ -178,11 +178,9 @@ impl Controller for ControllerService {
                     required: r.required_bytes,
                     limit: r.limit_bytes,
                 });
-                let _guard = self
-                    .0
-                    .inflight
-                    .try_lock(format!("create:{}", req.name))
-                    .ok_or_else(|| busy(&format!("volume name {:?}", req.name)))?;
+                // Keyed by the ID the name maps to: a create and a delete of the same volume
+                // exclude each other.
+                let _guard = self.0.guard(&id.to_string())?;
                 self.0.failpoint.delay("create").await;
                 let dataset = match &params.dataset {
                     Some(reference) if !self.exists(&req.name).await => {
@@ -220,11 +218,7 @@ impl Controller for ControllerService {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let _guard = self
-                    .0
-                    .inflight
-                    .try_lock(id.to_string())
-                    .ok_or_else(|| busy(&req.volume_id))?;
+                let _guard = self.0.guard(&req.volume_id)?;
                 let mounter = self.0.mounter.clone();
                 self.0
                     .lane_op(move |lane| {
@@ -471,11 +465,7 @@ impl Controller for ControllerService {
                     caps::check(capability).map_err(Status::invalid_argument)?;
                 }
                 let id = VolumeId::parse(&req.volume_id)?;
-                let _guard = self
-                    .0
-                    .inflight
-                    .try_lock(id.to_string())
-                    .ok_or_else(|| busy(&req.volume_id))?;
+                let _guard = self.0.guard(&req.volume_id)?;
                 let range = Range {
                     required: range.required_bytes,
                     limit: range.limit_bytes,

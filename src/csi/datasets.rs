@@ -1,41 +1,40 @@
 //! Dataset volumes on the node: CSI ephemeral inline volumes (`volumeAttributes: {dataset:
-//! REF}`), mounted from the node cache at publish time.
+//! REF}`), mounted from the node cache at publish time, and the staging of persistent volumes
+//! created with a dataset.
 //!
 //! Read-only volumes are a read-only bind of the cached tree; writable ones an overlay whose
 //! lower layer is the tree and whose upper layer is the volume's own directory under
 //! `<data-dir>/ephemeral/<volume>/`, so writes stay private to the volume and cost nothing up
-//! front. Rules: the reference is resolved once and pinned in the volume's record, so every
-//! retry mounts the same version; a publish waits at most `cache.publish_timeout_seconds`
-//! and otherwise answers UNAVAILABLE with the download's progress; dataset mounts are always
-//! `nosuid,nodev`.
+//! front. Rules: the reference is resolved once and pinned in the node ledger before anything
+//! is mounted, so every retry mounts the same version; a publish waits at most
+//! `cache.publish_timeout_seconds` and otherwise answers UNAVAILABLE with the download's
+//! progress; dataset mounts are always `nosuid,nodev`; a volume's own directory goes only when
+//! none of its publications remains and no mount uses its upper layer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
 use super::caps;
-use super::node::{NodeService, apply_mount_group, prepare_target, remove_target};
-use super::status::{code, missing};
+use super::node::{NodeService, apply_mount_group, publish_flags};
+use super::status::code;
 use crate::cache::Cache;
 use crate::dataset::pin::Pin;
 use crate::dataset::scan::hex;
+use crate::mount::ledger::{InlineDataset, Publication, VolumeRecord};
+use crate::mount::safe::{Pinned, RequestPath};
 use crate::mount::{MountEntry, MountFlags, Origin, Overlay, mountinfo, upper_of};
-use crate::proto::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
+use crate::proto::{
+    NodeGetVolumeStatsResponse, NodePublishVolumeRequest, VolumeCapability, VolumeCondition,
+};
+use crate::text::Shown;
 
 /// The volume attribute that names the dataset.
 pub const DATASET_KEY: &str = "dataset";
 /// Set by kubelet on the publish of an ephemeral inline volume.
 const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
-
-/// What an ephemeral volume is, recorded before anything is mounted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    reference: String,
-    pin: Pin,
-}
 
 impl From<crate::cache::Error> for Status {
     fn from(err: crate::cache::Error) -> Status {
@@ -72,8 +71,9 @@ fn dataset_attribute(context: &HashMap<String, String>) -> Result<&str, Status> 
         .find(|k| *k != DATASET_KEY && !k.starts_with("csi.storage.k8s.io/"))
     {
         return Err(Status::invalid_argument(format!(
-            "volume attribute {unknown:?} is not supported; an inline Lanes volume takes \
-             `dataset: [bucket/]name[:version|:tag]` or `dataset: git+URL[@ref]`"
+            "volume attribute {} is not supported; an inline Lanes volume takes \
+             `dataset: [bucket/]name[:version|:tag]` or `dataset: git+URL[@ref]`",
+            Shown(unknown)
         )));
     }
     match context.get(DATASET_KEY) {
@@ -101,26 +101,24 @@ impl NodeService {
     }
 
     /// True when `entry` is a dataset mount this plugin made for the volume at `dir`: a bind
-    /// of a cached tree or an overlay whose upper layer is the volume's.
+    /// of something in the cache (a tree, or a tree set aside as damaged while mounted) or an
+    /// overlay whose upper layer is the volume's.
     fn is_dataset_mount(&self, cache_origin: &Origin, dir: &Path, entry: &MountEntry) -> bool {
         upper_of(entry) == Some(dir.join("upper").as_path())
-            || (cache_origin.device == Some((entry.major, entry.minor))
-                && entry.root.starts_with(cache_origin.root.join("trees")))
+            || (entry.fs_type != "overlay"
+                && cache_origin.device == Some((entry.major, entry.minor))
+                && entry.root.starts_with(&cache_origin.root))
     }
 
-    /// The mount-table entries at or above `target` and the cache, and where the cache lies.
+    /// The mount-table entries at or above `paths` and the cache, and where the cache lies.
     async fn dataset_table(
         &self,
-        target: &Path,
+        mut paths: Vec<PathBuf>,
         cache: &Cache,
     ) -> Result<(Vec<MountEntry>, Origin), Status> {
         let cache_root = cache.root().to_owned();
-        let (probe_target, probe_cache) = (target.to_owned(), cache_root.clone());
-        let table = self
-            .mount_op("read mount table", target, move |m| {
-                m.table_for(&[&probe_target, &probe_cache])
-            })
-            .await?;
+        paths.push(cache_root.clone());
+        let table = self.table(paths).await?;
         let origin = Origin::of(&table, &cache_root);
         Ok((table, origin))
     }
@@ -129,60 +127,71 @@ impl NodeService {
     pub(super) async fn publish_dataset(
         &self,
         req: &NodePublishVolumeRequest,
+        target: &RequestPath,
+        capability: &VolumeCapability,
+        access: &caps::Access,
     ) -> Result<(), Status> {
         let reference = dataset_attribute(&req.volume_context)?;
-        let capability = req
-            .volume_capability
-            .as_ref()
-            .ok_or_else(|| missing("volume_capability"))?;
-        let access = caps::check(capability).map_err(Status::invalid_argument)?;
         let flags = MountFlags {
-            read_only: req.readonly || access.read_only,
             nosuid: true,
             nodev: true,
-            ..access.flags
+            ..publish_flags(access, req.readonly)
         };
         let cache = self.cache()?.clone();
+        let _guard = self.0.guard(&req.volume_id)?;
+        let mut record = self.0.ledger.load(&req.volume_id)?;
+        let inline = self.inline_dataset(&mut record, reference, &cache).await?;
+        let pin = Pin::parse(&inline.pin).map_err(|e| {
+            Status::internal(format!("the node ledger records an unusable dataset: {e}"))
+        })?;
         let dir = self.ephemeral_dir(&req.volume_id);
-        let target = PathBuf::from(&req.target_path);
-        let _guard = self.guard_key(&format!("{}@{}", req.volume_id, target.display()))?;
-        let record = self.dataset_record(&dir, reference, &cache).await?;
-        let target = prepare_target(&target, &self.0.failpoint)?;
+        let mut paths = vec![target.as_path().to_owned()];
+        paths.extend(record.published.iter().map(|p| p.target.clone()));
+        let (table, cache_origin) = self.dataset_table(paths, &cache).await?;
+        let ours = |entry: &MountEntry| self.is_dataset_mount(&cache_origin, &dir, entry);
+        let live = |path: &Path| mountinfo::at(&table, path).into_iter().any(ours);
+        let publication = Publication {
+            target: target.as_path().to_owned(),
+            staging: None,
+            asked: caps::asked(capability, access, req.readonly),
+            writer: !flags.read_only,
+            created_target: false,
+        };
+        self.admit(&mut record, publication, target, live)?;
+        let (target_dir, _) = target.make_dir()?;
+        self.0.failpoint.hit("publish.after-mkdir");
 
-        let (table, cache_origin) = self.dataset_table(&target, &cache).await?;
-        if let Some(top) = mountinfo::at(&table, &target).last() {
-            if !self.is_dataset_mount(&cache_origin, &dir, top) {
+        if let Some(top) = mountinfo::at(&table, target.as_path()).last() {
+            if !ours(top) {
                 return Err(Status::already_exists(format!(
                     "target_path {} already has another mount ({} from {})",
-                    target.display(),
-                    top.fs_type,
-                    top.source
+                    Shown(&req.target_path),
+                    Shown(&top.fs_type),
+                    Shown(&top.source)
                 )));
             }
             if flags.satisfied_by(top) {
                 return Ok(());
             }
-            let path = target.clone();
-            return self
-                .mount_op("remount", &target, move |m| m.remount(&path, flags))
-                .await;
+            return self.remount(target, flags).await;
         }
 
         let tree = cache
-            .tree(&record.pin, cache.settings().publish_timeout)
+            .tree(&pin, cache.settings().publish_timeout)
             .await
             .map_err(|e| {
-                Status::new(code(e.kind), format!("dataset {reference}: {}", e.message))
+                Status::new(
+                    code(e.kind),
+                    format!("dataset {}: {}", Shown(reference), e.message),
+                )
             })?;
         if flags.read_only {
-            let (source, path) = (tree.clone(), target.clone());
-            self.mount_op("bind mount", &target, move |m| m.bind(&source, &path))
-                .await?;
+            self.mount_op("bind mount", target.as_path(), move |m| {
+                m.bind(&tree, &target_dir.proc_path())
+            })
+            .await?;
             self.0.failpoint.hit("publish.after-bind");
-            let path = target.clone();
-            return self
-                .mount_op("remount", &target, move |m| m.remount(&path, flags))
-                .await;
+            return self.remount(target, flags).await;
         }
         let layers = Overlay {
             lower: tree.clone(),
@@ -190,48 +199,44 @@ impl NodeService {
             work: dir.join("work"),
         };
         for layer in [&layers.upper, &layers.work] {
-            crate::copy::file::real_dir(layer)
+            std::fs::create_dir_all(layer)
                 .map_err(|e| Status::internal(format!("create {}: {e}", layer.display())))?;
         }
-        let tree_mode = std::fs::metadata(&tree).map(|m| m.permissions());
-        if let Ok(mode) = tree_mode {
-            let _ = std::fs::set_permissions(&layers.upper, mode);
+        if let Ok(meta) = std::fs::metadata(&tree) {
+            let _ = std::fs::set_permissions(&layers.upper, meta.permissions());
         }
         if let Some(gid) = access.mount_group {
             apply_mount_group(&layers.upper, gid)?;
         }
-        let path = target.clone();
-        self.mount_op("overlay mount", &target, move |m| {
-            m.overlay(&layers, &path, flags)
+        self.mount_op("overlay mount", target.as_path(), move |m| {
+            m.overlay(&layers, &target_dir.proc_path(), flags)
         })
         .await
     }
 
-    /// The volume's record: the pin chosen by an earlier attempt, or the reference resolved
+    /// The volume's dataset: the pin chosen by an earlier attempt, or the reference resolved
     /// now and recorded before anything is mounted.
-    async fn dataset_record(
+    async fn inline_dataset(
         &self,
-        dir: &Path,
+        record: &mut VolumeRecord,
         reference: &str,
         cache: &Cache,
-    ) -> Result<Record, Status> {
-        let path = dir.join("volume.json");
-        if let Ok(text) = std::fs::read(&path)
-            && let Ok(record) = serde_json::from_slice::<Record>(&text)
-        {
-            if record.reference != reference {
+    ) -> Result<InlineDataset, Status> {
+        if let Some(inline) = &record.dataset {
+            if inline.reference != reference {
                 return Err(Status::already_exists(format!(
-                    "volume is already published with dataset {:?}, not {reference:?}",
-                    record.reference
+                    "volume is already published with dataset {}, not {}",
+                    Shown(&inline.reference),
+                    Shown(reference)
                 )));
             }
-            return Ok(record);
+            return Ok(inline.clone());
         }
         let wait = cache.settings().publish_timeout;
         let resolved = async {
             match cache.cached_pin(reference) {
                 Some(pin) => Ok(pin),
-                None => cache.sources().pin(reference).await,
+                None => cache.sources().pin_for_volume(reference).await,
             }
         };
         let pin = match tokio::time::timeout(wait, resolved).await {
@@ -239,51 +244,109 @@ impl NodeService {
             Ok(Err(e)) => {
                 return Err(Status::new(
                     code(e.kind()),
-                    format!("dataset {reference}: {e}"),
+                    format!("dataset {}: {e}", Shown(reference)),
                 ));
             }
             Err(_) => {
                 return Err(Status::unavailable(format!(
-                    "dataset {reference}: the bucket did not answer within {}s; retry",
+                    "dataset {}: the bucket did not answer within {}s; retry",
+                    Shown(reference),
                     wait.as_secs()
                 )));
             }
         };
-        let record = Record {
+        let inline = InlineDataset {
             reference: reference.to_owned(),
-            pin,
+            pin: pin.to_string(),
         };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
-        let text = serde_json::to_vec(&record).map_err(|e| Status::internal(e.to_string()))?;
-        let temp = dir.join(".volume.json.tmp");
-        std::fs::write(&temp, text)
-            .and_then(|()| std::fs::rename(&temp, &path))
-            .map_err(|e| Status::internal(format!("record {}: {e}", path.display())))?;
-        Ok(record)
+        record.dataset = Some(inline.clone());
+        self.0.ledger.store(record)?;
+        Ok(inline)
     }
 
-    /// NodeUnpublishVolume of an ephemeral dataset volume (or of an unknown ID with nothing
-    /// of ours mounted): unmounts, then removes the volume's own directories and the target.
+    /// NodeUnpublishVolume of an ephemeral dataset volume: unmounts what this volume
+    /// published at `target`, removes the target, and removes the volume's own directory and
+    /// record once no publication of it remains and no mount uses its upper layer. A target
+    /// this volume never published is left untouched.
     pub(super) async fn unpublish_dataset(
         &self,
-        req: &NodeUnpublishVolumeRequest,
+        mut record: VolumeRecord,
+        target: &RequestPath,
     ) -> Result<(), Status> {
-        let dir = self.ephemeral_dir(&req.volume_id);
-        let Ok(target) = Path::new(&req.target_path).canonicalize() else {
-            remove_volume_dir(&dir)?;
+        let cache = self.cache()?.clone();
+        let dir = self.ephemeral_dir(&record.volume_id);
+        if record.publication(target.as_path()).is_some() {
+            let (table, cache_origin) = self
+                .dataset_table(vec![target.as_path().to_owned()], &cache)
+                .await?;
+            let what = format!("dataset volume {}", Shown(&record.volume_id));
+            self.unmount_ours(&what, target, &table, |e| {
+                self.is_dataset_mount(&cache_origin, &dir, e)
+            })
+            .await?;
+            self.0.failpoint.hit("unpublish.after-unmount");
+            self.release_target(&mut record, target)?;
+        }
+        if record.published.is_empty() {
+            self.forget_inline(&record, &dir).await?;
+        }
+        let sweep = cache.clone();
+        let _ = tokio::task::spawn_blocking(move || sweep.sweep_set_aside()).await;
+        Ok(())
+    }
+
+    /// Removes an inline volume's directory and record once no mount uses its upper layer.
+    async fn forget_inline(&self, record: &VolumeRecord, dir: &Path) -> Result<(), Status> {
+        let upper = dir.join("upper");
+        let probe = upper.clone();
+        let in_use = self
+            .mount_op("read mount table", &upper, move |m| m.binds_of(&probe))
+            .await?
+            .iter()
+            .any(|e| upper_of(e) == Some(upper.as_path()));
+        if in_use {
+            tracing::warn!(volume.id = %Shown(&record.volume_id), "an overlay still uses the volume's upper layer; keeping it");
             return Ok(());
-        };
-        let _guard = self.guard_key(&format!("{}@{}", req.volume_id, target.display()))?;
-        let (table, cache_origin) = self.dataset_table(&target, self.cache()?).await?;
-        let what = format!("dataset volume {}", req.volume_id);
-        self.unmount_ours(&what, &target, &table, |e| {
-            self.is_dataset_mount(&cache_origin, &dir, e)
+        }
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Status::internal(format!("remove {}: {e}", dir.display())));
+            }
+            _ => {}
+        }
+        self.0.ledger.remove(&record.volume_id)?;
+        Ok(())
+    }
+
+    /// NodeGetVolumeStats of an inline volume published at `path`.
+    pub(super) async fn dataset_stats(
+        &self,
+        record: &VolumeRecord,
+        path: &RequestPath,
+    ) -> Result<NodeGetVolumeStatsResponse, Status> {
+        let cache = self.cache()?.clone();
+        let dir = self.ephemeral_dir(&record.volume_id);
+        let (table, cache_origin) = self
+            .dataset_table(vec![path.as_path().to_owned()], &cache)
+            .await?;
+        let mounted = record.publication(path.as_path()).is_some()
+            && mountinfo::at(&table, path.as_path())
+                .into_iter()
+                .any(|e| self.is_dataset_mount(&cache_origin, &dir, e));
+        if !mounted {
+            return Err(Status::not_found(format!(
+                "dataset volume {} is not mounted at {}",
+                Shown(&record.volume_id),
+                Shown(&path.as_path().to_string_lossy())
+            )));
+        }
+        Ok(NodeGetVolumeStatsResponse {
+            usage: self.usage(path).await?,
+            volume_condition: Some(VolumeCondition {
+                abnormal: false,
+                message: "dataset volume is mounted from the node cache".into(),
+            }),
         })
-        .await?;
-        self.0.failpoint.hit("unpublish.after-unmount");
-        remove_volume_dir(&dir)?;
-        remove_target(&target)
     }
 
     /// NodeStageVolume of a persistent volume created with a dataset: an overlay at the
@@ -293,7 +356,8 @@ impl NodeService {
         &self,
         pin: &str,
         data: &Path,
-        staging: &Path,
+        staging: &RequestPath,
+        staging_dir: Pinned,
     ) -> Result<(), Status> {
         let pin = Pin::parse(pin).map_err(|e| {
             Status::internal(format!("the volume records an unusable dataset: {e}"))
@@ -304,7 +368,7 @@ impl NodeService {
             .await
             .map_err(|e| Status::new(code(e.kind), format!("dataset {pin}: {}", e.message)))?;
         let work = data.with_file_name("work");
-        crate::copy::file::real_dir(&work)
+        std::fs::create_dir_all(&work)
             .map_err(|e| Status::internal(format!("create {}: {e}", work.display())))?;
         let layers = Overlay {
             lower: tree,
@@ -316,28 +380,12 @@ impl NodeService {
             nodev: true,
             ..Default::default()
         };
-        let path = staging.to_owned();
-        self.mount_op("overlay mount", staging, move |m| {
-            m.overlay(&layers, &path, flags)
+        self.mount_op("overlay mount", staging.as_path(), move |m| {
+            m.overlay(&layers, &staging_dir.proc_path(), flags)
         })
         .await?;
         self.0.failpoint.hit("stage.after-bind");
         Ok(())
-    }
-
-    /// The dataset volume mounted at `path`, if `volume_id` is one (for NodeGetVolumeStats).
-    pub(super) fn dataset_volume_at(&self, volume_id: &str) -> bool {
-        self.ephemeral_dir(volume_id).join("volume.json").exists()
-    }
-}
-
-/// Removes an ephemeral volume's directory (its record and its private writes).
-fn remove_volume_dir(dir: &Path) -> Result<(), Status> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Status::internal(format!("remove {}: {e}", dir.display())))
-        }
-        _ => Ok(()),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::lane::LocalLane;
 use crate::metrics::Metrics;
 use crate::mount::Mounter;
 pub use crate::proto;
+use crate::text::{MAX_MESSAGE_BYTES, bounded};
 
 /// The topology key whose value is the node that holds a local volume.
 pub const TOPOLOGY_KEY: &str = "topology.lanes.csi.dev/node";
@@ -46,6 +47,10 @@ pub struct Plugin {
     pub lane: LocalLane,
     pub mounter: Arc<dyn Mounter>,
     pub inflight: guard::InFlight,
+    /// Which request paths are refused (inside or above what Lanes owns).
+    pub confinement: crate::mount::safe::Confinement,
+    /// What this node has staged and published (node role).
+    pub ledger: crate::mount::ledger::Ledger,
     pub metrics: Arc<Metrics>,
     pub mount_timeout: Duration,
     pub failpoint: Failpoint,
@@ -85,7 +90,11 @@ impl Plugin {
         body: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let result = body.await;
+        // Messages may echo request values: escaped and bounded before they are logged or
+        // sent (see crate::text).
+        let result = body.await.map_err(|status| {
+            Status::new(status.code(), bounded(status.message(), MAX_MESSAGE_BYTES))
+        });
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics.record(rpc, code, started);
         match &result {
@@ -95,6 +104,13 @@ impl Plugin {
             }
         }
         result.map(Response::new)
+    }
+
+    /// Holds `volume_id` for this call: a concurrent call on the same volume is ABORTED.
+    pub fn guard(&self, volume_id: &str) -> Result<guard::Guard, Status> {
+        self.inflight
+            .try_lock(volume_id)
+            .ok_or_else(|| status::busy(volume_id))
     }
 
     /// The Kubernetes API client, if one can be made here.

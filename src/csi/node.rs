@@ -2,65 +2,64 @@
 //! staging path; publish = bind the staging path at the target with the requested flags.
 //!
 //! Rules enforced here (CSI spec, "Node Service RPC"):
+//! - required fields are checked before anything is touched; request paths are confined
+//!   ([`crate::mount::safe`]: absolute, no symlink component, not inside or above what Lanes
+//!   owns) and every mount, `mkdir` and `rmdir` goes through descriptors opened without
+//!   following links;
+//! - one call per volume at a time (ABORTED for the other);
 //! - every call reads the mount table first; work already done answers OK (fixing ro/rw and
 //!   other flags in place), something else mounted there is an error that says what;
-//! - unpublish and unstage of a path with nothing mounted succeed; unpublish removes the
-//!   target directory it created (only when empty) and never anything else;
-//! - publish of a volume that is not staged is FAILED_PRECONDITION;
-//! - a crash between any two steps is repaired by the retry: no step is ever done twice.
+//! - what was asked is recorded in the node ledger before mounting: a repeat with other
+//!   flags at a live mount is ALREADY_EXISTS, single-writer access modes hold across
+//!   targets (FAILED_PRECONDITION), a crash between any two steps is repaired by the retry;
+//! - unpublish and unstage of a path with nothing of ours mounted succeed; unpublish removes
+//!   the target directory only when a publish of this volume recorded it, only when empty;
+//! - publish of a volume that is not staged is FAILED_PRECONDITION.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::status::{busy, missing};
+use super::status::{missing, require};
 use super::{Plugin, caps, datasets};
 use crate::lane::{VolumeId, VolumeMeta};
+use crate::mount::ledger::{Publication, Staging, VolumeRecord};
+use crate::mount::safe::{Removed, RequestPath};
 use crate::mount::{self, MountEntry, MountFlags, Origin, mountinfo};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{Rpc, rpc};
 use crate::proto::*;
+use crate::text::Shown;
 
 /// Node service over the shared plugin state.
 #[derive(Debug, Clone)]
 pub struct NodeService(pub Arc<Plugin>);
 
 impl NodeService {
-    /// Parses the ID and loads the volume; unknown volumes are NOT_FOUND.
-    async fn volume(&self, volume_id: &str) -> Result<VolumeId, Status> {
-        self.volume_meta(volume_id).await.map(|(id, _)| id)
-    }
-
-    /// [`Self::volume`], with what the volume's record says.
-    async fn volume_meta(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta), Status> {
-        if volume_id.is_empty() {
-            return Err(missing("volume_id"));
-        }
-        let id = VolumeId::parse(volume_id)?;
-        let lookup = id.clone();
-        let meta = self.0.lane_op(move |lane| lane.get(&lookup)).await?;
-        Ok((id, meta))
-    }
-
-    /// The mount-table location of a volume's data directory, and the table entries at or
-    /// above the data directory and each of `paths`.
-    async fn origin(
+    /// Checks a path named by the request (see [`crate::mount::safe`]).
+    pub(super) fn request_path(
         &self,
-        id: &VolumeId,
-        paths: &[&Path],
-    ) -> Result<(PathBuf, Origin, Vec<MountEntry>), Status> {
-        let data = self.0.lane.data_path(id);
-        let mut wanted: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
-        wanted.push(data.clone());
-        let table = self
-            .mount_op("read mount table", &data, move |m| {
-                let refs: Vec<&Path> = wanted.iter().map(PathBuf::as_path).collect();
-                m.table_for(&refs)
-            })
-            .await?;
-        let origin = Origin::of(&table, &data);
-        Ok((data, origin, table))
+        field: &'static str,
+        text: &str,
+    ) -> Result<RequestPath, Status> {
+        Ok(self.0.confinement.check(field, text)?)
+    }
+
+    /// The volume's record; unknown volumes are NOT_FOUND.
+    async fn meta(&self, id: &VolumeId) -> Result<VolumeMeta, Status> {
+        let lookup = id.clone();
+        self.0.lane_op(move |lane| lane.get(&lookup)).await
+    }
+
+    /// The mount-table entries at or above each of `paths`.
+    pub(super) async fn table(&self, paths: Vec<PathBuf>) -> Result<Vec<MountEntry>, Status> {
+        let first = paths.first().cloned().unwrap_or_default();
+        self.mount_op("read mount table", &first, move |m| {
+            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            m.table_for(&refs)
+        })
+        .await
     }
 
     pub(super) async fn mount_op<T, F>(
@@ -79,37 +78,32 @@ impl NodeService {
             .map_err(Status::from)
     }
 
-    fn guard(&self, id: &VolumeId, path: &Path) -> Result<super::guard::Guard, Status> {
-        self.guard_key(&format!("{id}@{}", path.display()))
-    }
-
-    /// Holds `key` for this call; a concurrent call on the same key is ABORTED.
-    pub(super) fn guard_key(&self, key: &str) -> Result<super::guard::Guard, Status> {
-        self.0
-            .inflight
-            .try_lock(key.to_owned())
-            .ok_or_else(|| busy(key))
-    }
-
     /// Bytes and inodes of the filesystem at `path` (statvfs; never a walk of the tree).
-    async fn usage(&self, path: &Path) -> Result<Vec<VolumeUsage>, Status> {
-        let stat_path = path.to_owned();
-        let stat = mount::blocking("statvfs", path, self.0.mount_timeout, move || {
-            nix::sys::statvfs::statvfs(&stat_path)
-                .map_err(|e| mount::Error::io("statvfs", &stat_path, e.into()))
+    pub(super) async fn usage(&self, path: &RequestPath) -> Result<Vec<VolumeUsage>, Status> {
+        let pinned = path.open_dir()?.ok_or_else(|| {
+            Status::not_found(format!(
+                "volume_path {} does not exist",
+                Shown(&path.as_path().to_string_lossy())
+            ))
+        })?;
+        let stat = mount::blocking("statvfs", path.as_path(), self.0.mount_timeout, move || {
+            let proc_path = pinned.proc_path();
+            nix::sys::statvfs::statvfs(&proc_path)
+                .map_err(|e| mount::Error::io("statvfs", &proc_path, e.into()))
         })
         .await?;
         let block = stat.fragment_size();
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let usage = |total: u64, free: u64, available: u64, unit: volume_usage::Unit| VolumeUsage {
-            total: total as i64,
-            available: available as i64,
-            used: total.saturating_sub(free) as i64,
+            total: clamp(total),
+            available: clamp(available),
+            used: clamp(total.saturating_sub(free)),
             unit: unit as i32,
         };
         let bytes = usage(
-            stat.blocks() * block,
-            stat.blocks_free() * block,
-            stat.blocks_available() * block,
+            stat.blocks().saturating_mul(block),
+            stat.blocks_free().saturating_mul(block),
+            stat.blocks_available().saturating_mul(block),
             volume_usage::Unit::Bytes,
         );
         let inodes = usage(
@@ -122,95 +116,96 @@ impl NodeService {
     }
 
     /// Unmounts every mount stacked at `path` (as `table` shows them) when all of them are
-    /// `ours`; refuses to touch anything else. `what` names the volume in the error.
+    /// `ours`; refuses to touch anything else. `what` names the volume in the error. Each
+    /// unmount goes through a descriptor of the path opened without following links.
     pub(super) async fn unmount_ours(
         &self,
         what: &str,
-        path: &Path,
+        path: &RequestPath,
         table: &[MountEntry],
         ours: impl Fn(&MountEntry) -> bool,
     ) -> Result<(), Status> {
-        let stack = mountinfo::at(table, path);
+        let stack = mountinfo::at(table, path.as_path());
         if let Some(foreign) = stack.iter().find(|entry| !ours(entry)) {
             return Err(Status::failed_precondition(format!(
                 "{} has a mount of {} ({}) that is not {what}; refusing to unmount it",
-                path.display(),
-                foreign.source,
-                foreign.root.display()
+                Shown(&path.as_path().to_string_lossy()),
+                Shown(&foreign.source),
+                Shown(&foreign.root.to_string_lossy()),
             )));
         }
         for _ in 0..stack.len() {
-            let target = path.to_owned();
-            self.mount_op("unmount", path, move |m| m.unmount(&target))
-                .await?;
+            let (parent, through) = path.through_parent()?;
+            self.mount_op("unmount", path.as_path(), move |m| {
+                let unmounted = m.unmount(&through);
+                drop(parent);
+                unmounted
+            })
+            .await?;
         }
         Ok(())
     }
-}
 
-/// Resolves an existing directory given by the CO to its canonical path.
-fn existing_dir(path: &str, field: &str) -> Result<PathBuf, Status> {
-    let path = Path::new(path);
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => path
-            .canonicalize()
-            .map_err(|e| Status::internal(format!("resolve {}: {e}", path.display()))),
-        Ok(_) => Err(Status::invalid_argument(format!(
-            "{field} {} exists and is not a directory",
-            path.display()
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(Status::invalid_argument(format!(
-                "{field} {} does not exist; the CO must create it",
-                path.display()
-            )))
+    /// Checks publication `new` against the volume's record and records it, before anything
+    /// is mounted. `live` says whether a path still carries a mount of this volume. Stale
+    /// entries (nothing mounted any more) are dropped.
+    pub(super) fn admit(
+        &self,
+        record: &mut VolumeRecord,
+        mut new: Publication,
+        target: &RequestPath,
+        live: impl Fn(&Path) -> bool,
+    ) -> Result<(), Status> {
+        record
+            .published
+            .retain(|p| p.target == new.target || live(&p.target));
+        if let Some(existing) = record.publication(&new.target) {
+            if (existing.asked != new.asked || existing.staging != new.staging) && live(&new.target)
+            {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already published at {} with another capability, readonly \
+                     flag or staging path; unpublish it there first",
+                    Shown(&record.volume_id),
+                    Shown(&new.target.to_string_lossy())
+                )));
+            }
+            new.created_target |= existing.created_target;
         }
-        Err(e) => Err(Status::internal(format!("stat {}: {e}", path.display()))),
+        for other in record.published.iter().filter(|p| p.target != new.target) {
+            if let Some(why) = crate::mount::ledger::conflict(other, &new) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} cannot be published at {}: {why}",
+                    Shown(&record.volume_id),
+                    Shown(&new.target.to_string_lossy())
+                )));
+            }
+        }
+        new.created_target |= !target.exists()?;
+        record.set_publication(new);
+        self.0.ledger.store(record)?;
+        Ok(())
     }
-}
 
-/// Makes sure the publish target is a directory (creating it when its parent exists; never
-/// through a symlink) and returns its canonical path.
-pub(super) fn prepare_target(
-    target: &Path,
-    failpoint: &super::Failpoint,
-) -> Result<PathBuf, Status> {
-    match std::fs::symlink_metadata(target) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(Status::invalid_argument(format!(
-                "target_path {} exists and is not a directory",
-                target.display()
+    /// Removes an unpublished target directory when a publish of this volume recorded it:
+    /// only when it is empty (a missing one is fine). Then forgets the publication.
+    pub(super) fn release_target(
+        &self,
+        record: &mut VolumeRecord,
+        target: &RequestPath,
+    ) -> Result<(), Status> {
+        let Some(publication) = record.publication(target.as_path()) else {
+            return Ok(());
+        };
+        if publication.created_target && target.remove_dir()? == Removed::Kept {
+            return Err(Status::failed_precondition(format!(
+                "unmounted, but {} could not be removed: it is not an empty directory, so Lanes \
+                 leaves it alone",
+                Shown(&target.as_path().to_string_lossy())
             )));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir(target).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "cannot create target_path {} (its parent must exist): {e}",
-                    target.display()
-                ))
-            })?;
-            failpoint.hit("publish.after-mkdir");
-        }
-        Err(e) => return Err(Status::internal(format!("stat {}: {e}", target.display()))),
-    }
-    target
-        .canonicalize()
-        .map_err(|e| Status::internal(format!("resolve {}: {e}", target.display())))
-}
-
-/// Removes an unpublished target directory: only when it is empty, and a missing one is
-/// fine.
-pub(super) fn remove_target(target: &Path) -> Result<(), Status> {
-    match std::fs::remove_dir(target) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Status::failed_precondition(format!(
-                "unmounted, but {} could not be removed ({e}); it is not an empty directory, \
-                 so Lanes leaves it alone",
-                target.display()
-            )))
-        }
-        _ => Ok(()),
+        record.published.retain(|p| p.target != target.as_path());
+        self.0.ledger.store(record)?;
+        Ok(())
     }
 }
 
@@ -223,9 +218,17 @@ pub(super) fn apply_mount_group(data: &Path, gid: u32) -> Result<(), Status> {
         .map_err(|e| Status::internal(format!("chmod {}: {e}", data.display())))
 }
 
+/// The mount flags a publish asks for.
+pub(super) fn publish_flags(access: &caps::Access, readonly: bool) -> MountFlags {
+    MountFlags {
+        read_only: readonly || access.read_only,
+        ..access.flags
+    }
+}
+
 #[tonic::async_trait]
 impl Node for NodeService {
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn node_stage_volume(
         &self,
         request: Request<NodeStageVolumeRequest>,
@@ -233,43 +236,73 @@ impl Node for NodeService {
         let req = request.into_inner();
         self.0
             .call("NodeStageVolume", async {
-                if req.staging_target_path.is_empty() {
-                    return Err(missing("staging_target_path"));
-                }
+                require(&req.volume_id, "volume_id")?;
+                let staging = self.request_path("staging_target_path", &req.staging_target_path)?;
                 let capability = req
                     .volume_capability
                     .as_ref()
                     .ok_or_else(|| missing("volume_capability"))?;
-                caps::check(capability).map_err(Status::invalid_argument)?;
-                let (id, meta) = self.volume_meta(&req.volume_id).await?;
-                let staging = existing_dir(&req.staging_target_path, "staging_target_path")?;
-                let _guard = self.guard(&id, &staging)?;
-                let (data, origin, table) = self.origin(&id, &[&staging]).await?;
-                if let Some(top) = mountinfo::at(&table, &staging).last() {
-                    if origin.matches(top) {
-                        return Ok(NodeStageVolumeResponse {});
-                    }
+                let access = caps::check(capability).map_err(Status::invalid_argument)?;
+                let id = VolumeId::parse(&req.volume_id)?;
+                let _guard = self.0.guard(&req.volume_id)?;
+                let meta = self.meta(&id).await?;
+                let staging_dir = staging.open_dir()?.ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "staging_target_path {} does not exist; the CO must create it",
+                        Shown(&req.staging_target_path)
+                    ))
+                })?;
+                let data = self.0.lane.data_path(&id);
+                let table = self
+                    .table(vec![staging.as_path().to_owned(), data.clone()])
+                    .await?;
+                let origin = Origin::of(&table, &data);
+                let stack = mountinfo::at(&table, staging.as_path());
+                let asked = caps::asked(capability, &access, false);
+                let mut record = self.0.ledger.load(&req.volume_id)?;
+                if let Some(existing) = record.staging(staging.as_path())
+                    && existing.asked != asked
+                    && stack.iter().any(|e| origin.matches(e))
+                {
                     return Err(Status::already_exists(format!(
-                        "staging path {} already has another mount ({} from {})",
-                        staging.display(),
-                        top.fs_type,
-                        top.source
+                        "volume {} is already staged at {} with another capability",
+                        Shown(&req.volume_id),
+                        Shown(&req.staging_target_path)
                     )));
                 }
-                if let Some(pin) = &meta.dataset {
-                    Box::pin(self.stage_dataset(pin, &data, &staging)).await?;
+                if let Some(top) = stack.last()
+                    && !origin.matches(top)
+                {
+                    return Err(Status::already_exists(format!(
+                        "staging path {} already has another mount ({} from {})",
+                        Shown(&req.staging_target_path),
+                        Shown(&top.fs_type),
+                        Shown(&top.source)
+                    )));
+                }
+                record.set_staging(Staging {
+                    path: staging.as_path().to_owned(),
+                    asked,
+                });
+                self.0.ledger.store(&record)?;
+                if !stack.is_empty() {
                     return Ok(NodeStageVolumeResponse {});
                 }
-                let target = staging.clone();
-                self.mount_op("bind mount", &staging, move |m| m.bind(&data, &target))
-                    .await?;
+                if let Some(pin) = &meta.dataset {
+                    Box::pin(self.stage_dataset(pin, &data, &staging, staging_dir)).await?;
+                    return Ok(NodeStageVolumeResponse {});
+                }
+                self.mount_op("bind mount", staging.as_path(), move |m| {
+                    m.bind(&data, &staging_dir.proc_path())
+                })
+                .await?;
                 self.0.failpoint.hit("stage.after-bind");
                 Ok(NodeStageVolumeResponse {})
             })
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn node_unstage_volume(
         &self,
         request: Request<NodeUnstageVolumeRequest>,
@@ -277,29 +310,33 @@ impl Node for NodeService {
         let req = request.into_inner();
         self.0
             .call("NodeUnstageVolume", async {
-                if req.volume_id.is_empty() {
-                    return Err(missing("volume_id"));
-                }
-                if req.staging_target_path.is_empty() {
-                    return Err(missing("staging_target_path"));
-                }
+                require(&req.volume_id, "volume_id")?;
+                let staging = self.request_path("staging_target_path", &req.staging_target_path)?;
                 let id = VolumeId::parse(&req.volume_id)?;
-                let staging = Path::new(&req.staging_target_path);
-                let Ok(staging) = staging.canonicalize() else {
-                    return Ok(NodeUnstageVolumeResponse {});
-                };
-                let _guard = self.guard(&id, &staging)?;
-                let (_, origin, table) = self.origin(&id, &[&staging]).await?;
-                self.unmount_ours(&format!("volume {id}"), &staging, &table, |e| {
-                    origin.matches(e)
-                })
+                let _guard = self.0.guard(&req.volume_id)?;
+                let data = self.0.lane.data_path(&id);
+                let table = self
+                    .table(vec![staging.as_path().to_owned(), data.clone()])
+                    .await?;
+                let origin = Origin::of(&table, &data);
+                self.unmount_ours(
+                    &format!("volume {}", Shown(&req.volume_id)),
+                    &staging,
+                    &table,
+                    |e| origin.matches(e),
+                )
                 .await?;
+                let mut record = self.0.ledger.load(&req.volume_id)?;
+                if record.staging(staging.as_path()).is_some() {
+                    record.staged.retain(|s| s.path != staging.as_path());
+                    self.0.ledger.store(&record)?;
+                }
                 Ok(NodeUnstageVolumeResponse {})
             })
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn node_publish_volume(
         &self,
         request: Request<NodePublishVolumeRequest>,
@@ -307,48 +344,60 @@ impl Node for NodeService {
         let req = request.into_inner();
         self.0
             .call("NodePublishVolume", async {
-                if req.target_path.is_empty() {
-                    return Err(missing("target_path"));
-                }
-                if req.volume_id.is_empty() {
-                    return Err(missing("volume_id"));
-                }
+                require(&req.volume_id, "volume_id")?;
+                let target = self.request_path("target_path", &req.target_path)?;
+                let capability = req
+                    .volume_capability
+                    .as_ref()
+                    .ok_or_else(|| missing("volume_capability"))?;
+                let access = caps::check(capability).map_err(Status::invalid_argument)?;
                 if datasets::is_ephemeral(&req) {
-                    Box::pin(self.publish_dataset(&req)).await?;
+                    Box::pin(self.publish_dataset(&req, &target, capability, &access)).await?;
                     return Ok(NodePublishVolumeResponse {});
                 }
-                let capability = req.volume_capability.as_ref().ok_or_else(|| missing("volume_capability"))?;
-                let access = caps::check(capability).map_err(Status::invalid_argument)?;
                 if req.staging_target_path.is_empty() {
                     return Err(Status::invalid_argument(
                         "staging_target_path is required: Lanes stages every volume (STAGE_UNSTAGE_VOLUME)",
                     ));
                 }
-                let id = self.volume(&req.volume_id).await?;
-                let target = PathBuf::from(&req.target_path);
-                let _guard = self.guard(&id, &target)?;
+                let staging = self.request_path("staging_target_path", &req.staging_target_path)?;
+                let id = VolumeId::parse(&req.volume_id)?;
+                let _guard = self.0.guard(&req.volume_id)?;
                 self.0.failpoint.delay("publish").await;
-                let staging = Path::new(&req.staging_target_path).canonicalize().ok();
-                let target_now = target.canonicalize().ok();
-                let paths: Vec<&Path> = staging.iter().chain(target_now.iter()).map(PathBuf::as_path).collect();
-                let (data, origin, table) = self.origin(&id, &paths).await?;
-                let staged = staging
-                    .filter(|staging| mountinfo::at(&table, staging).iter().any(|e| origin.matches(e)));
-                let Some(staging) = staged else {
-                    return Err(Status::failed_precondition(format!(
-                        "volume {id} is not staged at {}; call NodeStageVolume first",
-                        req.staging_target_path
-                    )));
+                self.meta(&id).await?;
+                let data = self.0.lane.data_path(&id);
+                let mut record = self.0.ledger.load(&req.volume_id)?;
+                let mut paths = vec![staging.as_path().to_owned(), target.as_path().to_owned(), data.clone()];
+                paths.extend(record.published.iter().map(|p| p.target.clone()));
+                let table = self.table(paths).await?;
+                let origin = Origin::of(&table, &data);
+                let live = |path: &Path| mountinfo::at(&table, path).iter().any(|e| origin.matches(e));
+                let not_staged = || {
+                    Status::failed_precondition(format!(
+                        "volume {} is not staged at {}; call NodeStageVolume first",
+                        Shown(&req.volume_id),
+                        Shown(&req.staging_target_path)
+                    ))
                 };
-                let flags = MountFlags {
-                    read_only: req.readonly || access.read_only,
-                    ..access.flags
+                if !live(staging.as_path()) {
+                    return Err(not_staged());
+                }
+                let staging_dir = staging.open_dir()?.ok_or_else(not_staged)?;
+                let flags = publish_flags(&access, req.readonly);
+                let publication = Publication {
+                    target: target.as_path().to_owned(),
+                    staging: Some(staging.as_path().to_owned()),
+                    asked: caps::asked(capability, &access, req.readonly),
+                    writer: !flags.read_only,
+                    created_target: false,
                 };
-                let target = prepare_target(&target, &self.0.failpoint)?;
+                self.admit(&mut record, publication, &target, live)?;
+                let (target_dir, _) = target.make_dir()?;
+                self.0.failpoint.hit("publish.after-mkdir");
                 if let Some(gid) = access.mount_group {
                     apply_mount_group(&data, gid)?;
                 }
-                match mountinfo::at(&table, &target).last() {
+                match mountinfo::at(&table, target.as_path()).last() {
                     Some(top) if origin.matches(top) && flags.satisfied_by(top) => {
                         return Ok(NodePublishVolumeResponse {});
                     }
@@ -356,29 +405,29 @@ impl Node for NodeService {
                     Some(top) => {
                         return Err(Status::already_exists(format!(
                             "target_path {} already has another mount ({} from {})",
-                            target.display(),
-                            top.fs_type,
-                            top.source
+                            Shown(&req.target_path),
+                            Shown(&top.fs_type),
+                            Shown(&top.source)
                         )));
                     }
                     None => {
-                        let path = target.clone();
-                        self.mount_op("bind mount", &target, move |m| m.bind(&staging, &path))
-                            .await?;
+                        self.mount_op("bind mount", target.as_path(), move |m| {
+                            m.bind(&staging_dir.proc_path(), &target_dir.proc_path())
+                        })
+                        .await?;
                         self.0.failpoint.hit("publish.after-bind");
                         if flags.is_plain() {
                             return Ok(NodePublishVolumeResponse {});
                         }
                     }
                 }
-                let path = target.clone();
-                self.mount_op("remount", &target, move |m| m.remount(&path, flags)).await?;
+                self.remount(&target, flags).await?;
                 Ok(NodePublishVolumeResponse {})
             })
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn node_unpublish_volume(
         &self,
         request: Request<NodeUnpublishVolumeRequest>,
@@ -386,36 +435,42 @@ impl Node for NodeService {
         let req = request.into_inner();
         self.0
             .call("NodeUnpublishVolume", async {
-                if req.volume_id.is_empty() {
-                    return Err(missing("volume_id"));
-                }
-                if req.target_path.is_empty() {
-                    return Err(missing("target_path"));
+                require(&req.volume_id, "volume_id")?;
+                let target = self.request_path("target_path", &req.target_path)?;
+                let _guard = self.0.guard(&req.volume_id)?;
+                let mut record = self.0.ledger.load(&req.volume_id)?;
+                if record.dataset.is_some() {
+                    Box::pin(self.unpublish_dataset(record, &target)).await?;
+                    return Ok(NodeUnpublishVolumeResponse {});
                 }
                 let id = match VolumeId::parse(&req.volume_id) {
-                    Ok(id) if !self.dataset_volume_at(&req.volume_id) => id,
-                    _ => {
-                        Box::pin(self.unpublish_dataset(&req)).await?;
+                    Ok(id) => id,
+                    // Not a volume of ours: nothing of it can be mounted here.
+                    Err(crate::lane::Error::UnknownVolume(_)) => {
                         return Ok(NodeUnpublishVolumeResponse {});
                     }
+                    Err(e) => return Err(e.into()),
                 };
-                let Ok(target) = Path::new(&req.target_path).canonicalize() else {
-                    return Ok(NodeUnpublishVolumeResponse {});
-                };
-                let _guard = self.guard(&id, &target)?;
-                let (_, origin, table) = self.origin(&id, &[&target]).await?;
-                self.unmount_ours(&format!("volume {id}"), &target, &table, |e| {
-                    origin.matches(e)
-                })
+                let data = self.0.lane.data_path(&id);
+                let table = self
+                    .table(vec![target.as_path().to_owned(), data.clone()])
+                    .await?;
+                let origin = Origin::of(&table, &data);
+                self.unmount_ours(
+                    &format!("volume {}", Shown(&req.volume_id)),
+                    &target,
+                    &table,
+                    |e| origin.matches(e),
+                )
                 .await?;
                 self.0.failpoint.hit("unpublish.after-unmount");
-                remove_target(&target)?;
+                self.release_target(&mut record, &target)?;
                 Ok(NodeUnpublishVolumeResponse {})
             })
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn node_get_volume_stats(
         &self,
         request: Request<NodeGetVolumeStatsRequest>,
@@ -423,30 +478,27 @@ impl Node for NodeService {
         let req = request.into_inner();
         self.0
             .call("NodeGetVolumeStats", async {
-                if req.volume_path.is_empty() {
-                    return Err(missing("volume_path"));
+                require(&req.volume_id, "volume_id")?;
+                let path = self.request_path("volume_path", &req.volume_path)?;
+                let record = self.0.ledger.load(&req.volume_id)?;
+                if record.dataset.is_some() {
+                    return self.dataset_stats(&record, &path).await;
                 }
-                let path = Path::new(&req.volume_path).canonicalize().map_err(|_| {
-                    Status::not_found(format!("volume_path {} does not exist", req.volume_path))
-                })?;
-                if self.dataset_volume_at(&req.volume_id) {
-                    return Ok(NodeGetVolumeStatsResponse {
-                        usage: self.usage(&path).await?,
-                        volume_condition: Some(VolumeCondition {
-                            abnormal: false,
-                            message: "dataset volume is mounted from the node cache".into(),
-                        }),
-                    });
-                }
-                let id = self.volume(&req.volume_id).await?;
-                let (_, origin, table) = self.origin(&id, &[&path]).await?;
-                if !mountinfo::at(&table, &path)
+                let id = VolumeId::parse(&req.volume_id)?;
+                self.meta(&id).await?;
+                let data = self.0.lane.data_path(&id);
+                let table = self
+                    .table(vec![path.as_path().to_owned(), data.clone()])
+                    .await?;
+                let origin = Origin::of(&table, &data);
+                if !mountinfo::at(&table, path.as_path())
                     .iter()
                     .any(|e| origin.matches(e))
                 {
                     return Err(Status::not_found(format!(
-                        "volume {id} is not mounted at {}",
-                        path.display()
+                        "volume {} is not mounted at {}",
+                        Shown(&req.volume_id),
+                        Shown(&req.volume_path)
                     )));
                 }
                 let usage = self.usage(&path).await?;
@@ -468,7 +520,7 @@ impl Node for NodeService {
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn node_expand_volume(
         &self,
         request: Request<NodeExpandVolumeRequest>,
@@ -476,24 +528,33 @@ impl Node for NodeService {
         let req = request.into_inner();
         self.0
             .call("NodeExpandVolume", async {
-                if req.volume_path.is_empty() {
-                    return Err(missing("volume_path"));
-                }
+                require(&req.volume_id, "volume_id")?;
+                let path = self.request_path("volume_path", &req.volume_path)?;
                 if let Some(capability) = &req.volume_capability {
                     caps::check(capability).map_err(Status::invalid_argument)?;
                 }
-                let id = self.volume(&req.volume_id).await?;
-                if !Path::new(&req.volume_path).exists() {
+                let id = VolumeId::parse(&req.volume_id)?;
+                let _guard = self.0.guard(&req.volume_id)?;
+                let meta = self.meta(&id).await?;
+                let data = self.0.lane.data_path(&id);
+                let table = self
+                    .table(vec![path.as_path().to_owned(), data.clone()])
+                    .await?;
+                let origin = Origin::of(&table, &data);
+                if !mountinfo::at(&table, path.as_path())
+                    .iter()
+                    .any(|e| origin.matches(e))
+                {
                     return Err(Status::not_found(format!(
-                        "volume_path {} does not exist",
-                        req.volume_path
+                        "volume {} is not mounted at volume_path {}",
+                        Shown(&req.volume_id),
+                        Shown(&req.volume_path)
                     )));
                 }
                 // The quota was already grown by ControllerExpandVolume; a directory volume has
                 // no filesystem of its own to grow, so the node only reports the capacity.
-                let meta = self.0.lane_op(move |lane| lane.get(&id)).await?;
                 Ok(NodeExpandVolumeResponse {
-                    capacity_bytes: meta.capacity_bytes as i64,
+                    capacity_bytes: i64::try_from(meta.capacity_bytes).unwrap_or(i64::MAX),
                 })
             })
             .await
@@ -538,5 +599,26 @@ impl Node for NodeService {
                 })
             })
             .await
+    }
+}
+
+impl NodeService {
+    /// Re-applies `flags` to the mount now at `target`, through a fresh descriptor (the
+    /// descriptor opened before mounting still points below the new mount).
+    pub(super) async fn remount(
+        &self,
+        target: &RequestPath,
+        flags: MountFlags,
+    ) -> Result<(), Status> {
+        let pinned = target.open_dir()?.ok_or_else(|| {
+            Status::internal(format!(
+                "{} vanished while it was being mounted",
+                Shown(&target.as_path().to_string_lossy())
+            ))
+        })?;
+        self.mount_op("remount", target.as_path(), move |m| {
+            m.remount(&pinned.proc_path(), flags)
+        })
+        .await
     }
 }

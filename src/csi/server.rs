@@ -1,17 +1,25 @@
 //! Serving the CSI services on a unix socket, with graceful shutdown on SIGTERM / SIGINT.
 //!
-//! The socket is created with mode 0660. A stale socket left by a killed plugin is replaced;
-//! any other file at the endpoint is left alone and reported.
+//! Rules: a plugin holds its data directory for each role it serves (an exclusive `flock` on
+//! `<data-dir>/.lock-<role>`), so two plugins of one role never share a data directory — a
+//! DaemonSet rollout's second pod waits its turn instead of working beside the first. The
+//! socket is created with mode 0660. A socket left by a killed plugin is replaced only when
+//! nothing answers on it; a live one is refused, as is any other file at the endpoint. At exit
+//! the socket is removed only if it is still the one this process created.
 
+use std::fs::File;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use super::controller::ControllerService;
+use super::guard::InFlight;
 use super::identity::IdentityService;
 use super::node::NodeService;
 use super::{Failpoint, Plugin, Roles};
@@ -20,7 +28,9 @@ use crate::config::Config;
 use crate::dataset::pin::Sources;
 use crate::lane::LocalLane;
 use crate::metrics::Metrics;
+use crate::mount::ledger::Ledger;
 use crate::mount::linux::LinuxMounter;
+use crate::mount::safe::Confinement;
 use crate::proto::controller_server::ControllerServer;
 use crate::proto::identity_server::IdentityServer;
 use crate::proto::node_server::NodeServer;
@@ -44,6 +54,25 @@ pub enum ServeError {
     Endpoint(String),
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    #[error(
+        "another plugin is serving on {0}; stop it first or choose another --endpoint (a socket \
+         is replaced only when nothing answers on it)"
+    )]
+    SocketInUse(PathBuf),
+    #[error(
+        "data directory {dir} is in use by another `lanes` serving the {role} role{holder}; two \
+         plugins must not share a data directory"
+    )]
+    DataDirInUse {
+        dir: PathBuf,
+        role: &'static str,
+        holder: String,
+    },
+    #[error("cannot listen for metrics on {address}: {source}")]
+    Metrics {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -53,6 +82,8 @@ pub enum ServeError {
     Lane(#[from] crate::lane::Error),
     #[error("cannot open the dataset cache: {0}")]
     Cache(#[from] crate::cache::Error),
+    #[error("cannot open the node ledger: {0}")]
+    Ledger(#[from] crate::mount::ledger::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -69,12 +100,23 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
     Ok(PathBuf::from(path))
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+/// The identity of the socket this process created: removed at exit only if unchanged.
+type SocketId = (u64, u64);
+
+fn bind(path: &Path) -> Result<(UnixListener, SocketId), ServeError> {
+    use std::os::unix::fs::MetadataExt;
     let io = |context: String| move |source| ServeError::Io { context, source };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path)
-                .map_err(io(format!("remove stale socket {}", path.display())))?;
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServeError::SocketInUse(path.to_owned())),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "replacing the socket of a plugin that is gone");
+                    std::fs::remove_file(path)
+                        .map_err(io(format!("remove stale socket {}", path.display())))?;
+                }
+                Err(e) => return Err(io(format!("probe socket {}", path.display()))(e)),
+            }
         }
         Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
         Err(_) => {}
@@ -85,7 +127,61 @@ fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     let listener = UnixListener::bind(path).map_err(io(format!("listen on {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io(format!("chmod {}", path.display())))?;
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(path).map_err(io(format!("stat {}", path.display())))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+/// Removes the socket at `path` if it is still the one this process created.
+fn remove_own_socket(path: &Path, id: SocketId) {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == id => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => {
+            tracing::info!(socket = %path.display(), "the socket was replaced by another plugin; leaving it")
+        }
+        Err(_) => {}
+    }
+}
+
+/// Takes the data directory for each role served; held until the process exits.
+fn lock_data_dir(dir: &Path, roles: Roles) -> Result<Vec<Flock<File>>, ServeError> {
+    let mut held = Vec::new();
+    let wanted = [("controller", roles.controller), ("node", roles.node)];
+    for (role, _) in wanted.into_iter().filter(|(_, serves)| *serves) {
+        let path = dir.join(format!(".lock-{role}"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| ServeError::Io {
+                context: format!("open {}", path.display()),
+                source,
+            })?;
+        let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, _)) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let holder = match pid.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {})", crate::text::Shown(pid)),
+                };
+                return Err(ServeError::DataDirInUse {
+                    dir: dir.to_owned(),
+                    role,
+                    holder,
+                });
+            }
+        };
+        let _ = locked.set_len(0);
+        let _ = write!(locked, "{}", std::process::id());
+        held.push(locked);
+    }
+    Ok(held)
 }
 
 /// How long calls in flight may run on after SIGTERM / SIGINT.
@@ -114,14 +210,24 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         context: format!("create data dir {}", options.data_dir.display()),
         source,
     })?;
+    let _held = lock_data_dir(&options.data_dir, options.roles)?;
     let lane = LocalLane::open(
         &options.data_dir,
         &options.node_id,
         options.config.local.clone(),
     )?;
+    if options.roles.controller {
+        // Leftovers of creates and deletes are the controller's to finish or undo.
+        lane.recover()?;
+    }
     if let Some(gap) = lane.enforcement_gap() {
         tracing::warn!("{gap}");
     }
+    let locks = options.data_dir.join("locks");
+    std::fs::create_dir_all(&locks).map_err(|source| ServeError::Io {
+        context: format!("create {}", locks.display()),
+        source,
+    })?;
     let metrics = Arc::new(Metrics::new());
     let sources = Arc::new(Sources::new(
         options.config.datasets.clone(),
@@ -143,7 +249,12 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         roles: options.roles,
         lane,
         mounter: Arc::new(LinuxMounter),
-        inflight: Default::default(),
+        inflight: InFlight::new(Some(locks)),
+        confinement: Confinement::new(
+            [options.data_dir.clone()],
+            socket.parent().map(Path::to_owned),
+        ),
+        ledger: Ledger::open(&options.data_dir)?,
         metrics: metrics.clone(),
         mount_timeout: options.config.mount_timeout,
         failpoint: Failpoint::from_env(),
@@ -155,22 +266,21 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(address) = options.metrics_address {
-        let mut stop = stop_rx.clone();
-        let metrics = metrics.clone();
-        let listener = tokio::spawn(async move {
-            crate::metrics::serve(address, metrics, async move {
-                let _ = stop.changed().await;
-            })
+        let listener = tokio::net::TcpListener::bind(address)
             .await
-        });
-        tokio::spawn(async move {
-            if let Ok(Err(e)) = listener.await {
-                tracing::error!(%address, "metrics endpoint failed: {e}");
-            }
-        });
+            .map_err(|source| ServeError::Metrics { address, source })?;
+        tracing::info!(%address, "metrics endpoint listening");
+        let mut stop = stop_rx.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            async move {
+                let _ = stop.changed().await;
+            },
+        ));
     }
 
-    let listener = bind(&socket)?;
+    let (listener, socket_id) = bind(&socket)?;
     tracing::info!(
         endpoint = %socket.display(),
         driver = %options.driver_name,
@@ -209,7 +319,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         }
     };
     let _ = stop_tx.send(true);
-    let _ = std::fs::remove_file(&socket);
+    remove_own_socket(&socket, socket_id);
     served?;
     tracing::info!("stopped");
     Ok(())

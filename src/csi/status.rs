@@ -16,6 +16,7 @@ pub fn code(kind: Kind) -> Code {
         Kind::Unavailable => Code::Unavailable,
         Kind::DeadlineExceeded => Code::DeadlineExceeded,
         Kind::ResourceExhausted => Code::ResourceExhausted,
+        Kind::DataLoss => Code::DataLoss,
         Kind::Internal => Code::Internal,
     }
 }
@@ -32,14 +33,35 @@ impl From<crate::mount::Error> for Status {
     }
 }
 
+impl From<crate::mount::safe::PathError> for Status {
+    fn from(err: crate::mount::safe::PathError) -> Status {
+        Status::new(code(err.kind()), err.to_string())
+    }
+}
+
+impl From<crate::mount::ledger::Error> for Status {
+    fn from(err: crate::mount::ledger::Error) -> Status {
+        Status::new(code(err.kind()), err.to_string())
+    }
+}
+
 /// A required field the request left empty.
 pub fn missing(field: &str) -> Status {
     Status::invalid_argument(format!("{field} is required"))
 }
 
 /// Another call holds the volume.
-pub fn busy(key: &str) -> Status {
+pub fn busy(volume_id: &str) -> Status {
     Status::aborted(format!(
-        "an operation on {key} is already in progress; retry when it has finished"
+        "an operation on volume {} is already in progress; retry when it has finished",
+        crate::text::Shown(volume_id)
     ))
+}
+
+/// Fails with a missing-field error when `value` is empty.
+pub fn require(value: &str, field: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(missing(field));
+    }
+    Ok(())
 }

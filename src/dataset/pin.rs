@@ -152,6 +152,12 @@ impl Sources {
         }
     }
 
+    /// [`Sources::pin`] for a volume (a PVC or an inline volume): Git sources must pass the
+    /// admin's allow-list first, since whoever writes a pod spec chooses the URL.
+    pub async fn pin_for_volume(&self, reference: &str) -> Result<Pin> {
+        self.pin(reference).await
+    }
+
     /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now.
     pub async fn pin(&self, reference: &str) -> Result<Pin> {
         match Reference::parse(reference).map_err(|e| Error::Invalid(e.to_string()))? {

@@ -59,8 +59,8 @@ pub struct Space {
 }
 
 impl LocalLane {
-    /// Opens (creating if needed) the lane under `data_dir` and finishes or undoes whatever a
-    /// killed create or delete left behind.
+    /// Opens (creating if needed) the lane under `data_dir`. The controller role then calls
+    /// [`LocalLane::recover`].
     pub fn open(data_dir: &Path, node_id: &str, settings: LocalSettings) -> Result<LocalLane> {
         let base = data_dir.join("volumes");
         std::fs::create_dir_all(&base).map_err(Error::io(format!("create {}", base.display())))?;
@@ -75,7 +75,6 @@ impl LocalLane {
             settings,
             enforcement,
         };
-        lane.recover()?;
         Ok(lane)
     }
 
@@ -346,7 +345,9 @@ impl LocalLane {
         }
     }
 
-    fn recover(&self) -> Result<()> {
+    /// Finishes or undoes whatever a killed create or delete left behind (`.tmp-*` and
+    /// `.trash-*`). Only the role that creates and deletes may call it.
+    pub fn recover(&self) -> Result<()> {
         let entries = std::fs::read_dir(&self.base)
             .map_err(Error::io(format!("list {}", self.base.display())))?;
         for entry in entries.flatten() {
@@ -393,7 +394,9 @@ mod tests {
             default_capacity: 1 << 20,
             max_capacity: Some(1 << 30),
         };
-        LocalLane::open(dir, "node-a", settings).unwrap()
+        let lane = LocalLane::open(dir, "node-a", settings).unwrap();
+        lane.recover().unwrap();
+        lane
     }
 
     fn request(name: &str, required: i64) -> CreateRequest {

@@ -42,7 +42,7 @@ impl Mounter for LinuxMounter {
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {
-        nix::mount::umount2(target, MntFlags::empty())
+        nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW)
             .map_err(|e| Error::io("unmount", target, e.into()))
     }
 

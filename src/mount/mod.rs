@@ -6,8 +6,10 @@
 //! - blocking syscalls run off the async runtime with a deadline ([`blocking`]).
 
 pub mod fake;
+pub mod ledger;
 pub mod linux;
 pub mod mountinfo;
+pub mod safe;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -146,7 +148,7 @@ pub trait Mounter: Send + Sync + 'static {
     /// Mounts an overlay of `layers.lower` (read-only) and `layers.upper` (the volume's own
     /// changes) at `target`, with `flags`.
     fn overlay(&self, layers: &Overlay, target: &Path, flags: MountFlags) -> Result<()>;
-    /// Unmounts the top mount at `target`.
+    /// Unmounts the top mount at `target`; a symlink as the last component is never followed.
     fn unmount(&self, target: &Path) -> Result<()>;
     /// The current mount table.
     fn table(&self) -> Result<Vec<MountEntry>>;
