@@ -22,16 +22,17 @@ if ((${#packages[@]})); then
   fi
 fi
 
-# A real S3 server for the dataset store tests: moto, in the project's virtualenv.
-if [ ! -x .venv/bin/moto_server ]; then
-  echo "==> installing moto[server] into .venv"
+# In the project's virtualenv: a real S3 server for the dataset tests (moto), and a real
+# Python gRPC client for the interop test (grpcio).
+if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
+  echo "==> installing moto[server] and grpcio into .venv"
   python3 -m venv .venv 2>/dev/null || {
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     fi
     python3 -m venv .venv
   }
-  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]'
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' 'grpcio>=1.57'
 fi
 
 # Say plainly what this kernel can cover: XFS project quotas need CONFIG_QUOTA.

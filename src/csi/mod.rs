@@ -3,6 +3,7 @@
 //! Only this module knows tonic. Handlers read as: validate the request, take the volume's
 //! in-flight guard, call the lane or the mounter, map the result.
 
+mod authority;
 pub mod bench;
 pub mod caps;
 pub mod client;

@@ -18,6 +18,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use super::authority::AnyAuthority;
 use super::controller::ControllerService;
 use super::guard::InFlight;
 use super::identity::IdentityService;
@@ -184,6 +185,15 @@ fn lock_data_dir(dir: &Path, roles: Roles) -> Result<Vec<Flock<File>>, ServeErro
     Ok(held)
 }
 
+/// The connections accepted on the socket, each letting any `:authority` through (see
+/// [`super::authority`]).
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AnyAuthority<tokio::net::UnixStream>>> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|accepted| accepted.map(AnyAuthority::new))
+}
+
 /// How long calls in flight may run on after SIGTERM / SIGINT.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -304,7 +314,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
         .add_optional_service(controller)
         .add_optional_service(node)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             shutdown_signal().await;
             let _ = signaled_tx.send(true);
         });
