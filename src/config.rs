@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::cache::Settings as CacheSettings;
 use crate::dataset::bucket::{Buckets, RawDatasets};
+use crate::dataset::gitpolicy::GitPolicy;
 use crate::lane::local::LocalSettings;
 use crate::units::parse_bytes;
 
@@ -47,6 +48,8 @@ pub struct Config {
     pub mount_timeout: Duration,
     /// Dataset buckets; the embedded default is `local` at `file://<data-dir>/datasets`.
     pub datasets: Buckets,
+    /// Which Git sources volumes may use (`datasets.git`).
+    pub git: GitPolicy,
     /// The node's dataset cache.
     pub cache: CacheSettings,
 }
@@ -146,6 +149,7 @@ impl Config {
                 max_capacity: size("local.max_capacity", raw.local.max_capacity.as_ref())?,
             },
             mount_timeout: Duration::from_secs(timeout),
+            git: GitPolicy::from_raw(raw.datasets.git.clone()).map_err(invalid)?,
             datasets: Buckets::from_raw(raw.datasets, data_dir).map_err(invalid)?,
         })
     }

@@ -8,10 +8,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use common::moto::Moto;
-use common::{Plugin, assert_code, mounts_at, privileged, rwo, unpublish_request};
+use common::{Plugin, assert_code, create_request, mounts_at, privileged, rwo, unpublish_request};
 use lanes::dataset::repo::Repo;
 use lanes::dataset::store::s3::S3Store;
-use lanes::proto::NodePublishVolumeRequest;
+use lanes::proto::{CreateVolumeRequest, NodePublishVolumeRequest};
 use rand::{Rng, SeedableRng};
 use tonic::Code;
 
@@ -710,10 +710,56 @@ async fn a_git_dataset_at_a_tag_publishes_the_tagged_commit() {
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "two"]);
 
-    let plugin = Plugin::with_config("", None);
+    let reference = format!("git+file://{}@v1", repo.display());
+    // By default a volume may not name a file:// (or any non-https, or internal) Git source:
+    // refused before anything is fetched or mounted.
+    let strict = Plugin::with_config("", None);
+    let mut c = strict.clients().await;
+    let target = strict.dir("pods").join("g");
+    for refused in [
+        reference.clone(),
+        "git+http://127.0.0.1:9/repo.git@main".to_owned(),
+        "git+https://127.0.0.1:9/repo.git@main".to_owned(),
+        "git+https://169.254.169.254/repo.git@main".to_owned(),
+        "git+ssh://git@10.0.0.1/repo.git@main".to_owned(),
+    ] {
+        let err = c
+            .node
+            .node_publish_volume(inline("g0", &target, &refused, true))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{refused}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains("not allowed for volumes"),
+            "{}",
+            err.message()
+        );
+        assert!(!target.exists(), "{refused}: nothing created");
+    }
+    let pvc = c
+        .controller
+        .create_volume(CreateVolumeRequest {
+            parameters: [("dataset".to_owned(), reference.clone())].into(),
+            ..create_request("pvc-git", 1 << 20)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        pvc.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        pvc.message()
+    );
+    drop(strict);
+
+    let plugin = Plugin::with_config("datasets:\n  git:\n    transports: [file]\n", None);
     let mut c = plugin.clients().await;
     let target = plugin.dir("pods").join("g");
-    let reference = format!("git+file://{}@v1", repo.display());
     c.node
         .node_publish_volume(inline("g1", &target, &reference, true))
         .await
@@ -824,4 +870,103 @@ async fn a_pvc_annotation_asks_for_a_dataset() {
         .volume
         .unwrap();
     assert!(plain.volume_context.is_empty());
+}
+
+/// Damaged dataset content is DATA_LOSS (retrying will not help) and never strands a pod: a
+/// tree set aside as damaged while mounted can still be unpublished, and a manifest that lies
+/// about a file's size never becomes a tree.
+#[tokio::test]
+async fn damaged_datasets_are_data_loss_and_never_strand_a_pod() {
+    use lanes::dataset::store::ObjectStore;
+    if !privileged("damaged_datasets_are_data_loss_and_never_strand_a_pod") {
+        return;
+    }
+    let Some(bucket) = Bucket::start().await else {
+        return;
+    };
+    let src = tempfile::tempdir().unwrap();
+    tree(src.path(), 8, 6, 4000);
+    bucket.push(src.path(), "d", None).await;
+    let plugin = Plugin::with_config(&bucket.config(""), None);
+    let mut c = plugin.clients().await;
+    let first = plugin.dir("pods").join("first");
+    c.node
+        .node_publish_volume(inline("d1", &first, "d:v1", true))
+        .await
+        .unwrap();
+    // Damage the cached tree under the running pod: one file grows by a byte.
+    let trees = cache_dir(&plugin, "trees");
+    let key = entries(&trees)
+        .into_iter()
+        .find(|n| !n.ends_with(".json"))
+        .unwrap();
+    let victim = trees.join(&key).join("README");
+    let mut body = std::fs::read(&victim).unwrap();
+    body.push(b'!');
+    std::fs::write(&victim, body).unwrap();
+    // The next publish sets the damaged tree aside (still mounted for the first pod) and
+    // builds a good one.
+    let second = plugin.dir("pods").join("second");
+    c.node
+        .node_publish_volume(inline("d2", &second, "d:v1", true))
+        .await
+        .unwrap();
+    assert_eq!(
+        listing(&second),
+        listing(src.path()),
+        "the rebuilt tree is intact"
+    );
+    assert!(
+        entries(&cache_dir(&plugin, "tmp"))
+            .iter()
+            .any(|n| n.starts_with("damaged-")),
+        "the damaged tree is kept while mounted"
+    );
+    c.node
+        .node_unpublish_volume(unpublish_request("d1", &first))
+        .await
+        .expect("a pod on a set-aside tree can still be unpublished");
+    assert!(mounts_at(&first).is_empty() && !first.exists());
+    assert!(
+        !entries(&cache_dir(&plugin, "tmp"))
+            .iter()
+            .any(|n| n.starts_with("damaged-")),
+        "the set-aside tree goes once nothing uses it"
+    );
+    c.node
+        .node_unpublish_volume(unpublish_request("d2", &second))
+        .await
+        .unwrap();
+
+    // A manifest that claims 1 GiB for a 4-byte body.
+    let small = tempfile::tempdir().unwrap();
+    std::fs::write(small.path().join("tiny"), b"four").unwrap();
+    bucket.push(small.path(), "liar", None).await;
+    let key = "datasets/liar/versions/v1.json";
+    let store = bucket.repo.store();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&store.get(key).await.unwrap().unwrap()).unwrap();
+    for entry in manifest["entries"].as_array_mut().unwrap() {
+        if entry["path"] == "tiny" {
+            entry["size"] = serde_json::json!(1u64 << 30);
+        }
+    }
+    store
+        .put(key, serde_json::to_vec(&manifest).unwrap())
+        .await
+        .unwrap();
+    let target = plugin.dir("pods").join("liar");
+    let err = c
+        .node
+        .node_publish_volume(inline("l1", &target, "liar:v1", true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{}", err.message());
+    assert!(err.message().contains("damaged"), "{}", err.message());
+    assert!(mounts_at(&target).is_empty());
+    c.node
+        .node_unpublish_volume(unpublish_request("l1", &target))
+        .await
+        .unwrap();
+    assert!(!target.exists());
 }

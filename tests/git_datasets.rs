@@ -57,29 +57,48 @@ fn resolves_and_fetches_pinned_commits_over_file() {
     let (repo, first, second) = repository(dir.path());
     let url = format!("file://{}", repo.display());
     assert_eq!(
-        git::resolve(&url, "v1").unwrap(),
+        git::resolve(&url, "v1", &Default::default()).unwrap(),
         first,
         "annotated tag peels to its commit"
     );
-    assert_eq!(git::resolve(&url, "main").unwrap(), second);
-    assert_eq!(git::resolve(&url, "feature/x").unwrap(), first);
-    assert_eq!(git::resolve(&url, "HEAD").unwrap(), second);
-    assert_eq!(git::resolve(&url, &first).unwrap(), first);
-    assert_eq!(git::resolve(&url, "v9").unwrap_err().kind(), Kind::NotFound);
     assert_eq!(
-        git::resolve(&url, "-u").unwrap_err().kind(),
+        git::resolve(&url, "main", &Default::default()).unwrap(),
+        second
+    );
+    assert_eq!(
+        git::resolve(&url, "feature/x", &Default::default()).unwrap(),
+        first
+    );
+    assert_eq!(
+        git::resolve(&url, "HEAD", &Default::default()).unwrap(),
+        second
+    );
+    assert_eq!(
+        git::resolve(&url, &first, &Default::default()).unwrap(),
+        first
+    );
+    assert_eq!(
+        git::resolve(&url, "v9", &Default::default())
+            .unwrap_err()
+            .kind(),
+        Kind::NotFound
+    );
+    assert_eq!(
+        git::resolve(&url, "-u", &Default::default())
+            .unwrap_err()
+            .kind(),
         Kind::InvalidArgument
     );
 
     let out = dir.path().join("out");
-    git::fetch(&url, &first, "v1", &out).unwrap();
+    git::fetch(&url, &first, "v1", &out, &Default::default()).unwrap();
     assert_eq!(std::fs::read(out.join("images/a.txt")).unwrap(), b"first");
     assert!(
         !out.join("images/b.txt").exists(),
         "exactly the tagged commit"
     );
     assert!(!out.join(".git").exists(), "a clean tree");
-    let again = git::fetch(&url, &first, "v1", &out).unwrap_err();
+    let again = git::fetch(&url, &first, "v1", &out, &Default::default()).unwrap_err();
     assert_eq!(again.kind(), Kind::AlreadyExists);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -134,10 +153,10 @@ fn fetches_over_git_daemon_on_loopback() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let url = format!("git://127.0.0.1:{port}/data.git");
-    let sha = git::resolve(&url, "v1").unwrap();
+    let sha = git::resolve(&url, "v1", &Default::default()).unwrap();
     assert_eq!(sha, first);
     let out = dir.path().join("served");
-    git::fetch(&url, &sha, "v1", &out).unwrap();
+    git::fetch(&url, &sha, "v1", &out, &Default::default()).unwrap();
     assert_eq!(std::fs::read(out.join("images/a.txt")).unwrap(), b"first");
     assert!(!out.join(".git").exists());
 }

@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 
 use super::fill::Progress;
 use super::{Cache, Error, Record, Result, now_ns, remove_any};
+use crate::dataset::gitpolicy::Admitted;
 use crate::dataset::manifest::{Entry, EntryKind};
 use crate::dataset::pin::Pin;
 use crate::dataset::repo::{Repo, blob_key};
@@ -99,9 +100,13 @@ impl Cache {
                 (manifest.entries, Some(repo))
             }
             Pin::Git { url, commit } => {
+                // Checked again at fetch time: the policy or the host's address may have
+                // changed since the volume was pinned.
+                let admitted = self.sources().admit_git(url).await?;
                 let this = self.clone();
                 let (url, commit, scratch) = (url.clone(), commit.clone(), scratch.to_owned());
-                let entries = blocking(move || this.import_git(&url, &commit, &scratch)).await?;
+                let entries =
+                    blocking(move || this.import_git(&url, &commit, &scratch, &admitted)).await?;
                 (entries, None)
             }
         };
@@ -174,6 +179,16 @@ impl Cache {
                         &progress,
                     )
                     .await?;
+                // The body is what its hash says; the manifest must also say its true size
+                // (a tree whose sizes lie would fail every later check of the tree).
+                let actual = std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(u64::MAX);
+                if let Some(liar) = group.iter().find(|e| e.size != actual) {
+                    tracing::warn!(path = %liar.path, body = %sha, "the manifest's size for a file differs from its body");
+                    return Err(damaged(format!(
+                        "the manifest says {} is {} bytes, but its body {sha} has {actual}",
+                        liar.path, liar.size
+                    )));
+                }
                 for entry in &group {
                     let target = tree.join(&entry.path);
                     match link(&blob, &target) {
@@ -276,9 +291,8 @@ impl Cache {
                 .await
                 .map_err(crate::dataset::repo::Error::from)?;
             let Some(digest) = digest else {
-                return Err(Error::internal(format!(
-                    "body {sha256} is missing from the bucket; the dataset version is damaged"
-                )));
+                tracing::warn!(object = %blob_key(sha256), "a body the manifest names is missing from the bucket");
+                return Err(damaged(format!("body {sha256} is missing from the bucket")));
             };
             if hex(&digest) == sha256 {
                 place_blob(&temp, &blob, mode)?;
@@ -296,16 +310,23 @@ impl Cache {
             );
         }
         let _ = std::fs::remove_file(&temp);
-        Err(Error::internal(format!(
-            "body {sha256} from the bucket does not match its SHA-256 twice; not used"
+        tracing::warn!(object = %blob_key(sha256), "a body in the bucket does not match its SHA-256");
+        Err(damaged(format!(
+            "body {sha256} from the bucket does not match its SHA-256 (fetched twice); not used"
         )))
     }
 
     /// Fetches commit `commit` of `url`, hashes its files and moves them into the blob store;
     /// returns the manifest entries of the commit.
-    fn import_git(&self, url: &str, commit: &str, scratch: &Path) -> Result<Vec<Entry>> {
+    fn import_git(
+        &self,
+        url: &str,
+        commit: &str,
+        scratch: &Path,
+        admitted: &Admitted,
+    ) -> Result<Vec<Entry>> {
         let checkout = scratch.join("git");
-        git::fetch(url, commit, commit, &checkout)?;
+        git::fetch(url, commit, commit, &checkout, admitted)?;
         let entries = scan::scan(&checkout, self.settings().jobs.clamp(1, 8))
             .map_err(crate::dataset::repo::Error::from)?;
         for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
@@ -317,6 +338,15 @@ impl Cache {
         }
         Ok(entries)
     }
+}
+
+/// A dataset version whose stored content fails its own checks: retrying will not help until
+/// the bucket is repaired (DATA_LOSS).
+fn damaged(what: String) -> Error {
+    Error::new(
+        Kind::DataLoss,
+        format!("the dataset version is damaged: {what}; re-push it or fix the bucket"),
+    )
 }
 
 /// Hard-links `blob` at `target`; a body linked too often (EMLINK) is copied instead.

@@ -15,7 +15,7 @@ use super::datasets::DATASET_KEY;
 use super::status::missing;
 use super::{Plugin, TOPOLOGY_KEY, caps};
 use crate::lane::local::CreateRequest;
-use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta};
+use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta, to_wire};
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{Rpc, rpc};
 use crate::proto::*;
@@ -33,7 +33,7 @@ pub struct ControllerService(pub Arc<Plugin>);
 impl ControllerService {
     fn volume(&self, meta: &VolumeMeta) -> Volume {
         Volume {
-            capacity_bytes: meta.capacity_bytes as i64,
+            capacity_bytes: to_wire(meta.capacity_bytes),
             volume_id: meta.id.clone(),
             volume_context: meta
                 .dataset
@@ -124,7 +124,7 @@ impl ControllerService {
 
     /// Resolves a dataset reference to the version it names now.
     async fn pin(&self, reference: &str) -> Result<String, Status> {
-        match self.0.sources.pin(reference).await {
+        match self.0.sources.pin_for_volume(reference).await {
             Ok(pin) => Ok(pin.to_string()),
             Err(e) => Err(Status::new(
                 super::status::code(e.kind()),
@@ -391,8 +391,8 @@ impl Controller for ControllerService {
                 }
                 let space = self.0.lane_op(|lane| lane.space()).await?;
                 Ok(GetCapacityResponse {
-                    available_capacity: space.available_bytes as i64,
-                    maximum_volume_size: Some(space.total_bytes as i64),
+                    available_capacity: to_wire(space.available_bytes),
+                    maximum_volume_size: Some(to_wire(space.total_bytes)),
                     minimum_volume_size: None,
                 })
             })
@@ -472,7 +472,7 @@ impl Controller for ControllerService {
                 };
                 let capacity = self.0.lane_op(move |lane| lane.expand(&id, range)).await?;
                 Ok(ControllerExpandVolumeResponse {
-                    capacity_bytes: capacity as i64,
+                    capacity_bytes: to_wire(capacity),
                     node_expansion_required: false,
                 })
             })

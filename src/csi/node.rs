@@ -554,7 +554,7 @@ impl Node for NodeService {
                 // The quota was already grown by ControllerExpandVolume; a directory volume has
                 // no filesystem of its own to grow, so the node only reports the capacity.
                 Ok(NodeExpandVolumeResponse {
-                    capacity_bytes: i64::try_from(meta.capacity_bytes).unwrap_or(i64::MAX),
+                    capacity_bytes: crate::lane::to_wire(meta.capacity_bytes),
                 })
             })
             .await

@@ -239,10 +239,10 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         source,
     })?;
     let metrics = Arc::new(Metrics::new());
-    let sources = Arc::new(Sources::new(
-        options.config.datasets.clone(),
-        options.config.cache.jobs,
-    ));
+    let sources = Arc::new(
+        Sources::new(options.config.datasets.clone(), options.config.cache.jobs)
+            .with_git_policy(options.config.git.clone()),
+    );
     let cache = if options.roles.node {
         Some(Arc::new(Cache::open(
             &options.data_dir,

@@ -122,6 +122,9 @@ pub struct RawDatasets {
     pub default_bucket: Option<String>,
     #[serde(default)]
     pub buckets: BTreeMap<String, RawBucket>,
+    /// Which Git sources volumes may use (see [`super::gitpolicy`]).
+    #[serde(default)]
+    pub git: super::gitpolicy::RawGitPolicy,
 }
 
 /// One bucket as written.

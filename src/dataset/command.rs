@@ -265,8 +265,8 @@ pub async fn run(
             };
             let target = dir.clone();
             let sha = tokio::task::spawn_blocking(move || {
-                let sha = super::git::resolve(&url, &git_ref)?;
-                super::git::fetch(&url, &sha, &git_ref, &target).map(|()| sha)
+                let sha = super::git::resolve(&url, &git_ref, &Default::default())?;
+                super::git::fetch(&url, &sha, &git_ref, &target, &Default::default()).map(|()| sha)
             })
             .await??;
             Output {
@@ -276,8 +276,10 @@ pub async fn run(
         }
         Command::Resolve { reference } => match Reference::parse(&reference)? {
             Reference::Git { url, git_ref } => {
-                let sha = tokio::task::spawn_blocking(move || super::git::resolve(&url, &git_ref))
-                    .await??;
+                let sha = tokio::task::spawn_blocking(move || {
+                    super::git::resolve(&url, &git_ref, &Default::default())
+                })
+                .await??;
                 Output {
                     json: json!({"version": sha}),
                     text: format!("{sha}\n"),

@@ -10,10 +10,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use super::gitpolicy::Admitted;
 use super::reference::check_git_ref;
 use super::repo::Error;
 
 const ALLOWED_PROTOCOLS: &str = "file:git:http:https:ssh";
+
+/// A `git` command with the safety settings above, and the settings `admitted` asks for
+/// (see [`super::gitpolicy`]).
+fn git_with(admitted: &Admitted) -> Command {
+    let mut command = git();
+    for setting in &admitted.git_config {
+        command.args(["-c", setting]);
+    }
+    command
+}
 
 /// A `git` command with the safety settings above.
 fn git() -> Command {
@@ -65,12 +76,12 @@ fn is_sha(text: &str) -> bool {
 
 /// Resolves `git_ref` (a branch, tag, `HEAD` or a full commit SHA) in the repository at
 /// `url` to a commit SHA.
-pub fn resolve(url: &str, git_ref: &str) -> Result<String, Error> {
+pub fn resolve(url: &str, git_ref: &str, admitted: &Admitted) -> Result<String, Error> {
     check_git_ref(git_ref).map_err(Error::Invalid)?;
     if is_sha(git_ref) {
         return Ok(git_ref.to_ascii_lowercase());
     }
-    let mut command = git();
+    let mut command = git_with(admitted);
     command.args(["ls-remote", "--", url]);
     let output = run(command, "ls-remote")?;
     let listing = String::from_utf8_lossy(&output.stdout);
@@ -97,7 +108,13 @@ pub fn resolve(url: &str, git_ref: &str) -> Result<String, Error> {
 
 /// Fetches commit `sha` of `url` into `dest` (which must not exist) as a plain tree without
 /// `.git`. The tree appears whole or not at all.
-pub fn fetch(url: &str, sha: &str, git_ref: &str, dest: &Path) -> Result<(), Error> {
+pub fn fetch(
+    url: &str,
+    sha: &str,
+    git_ref: &str,
+    dest: &Path,
+    admitted: &Admitted,
+) -> Result<(), Error> {
     if !is_sha(sha) {
         return Err(Error::Invalid(format!("{sha:?} is not a full commit SHA")));
     }
@@ -120,7 +137,7 @@ pub fn fetch(url: &str, sha: &str, git_ref: &str, dest: &Path) -> Result<(), Err
         init.args(["init", "-q", "--"]).arg(&work);
         run(init, "init")?;
         let shallow_fetch = |what: &str| {
-            let mut fetch = git();
+            let mut fetch = git_with(admitted);
             fetch.arg("-C").arg(&work).args([
                 "fetch",
                 "-q",

@@ -6,6 +6,7 @@
 pub mod bucket;
 pub mod command;
 pub mod git;
+pub mod gitpolicy;
 pub mod hashcache;
 pub mod manifest;
 pub mod pin;

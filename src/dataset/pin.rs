@@ -2,6 +2,7 @@
 //! stored dataset, or one Git commit. A pin is what a volume records, so the data under it
 //! never changes after it was resolved.
 
+use super::gitpolicy::{Admitted, GitPolicy};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
@@ -90,6 +91,8 @@ pub struct Sources {
     /// The Kubernetes API for buckets whose credentials are in a Secret (default: found
     /// in-cluster or from a kubeconfig when first needed).
     kube: Option<kube::Client>,
+    /// Which Git sources volumes may use.
+    git_policy: GitPolicy,
 }
 
 impl std::fmt::Debug for Sources {
@@ -107,7 +110,14 @@ impl Sources {
             jobs,
             open: Mutex::default(),
             kube: None,
+            git_policy: GitPolicy::default(),
         }
+    }
+
+    /// Uses `policy` for the Git sources of volumes (default: public `https` only).
+    pub fn with_git_policy(mut self, policy: GitPolicy) -> Sources {
+        self.git_policy = policy;
+        self
     }
 
     /// Uses `client` to read credential Secrets.
@@ -155,11 +165,26 @@ impl Sources {
     /// [`Sources::pin`] for a volume (a PVC or an inline volume): Git sources must pass the
     /// admin's allow-list first, since whoever writes a pod spec chooses the URL.
     pub async fn pin_for_volume(&self, reference: &str) -> Result<Pin> {
-        self.pin(reference).await
+        self.pin_under(reference, Some(&self.git_policy)).await
     }
 
-    /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now.
+    /// Checks a Git URL against the volume policy; what git must be told to fetch it the way
+    /// it was checked. Blocking (DNS) work runs off the runtime.
+    pub async fn admit_git(&self, url: &str) -> Result<Admitted> {
+        let (policy, url) = (self.git_policy.clone(), url.to_owned());
+        tokio::task::spawn_blocking(move || policy.check(&url))
+            .await
+            .map_err(|e| Error::Invalid(format!("git policy task: {e}")))?
+            .map_err(Error::from)
+    }
+
+    /// Resolves a reference (`latest`, a tag, a branch) to the one version it names now, with
+    /// any Git source allowed (for people's own use, not volumes).
     pub async fn pin(&self, reference: &str) -> Result<Pin> {
+        self.pin_under(reference, None).await
+    }
+
+    async fn pin_under(&self, reference: &str, policy: Option<&GitPolicy>) -> Result<Pin> {
         match Reference::parse(reference).map_err(|e| Error::Invalid(e.to_string()))? {
             Reference::Stored {
                 bucket,
@@ -191,8 +216,12 @@ impl Sources {
                 })
             }
             Reference::Git { url, git_ref } => {
+                let admitted = match policy {
+                    Some(_) => self.admit_git(&url).await?,
+                    None => Admitted::default(),
+                };
                 let commit = tokio::task::spawn_blocking(move || {
-                    super::git::resolve(&url, &git_ref).map(|c| (url, c))
+                    super::git::resolve(&url, &git_ref, &admitted).map(|c| (url, c))
                 })
                 .await
                 .map_err(|e| Error::Invalid(format!("git resolve task: {e}")))??;

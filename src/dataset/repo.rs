@@ -45,6 +45,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error(transparent)]
     Scan(#[from] ScanError),
+    #[error(transparent)]
+    Refused(#[from] super::gitpolicy::Refused),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -61,7 +63,8 @@ impl Error {
             Error::AlreadyExists(_) => Kind::AlreadyExists,
             Error::ReadOnly(_) | Error::Immutable(_) => Kind::FailedPrecondition,
             Error::Invalid(_) | Error::Scan(_) => Kind::InvalidArgument,
-            Error::Corrupt(_) => Kind::Internal,
+            Error::Corrupt(_) => Kind::DataLoss,
+            Error::Refused(e) => e.kind(),
             Error::Store(e) => e.kind(),
             Error::Io { source, .. } => crate::error::io_kind(source),
         }

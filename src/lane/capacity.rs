@@ -1,11 +1,20 @@
 //! Turns a CSI capacity range into a volume size.
 //!
 //! Rules: negative sizes and `limit < required` are invalid arguments; a size larger than the
-//! lane can ever hold is out of range; sizes round up to 4 KiB when the limit allows it.
+//! lane can ever hold is out of range; sizes round up to 4 KiB when the limit allows it. No
+//! arithmetic overflows: every size stays within `i64::MAX`, the largest the wire can carry, so
+//! a request near 2^63 gets OUT_OF_RANGE or a valid size, never a negative one.
 
 use super::Error;
 
 const BLOCK: u64 = 4096;
+/// The largest size a CSI message can carry (`int64` fields).
+const WIRE_MAX: u64 = i64::MAX as u64;
+
+/// A size as the wire carries it: sizes beyond `i64::MAX` are reported as `i64::MAX`.
+pub fn to_wire(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
 
 /// A CapacityRange as received: zero means "not said".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,13 +43,14 @@ impl Range {
     /// up to 4 KiB where the limit allows, and at most `max`.
     pub fn resolve(self, default: u64, max: u64) -> Result<u64, Error> {
         let (required, limit) = self.checked()?;
+        let max = max.min(WIRE_MAX);
         let mut size = match (required, limit) {
             (0, 0) => default,
             (0, limit) => default.min(limit),
             (required, _) => required,
         };
-        let rounded = size.div_ceil(BLOCK) * BLOCK;
-        if limit == 0 || rounded <= limit {
+        let rounded = size.div_ceil(BLOCK).saturating_mul(BLOCK);
+        if (limit == 0 || rounded <= limit) && rounded <= max {
             size = rounded;
         }
         if size > max {
@@ -121,6 +131,18 @@ mod tests {
                 want: Err(Kind::OutOfRange),
             },
         ];
+        // Against a lane that could hold anything: never more than i64::MAX, never negative.
+        for (range, want) in [
+            (r(i64::MAX, 0), Ok(i64::MAX as u64)),
+            (r(i64::MAX - 10, 0), Ok(i64::MAX as u64 - 10)),
+            (r(0, i64::MAX), Ok(GI as u64)),
+            (r(i64::MAX, i64::MAX), Ok(i64::MAX as u64)),
+        ] {
+            let got = range.resolve(GI as u64, u64::MAX).map_err(|e| e.kind());
+            assert_eq!(got, want, "{range:?}");
+            assert!(to_wire(got.unwrap()) > 0);
+        }
+        assert_eq!(to_wire(u64::MAX), i64::MAX);
         for case in cases {
             let got = case
                 .range

@@ -323,8 +323,8 @@ impl LocalLane {
             .map_err(|e| Error::io(format!("statvfs {}", self.base.display()))(e.into()))?;
         let fragment = stat.fragment_size();
         Ok(Space {
-            total_bytes: stat.blocks() * fragment,
-            available_bytes: stat.blocks_available() * fragment,
+            total_bytes: stat.blocks().saturating_mul(fragment),
+            available_bytes: stat.blocks_available().saturating_mul(fragment),
         })
     }
 

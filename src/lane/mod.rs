@@ -12,7 +12,7 @@ pub mod quota;
 
 use std::path::PathBuf;
 
-pub use capacity::Range;
+pub use capacity::{Range, to_wire};
 pub use id::VolumeId;
 pub use local::LocalLane;
 pub use meta::VolumeMeta;
