@@ -1,5 +1,7 @@
 //! The `lanes` binary: parse arguments, set up logging, hand over to the library.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -11,6 +13,8 @@ async fn main() -> std::process::ExitCode {
             EnvFilter::try_from_env("LANES_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: log files and `kubectl logs` get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match lanes::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

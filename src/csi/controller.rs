@@ -19,6 +19,7 @@ use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta, to_wire};
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{Rpc, rpc};
 use crate::proto::*;
+use crate::text::Shown;
 
 /// The PVC annotation that asks for a dataset (like the StorageClass parameter `dataset`).
 pub const PVC_DATASET_ANNOTATION: &str = "lanes.csi.dev/dataset";
@@ -143,7 +144,7 @@ impl ControllerService {
 
 #[tonic::async_trait]
 impl Controller for ControllerService {
-    #[tracing::instrument(skip_all, fields(volume.name = %request.get_ref().name, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.name = %Shown(&request.get_ref().name), lane = "local"))]
     async fn create_volume(
         &self,
         request: Request<CreateVolumeRequest>,
@@ -203,7 +204,7 @@ impl Controller for ControllerService {
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn delete_volume(
         &self,
         request: Request<DeleteVolumeRequest>,
@@ -256,7 +257,7 @@ impl Controller for ControllerService {
         ))
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id)))]
     async fn validate_volume_capabilities(
         &self,
         request: Request<ValidateVolumeCapabilitiesRequest>,
@@ -447,7 +448,7 @@ impl Controller for ControllerService {
         Err(Status::unimplemented("snapshots are not offered yet"))
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %request.get_ref().volume_id, lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
     async fn controller_expand_volume(
         &self,
         request: Request<ControllerExpandVolumeRequest>,

@@ -43,7 +43,9 @@ impl NodeService {
         field: &'static str,
         text: &str,
     ) -> Result<RequestPath, Status> {
-        Ok(self.0.confinement.check(field, text)?)
+        let path = self.0.confinement.check(field, text)?;
+        path.refuse_links()?;
+        Ok(path)
     }
 
     /// The volume's record; unknown volumes are NOT_FOUND.

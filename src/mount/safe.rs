@@ -375,6 +375,23 @@ impl RequestPath {
         }
     }
 
+    /// Refuses the path when any component of it is a symbolic link, whether or not the rest
+    /// exists (every call checks this up front, even those that would not open the path).
+    pub fn refuse_links(&self) -> Result<()> {
+        let Some(parent) = self.open_parent_if_present()? else {
+            return Ok(());
+        };
+        match nix::sys::stat::fstatat(&parent, self.name(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat)
+                if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK =>
+            {
+                Err(self.symlink(&self.path))
+            }
+            Ok(_) | Err(Errno::ENOENT) => Ok(()),
+            Err(errno) => Err(self.io("stat")(errno)),
+        }
+    }
+
     /// True when something (anything: a file, a link, a directory) exists at this path,
     /// found without following links.
     pub fn exists(&self) -> Result<bool> {

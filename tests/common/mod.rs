@@ -36,6 +36,10 @@ pub struct Plugin {
     config: Option<PathBuf>,
     /// Extra environment for the plugin.
     env: Vec<(String, String)>,
+    /// Extra command-line arguments.
+    args: Vec<String>,
+    /// Where the plugin's stderr goes (inherited when `None`).
+    log: Option<PathBuf>,
 }
 
 impl Plugin {
@@ -61,9 +65,41 @@ impl Plugin {
             failpoint: failpoint.map(str::to_owned),
             config: None,
             env: Vec::new(),
+            args: Vec::new(),
+            log: None,
         };
         plugin.spawn();
         plugin
+    }
+
+    /// Starts with extra arguments, logging at debug level to `<root>/plugin.log` (see
+    /// [`Plugin::log`]).
+    pub fn start_logged(args: &[&str]) -> Plugin {
+        let root = tempfile::Builder::new()
+            .prefix("lanes-test-")
+            .tempdir()
+            .unwrap();
+        let mut plugin = Plugin {
+            data_dir: root.path().join("data"),
+            socket: root.path().join("csi.sock"),
+            log: Some(root.path().join("plugin.log")),
+            root,
+            child: None,
+            failpoint: None,
+            config: None,
+            env: vec![("LANES_LOG".into(), "debug".into())],
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        plugin.spawn();
+        plugin
+    }
+
+    /// What the plugin logged so far (with [`Plugin::start_logged`]).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// Starts with a config file of `config` (YAML) and moto's test credentials in place of
@@ -91,6 +127,8 @@ impl Plugin {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: Vec::new(),
+            log: None,
         };
         plugin.spawn();
         plugin
@@ -111,9 +149,22 @@ impl Plugin {
             .arg(&self.socket)
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(&self.args)
             .env("LANES_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::null());
+        match &self.log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                command.stderr(file);
+            }
+            None => {
+                command.stderr(Stdio::inherit());
+            }
+        }
         match &self.failpoint {
             Some(point) => command.env("LANES_FAILPOINT", point),
             None => command.env_remove("LANES_FAILPOINT"),
