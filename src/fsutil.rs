@@ -1,8 +1,21 @@
-//! Small filesystem helpers every module shares: the one way Lanes writes a record.
+//! Small filesystem helpers every module shares: the one way Lanes writes a record, and
+//! directories worked on through descriptors.
+//!
+//! [`Dir`] is a directory held open: everything under it is reached relative to that
+//! descriptor (`openat`, `mkdirat`, `renameat`, `unlinkat`) without following a symlink, so no
+//! concurrent rename, and no link planted in the tree, can move a read or a write outside it.
 
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
 
 /// Whether a record must survive a power cut, or only a crash of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +57,288 @@ pub fn atomic_write(path: &Path, bytes: &[u8], durability: Durability) -> std::i
     written
 }
 
+/// Creates `path` for writing, mode 0600; fails when anything (a link included) is there.
+pub fn create_new(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// What a directory entry is, seen without following links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Other,
+}
+
+impl Kind {
+    pub fn of(stat: &FileStat) -> Kind {
+        match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => Kind::Dir,
+            SFlag::S_IFREG => Kind::File,
+            SFlag::S_IFLNK => Kind::Symlink,
+            _ => Kind::Other,
+        }
+    }
+}
+
+fn io(errno: Errno) -> std::io::Error {
+    errno.into()
+}
+
+/// A directory held open (see the module docs).
+#[derive(Debug)]
+pub struct Dir(OwnedFd);
+
+impl Dir {
+    /// Opens a directory named by the user (links in `path` itself are the user's choice; from
+    /// here on nothing is followed).
+    pub fn open(path: &Path) -> std::io::Result<Dir> {
+        nix::fcntl::open(path, dir_flags(), Mode::empty())
+            .map(Dir)
+            .map_err(io)
+    }
+
+    /// The magic link through which the kernel reaches exactly this directory, for calls that
+    /// only take paths (`join` a plain name to it; the last component is then the caller's).
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+    }
+
+    /// The child directory `name`, never through a link.
+    pub fn sub(&self, name: &OsStr) -> std::io::Result<Dir> {
+        nix::fcntl::openat(self, name, dir_flags() | OFlag::O_NOFOLLOW, Mode::empty())
+            .map(Dir)
+            .map_err(io)
+    }
+
+    /// The directory `rel` (plain components) beneath this one, never through a link and never
+    /// outside: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or one `openat` per component
+    /// where the kernel lacks openat2.
+    pub fn walk(&self, rel: &Path) -> std::io::Result<Dir> {
+        if rel.as_os_str().is_empty() {
+            return self.sub(OsStr::new("."));
+        }
+        let how = OpenHow::new()
+            .flags(dir_flags() | OFlag::O_NOFOLLOW)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        match nix::fcntl::openat2(self, rel, how) {
+            Ok(fd) => Ok(Dir(fd)),
+            Err(Errno::ENOSYS) => {
+                let mut current = self.sub(OsStr::new("."))?;
+                for component in rel.components() {
+                    let Component::Normal(name) = component else {
+                        return Err(std::io::Error::other("not a plain relative path"));
+                    };
+                    current = current.sub(name)?;
+                }
+                Ok(current)
+            }
+            Err(errno) => Err(io(errno)),
+        }
+    }
+
+    /// The real directory `name` here, created with `mode` when missing; a link or file in the
+    /// way is removed first (never followed). Returns it and whether it was created.
+    pub fn make_dir(&self, name: &OsStr, mode: u32) -> std::io::Result<(Dir, bool)> {
+        match self.stat(name)? {
+            Some(stat) if Kind::of(&stat) == Kind::Dir => return Ok((self.sub(name)?, false)),
+            Some(_) => self.remove_file(name)?,
+            None => {}
+        }
+        match nix::sys::stat::mkdirat(self, name, Mode::from_bits_truncate(mode)) {
+            Ok(()) => Ok((self.sub(name)?, true)),
+            Err(Errno::EEXIST) => Ok((self.sub(name)?, false)),
+            Err(errno) => Err(io(errno)),
+        }
+    }
+
+    /// `rel`'s directories made real one by one beneath this directory (see [`Dir::make_dir`]).
+    pub fn make_dirs(&self, rel: &Path, mode: u32) -> std::io::Result<Dir> {
+        let mut current = self.sub(OsStr::new("."))?;
+        for component in rel.components() {
+            let Component::Normal(name) = component else {
+                return Err(std::io::Error::other("not a plain relative path"));
+            };
+            current = current.make_dir(name, mode)?.0;
+        }
+        Ok(current)
+    }
+
+    /// Opens the regular file `name` for reading, never through a link.
+    pub fn open_file(&self, name: &OsStr) -> std::io::Result<File> {
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let file = File::from(nix::fcntl::openat(self, name, flags, Mode::empty()).map_err(io)?);
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok(file)
+    }
+
+    /// Creates the file `name` for writing; fails when anything is there already.
+    pub fn create_file(&self, name: &OsStr, mode: u32) -> std::io::Result<File> {
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        nix::fcntl::openat(self, name, flags, Mode::from_bits_truncate(mode))
+            .map(File::from)
+            .map_err(io)
+    }
+
+    /// What `name` is, without following a link; `None` when nothing is there.
+    pub fn stat(&self, name: &OsStr) -> std::io::Result<Option<FileStat>> {
+        match nix::sys::stat::fstatat(self, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(stat)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(errno) => Err(io(errno)),
+        }
+    }
+
+    /// Renames `from` here to `to` in `target` (atomically replacing a file there).
+    pub fn rename(&self, from: &OsStr, target: &Dir, to: &OsStr) -> std::io::Result<()> {
+        nix::fcntl::renameat(self, from, target, to).map_err(io)
+    }
+
+    /// Removes the non-directory `name` (a link itself, never its target).
+    pub fn remove_file(&self, name: &OsStr) -> std::io::Result<()> {
+        nix::unistd::unlinkat(self, name, nix::unistd::UnlinkatFlags::NoRemoveDir).map_err(io)
+    }
+
+    /// Removes whatever `name` is, a whole directory tree included, never following a link.
+    pub fn remove_tree(&self, name: &OsStr) -> std::io::Result<()> {
+        match self.stat(name)? {
+            None => Ok(()),
+            Some(stat) if Kind::of(&stat) == Kind::Dir => {
+                let dir = self.sub(name)?;
+                for (child, _) in dir.entries()? {
+                    dir.remove_tree(&child)?;
+                }
+                nix::unistd::unlinkat(self, name, nix::unistd::UnlinkatFlags::RemoveDir).map_err(io)
+            }
+            Some(_) => self.remove_file(name),
+        }
+    }
+
+    /// The entries of this directory (without `.` and `..`), with their kinds as the
+    /// directory reports them (`None`: unknown, stat it).
+    pub fn entries(&self) -> std::io::Result<Vec<(OsString, Option<Kind>)>> {
+        use nix::dir::Type;
+        let fd = nix::fcntl::openat(self, ".", dir_flags(), Mode::empty()).map_err(io)?;
+        let mut listing = nix::dir::Dir::from_fd(fd).map_err(io)?;
+        let mut out = Vec::new();
+        for entry in listing.iter() {
+            let entry = entry.map_err(io)?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let kind = entry.file_type().map(|t| match t {
+                Type::Directory => Kind::Dir,
+                Type::File => Kind::File,
+                Type::Symlink => Kind::Symlink,
+                _ => Kind::Other,
+            });
+            out.push((name.to_owned(), kind));
+        }
+        Ok(out)
+    }
+
+    /// Makes `name` a symlink holding `target` (the link is written, never followed).
+    pub fn symlink(&self, target: &Path, name: &OsStr) -> std::io::Result<()> {
+        nix::unistd::symlinkat(target, self, name).map_err(io)
+    }
+
+    /// The text of the link `name`.
+    pub fn read_link(&self, name: &OsStr) -> std::io::Result<PathBuf> {
+        nix::fcntl::readlinkat(self, name)
+            .map(PathBuf::from)
+            .map_err(io)
+    }
+
+    /// Hard-links `name` here as `to` in `target`.
+    pub fn hard_link(&self, name: &OsStr, target: &Dir, to: &OsStr) -> std::io::Result<()> {
+        nix::unistd::linkat(self, name, target, to, AtFlags::empty()).map_err(io)
+    }
+
+    /// This directory's own metadata.
+    pub fn metadata(&self) -> std::io::Result<FileStat> {
+        nix::sys::stat::fstat(self).map_err(io)
+    }
+
+    /// Sets this directory's permission bits.
+    pub fn set_mode(&self, mode: u32) -> std::io::Result<()> {
+        nix::sys::stat::fchmod(self, Mode::from_bits_truncate(mode)).map_err(io)
+    }
+
+    /// Sets this directory's access and modification times.
+    pub fn set_times(&self, times: std::fs::FileTimes) -> std::io::Result<()> {
+        let fd = self.0.try_clone()?;
+        File::from(fd).set_times(times)
+    }
+}
+
+impl AsFd for Dir {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirs_never_follow_links_and_stay_beneath_their_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("real/inner")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(".", root.join("dot")).unwrap();
+        let dir = Dir::open(&root).unwrap();
+        assert!(dir.walk(Path::new("real/inner")).is_ok());
+        for through in ["escape", "escape/x", "dot/real", "real/../../x"] {
+            assert!(dir.walk(Path::new(through)).is_err(), "{through}");
+        }
+        assert!(dir.sub(OsStr::new("escape")).is_err());
+        assert!(dir.open_file(OsStr::new("escape")).is_err());
+        // make_dirs replaces a link in the way with a real directory, and writes inside it.
+        let made = dir.make_dirs(Path::new("escape/child"), 0o755).unwrap();
+        made.create_file(OsStr::new("f"), 0o644)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        assert!(root.join("escape/child/f").is_file());
+        assert!(
+            std::fs::symlink_metadata(root.join("escape"))
+                .unwrap()
+                .is_dir()
+        );
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "nothing outside"
+        );
+        // create_file never writes through a planted link.
+        std::os::unix::fs::symlink(outside.path().join("planted"), root.join("tmp")).unwrap();
+        assert!(dir.create_file(OsStr::new("tmp"), 0o600).is_err());
+        assert!(!outside.path().join("planted").exists());
+        assert!(create_new(&root.join("tmp")).is_err());
+        dir.remove_tree(OsStr::new("real")).unwrap();
+        dir.remove_tree(OsStr::new("dot")).unwrap();
+        assert!(!root.join("real").exists() && !root.join("dot").exists());
+        let names: Vec<_> = dir.entries().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
 
     #[test]
     fn replaces_whole_records_and_leaves_no_temporaries() {

@@ -93,6 +93,17 @@ async fn contract<S: ObjectStore>(store: &S, scratch: &Path) {
             .is_none()
     );
     assert!(!scratch.join("none").exists());
+    // A download never writes through something already at its path (a planted link).
+    let victim = scratch.join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    std::os::unix::fs::symlink(&victim, scratch.join("planted")).unwrap();
+    assert!(
+        store
+            .get_to_file("blobs/big", &scratch.join("planted"))
+            .await
+            .is_err()
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
 
     store.put("a/two", vec![]).await.unwrap();
     store.put("a/sub/three", vec![1]).await.unwrap();

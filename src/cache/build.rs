@@ -285,6 +285,7 @@ impl Cache {
             )));
         };
         for attempt in 0..2 {
+            let _ = std::fs::remove_file(&temp);
             let digest = repo
                 .store()
                 .get_to_file(&blob_key(sha256), &temp)

@@ -1,6 +1,9 @@
-//! Copying one regular file: to a temporary name in the destination directory, verified as
-//! the checksum mode asks, then renamed into place so no reader ever sees half a file.
+//! Copying one regular file between two open directories: to a temporary name in the
+//! destination directory, verified as the checksum mode asks, then renamed into place so no
+//! reader ever sees half a file. Both ends are reached through their directories'
+//! descriptors, never by following a link.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -10,27 +13,28 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+use crate::fsutil::{Dir, Kind};
+
 /// The prefix of temporary files; leftovers of a killed run are removed by the next run.
 pub const TEMP_PREFIX: &str = ".lanes-tmp-";
 const BUFFER: usize = 1 << 20;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A fresh temporary path in `dir`.
-pub fn temp_path(dir: &Path) -> PathBuf {
+/// A fresh temporary name.
+pub fn temp_name() -> OsString {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
+    OsString::from(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
 }
 
-/// Makes `path` a real directory: anything else there (a file, a symlink) is replaced, never
-/// followed. Returns `true` when it had to create the directory.
-pub fn real_dir(path: &Path) -> std::io::Result<bool> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => return Ok(false),
-        Ok(_) => std::fs::remove_file(path)?,
-        Err(_) => {}
-    }
-    std::fs::create_dir(path).map(|()| true)
+/// A fresh temporary path in `dir`.
+pub fn temp_path(dir: &Path) -> PathBuf {
+    dir.join(temp_name())
+}
+
+/// True for the names of temporaries.
+pub fn is_temp(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX))
 }
 
 /// Opens a source file for reading without following a symlink put in its place.
@@ -68,49 +72,56 @@ pub enum Verify {
     Nothing,
 }
 
-/// Copies `source` to `target` through a temporary file, sets mode and times, and renames it
-/// into place. Returns the number of bytes written.
-/// `before_rename` runs between the two (a test hook for killing the process there).
+/// What a file copy needs to know about its source entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Attributes {
+    pub mode: u32,
+    pub mtime: (i64, i64),
+}
+
+/// Copies file `name` of `src` to `name` in `dst` through a temporary, sets mode and times,
+/// and renames it into place (replacing a file or link there; a directory in the way is
+/// removed first). Returns the bytes written. `before_rename` runs between the two (a test
+/// hook for killing the process there).
 pub fn copy(
-    source: &Path,
-    target: &Path,
-    mode: u32,
-    mtime: (i64, i64),
+    src: &Dir,
+    dst: &Dir,
+    name: &OsStr,
+    attributes: Attributes,
     verify: Verify,
     before_rename: &dyn Fn(),
 ) -> std::io::Result<u64> {
-    let dir = target.parent().unwrap_or(Path::new("."));
-    let temp = temp_path(dir);
-    let result = write_temp(source, &temp, mode, mtime, verify).and_then(|bytes| {
+    if dst.stat(name)?.is_some_and(|s| Kind::of(&s) == Kind::Dir) {
+        dst.remove_tree(name)?;
+    }
+    let temp = temp_name();
+    let result = write_temp(src, dst, name, &temp, attributes, verify).and_then(|bytes| {
         before_rename();
-        std::fs::rename(&temp, target).map(|()| bytes)
+        dst.rename(&temp, dst, name).map(|()| bytes)
     });
     if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+        let _ = dst.remove_file(&temp);
     }
     result
 }
 
 fn write_temp(
-    source: &Path,
-    temp: &Path,
-    mode: u32,
-    mtime: (i64, i64),
+    src: &Dir,
+    dst: &Dir,
+    name: &OsStr,
+    temp: &OsStr,
+    attributes: Attributes,
     verify: Verify,
 ) -> std::io::Result<u64> {
-    let mut input = open_source(source)?;
+    let mut input = src.open_file(name)?;
     let expected = input.metadata()?.len();
-    let mut output = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temp)?;
+    let mut output = dst.create_file(temp, 0o600)?;
     let written = match verify {
         // std::io::copy uses copy_file_range (reflink / in-kernel copy) between files.
         Verify::Size | Verify::Nothing => std::io::copy(&mut input, &mut output)?,
         Verify::Sha256 => {
             let (written, source_hash) = copy_hashing(&mut input, &mut output)?;
-            let written_hash = sha256(File::open(temp)?)?;
+            let written_hash = sha256(dst.open_file(temp)?)?;
             if written_hash != source_hash {
                 return Err(std::io::Error::other(
                     "SHA-256 of the written copy differs from the source",
@@ -124,8 +135,8 @@ fn write_temp(
             "wrote {written} bytes, the source has {expected}"
         )));
     }
-    output.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    let time = to_system_time(mtime);
+    output.set_permissions(std::fs::Permissions::from_mode(attributes.mode))?;
+    let time = to_system_time(attributes.mtime);
     output.set_times(
         std::fs::FileTimes::new()
             .set_modified(time)

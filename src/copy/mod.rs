@@ -10,12 +10,14 @@
 //!   written;
 //! - a file that cannot be read is reported by path and the rest is still copied.
 
+mod apply;
 pub(crate) mod file;
+mod plan;
 pub(crate) mod progress;
 pub(crate) mod walk;
 
-use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +25,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use plan::{Plan, Unit};
 pub use progress::Progress;
 pub use walk::Failure;
-use walk::{Entry, Kind};
+use walk::Kind;
+
+use crate::fsutil::Dir;
 
 /// When a destination file counts as already done, and how copies are verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -65,6 +70,17 @@ pub struct Summary {
     pub checksum: Option<Checksum>,
     pub dry_run: bool,
     pub failures: Vec<FailureReport>,
+}
+
+impl Summary {
+    /// Records a path that could not be copied.
+    fn fail(&mut self, path: PathBuf, error: impl ToString) {
+        self.failed += 1;
+        self.failures.push(FailureReport {
+            path,
+            error: error.to_string(),
+        });
+    }
 }
 
 /// A path that could not be copied, for the summary.
@@ -134,12 +150,6 @@ fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     Ok(resolved)
 }
 
-/// What the compare phase decided for a file.
-enum Plan {
-    Skip,
-    Copy,
-}
-
 /// Copies SRC to DST. See the module rules. `Err` only when nothing was started; per-file
 /// failures are in the summary (`failed`, `failures`).
 pub fn run(
@@ -164,8 +174,9 @@ pub fn run(
         });
     }
     let dst = dst_resolved;
+    let src_root = Dir::open(&src).map_err(io(format!("open {}", src.display())))?;
 
-    let (entries, walk_failures) = walk::walk(&src);
+    let (entries, walk_failures) = walk::walk_dir(&src_root, &src);
     let mut summary = Summary {
         checksum: Some(options.checksum),
         dry_run: options.dry_run,
@@ -186,8 +197,8 @@ pub fn run(
         if let Kind::File { size, link } = &entry.kind {
             summary.files_total += 1;
             summary.bytes_total += size;
-            match link.and_then(|key| leaders.get(&key).map(|leader| (key, leader.clone()))) {
-                Some((_, leader)) => followers.push((entry, leader)),
+            match link.and_then(|key| leaders.get(&key).cloned()) {
+                Some(leader) => followers.push((entry, leader)),
                 None => {
                     if let Some(key) = link {
                         leaders.insert(*key, entry.rel.clone());
@@ -198,37 +209,63 @@ pub fn run(
         }
     }
 
-    if dst.exists() {
-        remove_temporaries(&dst);
-    }
-    let plans = parallel(&files, options.jobs, |entry| {
-        compare(&src, &dst, entry, options.checksum)
+    let existing_dst = match std::fs::metadata(&dst) {
+        Ok(meta) if meta.is_dir() => {
+            Some(Dir::open(&dst).map_err(io(format!("open {}", dst.display())))?)
+        }
+        Ok(_) => {
+            return Err(Error::Io {
+                context: format!("destination {}", dst.display()),
+                source: std::io::Error::other("it exists and is not a directory"),
+            });
+        }
+        Err(_) => None,
+    };
+    let units = plan::units(&entries, &files);
+    let plans = parallel(&units, options.jobs, |unit| {
+        plan::compare(
+            &src_root,
+            existing_dst.as_ref(),
+            unit,
+            options.checksum,
+            !options.dry_run,
+        )
     });
-    let mut to_copy = Vec::new();
+    let mut copy_units = Vec::new();
     let mut need: u64 = 0;
-    for (entry, plan) in files.iter().zip(plans) {
-        match plan {
-            Ok(Plan::Skip) => summary.files_skipped += 1,
-            Ok(Plan::Copy) => {
-                if let Kind::File { size, .. } = entry.kind {
-                    need += size;
+    for (unit, plans) in units.iter().zip(plans) {
+        let mut to_copy = Vec::new();
+        for (entry, plan) in unit.files.iter().zip(plans) {
+            match plan {
+                Ok(Plan::Skip) => summary.files_skipped += 1,
+                Ok(Plan::Copy) => {
+                    if let Kind::File { size, .. } = entry.kind {
+                        need += size;
+                    }
+                    to_copy.push(*entry);
                 }
-                to_copy.push(*entry);
-            }
-            Err(error) => {
-                summary.failed += 1;
-                summary.failures.push(FailureReport {
-                    path: src.join(&entry.rel),
-                    error,
-                });
+                Err(error) => {
+                    summary.failed += 1;
+                    summary.failures.push(FailureReport {
+                        path: src.join(&entry.rel),
+                        error,
+                    });
+                }
             }
         }
+        if !to_copy.is_empty() {
+            copy_units.push(Unit {
+                dir: unit.dir,
+                files: to_copy,
+            });
+        }
     }
+    let to_copy: u64 = copy_units.iter().map(|u| u.files.len() as u64).sum();
     if !options.dry_run && need > 0 {
         let probe = nearest_existing(&dst);
         let stat = nix::sys::statvfs::statvfs(&probe)
             .map_err(|e| io(format!("statvfs {}", probe.display()))(e.into()))?;
-        let available = stat.blocks_available() * stat.fragment_size();
+        let available = stat.blocks_available().saturating_mul(stat.fragment_size());
         if need > available {
             return Err(Error::NoSpace {
                 dst,
@@ -238,26 +275,23 @@ pub fn run(
         }
     }
     if options.dry_run {
-        summary.files_copied = to_copy.len() as u64;
+        summary.files_copied = to_copy;
         summary.bytes_copied = need;
-        if options.delete && dst.exists() {
-            summary.deleted = extras(&entries, &dst).len() as u64;
+        if options.delete
+            && let Some(dst_root) = &existing_dst
+        {
+            summary.deleted = apply::extras(&entries, dst_root, &dst).len() as u64;
         }
         return Ok(finish(summary, started));
     }
 
     std::fs::create_dir_all(&dst).map_err(io(format!("create {}", dst.display())))?;
-    for entry in entries.iter().filter(|e| e.kind == Kind::Dir) {
-        if let Err(e) = ensure_dir(&dst.join(&entry.rel)) {
-            summary.failed += 1;
-            summary.failures.push(FailureReport {
-                path: dst.join(&entry.rel),
-                error: e.to_string(),
-            });
-        }
+    let dst_root = Dir::open(&dst).map_err(io(format!("open {}", dst.display())))?;
+    for failure in apply::make_dirs(&dst_root, &dst, &entries) {
+        summary.fail(failure.path, failure.error);
     }
 
-    progress.start(to_copy.len() as u64, need);
+    progress.start(to_copy, need);
     let verify = match options.checksum {
         Checksum::SizeMtime => file::Verify::Size,
         Checksum::Sha256 => file::Verify::Sha256,
@@ -271,115 +305,109 @@ pub fn run(
             crate::failpoint::kill("copy.before-rename");
         }
     };
-    let results = parallel(&to_copy, options.jobs, |entry| {
-        let target = dst.join(&entry.rel);
-        let source = src.join(&entry.rel);
-        let copy = || {
-            file::copy(
-                &source,
-                &target,
-                entry.mode,
-                entry.mtime,
-                verify,
-                &before_rename,
-            )
-        };
-        let outcome = clear_for_file(&target)
-            .and_then(|()| copy())
-            .or_else(|first| {
-                // One retry for a verification mismatch; then it is reported.
+    let results = parallel(&copy_units, options.jobs, |unit| {
+        copy_unit(&src_root, &dst_root, unit, verify, &before_rename, progress)
+    });
+    progress.finish();
+    for (unit, results) in copy_units.iter().zip(results) {
+        for (entry, result) in unit.files.iter().zip(results) {
+            match result {
+                Ok(bytes) => {
+                    summary.files_copied += 1;
+                    summary.bytes_copied += bytes;
+                    if verify == file::Verify::Sha256 {
+                        summary.verified += 1;
+                    }
+                }
+                Err(error) => {
+                    summary.failed += 1;
+                    summary.failures.push(FailureReport {
+                        path: src.join(&entry.rel),
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    for (entry, leader) in followers {
+        match apply::hard_link(&dst_root, &leader, entry) {
+            Ok(true) => summary.files_copied += 1,
+            Ok(false) => summary.files_skipped += 1,
+            Err(e) => summary.fail(dst.join(&entry.rel), e),
+        }
+    }
+    for entry in &entries {
+        if let Kind::Symlink(target) = &entry.kind {
+            match apply::symlink(&dst_root, entry, target) {
+                Ok(true) => summary.links_copied += 1,
+                Ok(false) => {}
+                Err(e) => summary.fail(dst.join(&entry.rel), e),
+            }
+        }
+    }
+    if options.delete {
+        for extra in apply::extras(&entries, &dst_root, &dst) {
+            match apply::remove(&dst_root, &extra) {
+                Ok(()) => summary.deleted += 1,
+                Err(e) => summary.fail(dst.join(&extra), e),
+            }
+        }
+    }
+    // Directory modes and times last, deepest first, so copying into them does not undo them.
+    for entry in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
+        let _ = apply::set_dir_metadata(&dst_root, &entry.rel, entry.mode, entry.mtime);
+    }
+    if let Ok(meta) = std::fs::metadata(&src) {
+        let _ = apply::set_dir_metadata(
+            &dst_root,
+            Path::new(""),
+            meta.mode() & 0o7777,
+            (meta.mtime(), meta.mtime_nsec()),
+        );
+    }
+    Ok(finish(summary, started))
+}
+
+/// Copies the files of one unit: its two directories are opened once, beneath the roots.
+fn copy_unit(
+    src: &Dir,
+    dst: &Dir,
+    unit: &Unit,
+    verify: file::Verify,
+    before_rename: &dyn Fn(),
+    progress: &Progress,
+) -> Vec<Result<u64, String>> {
+    let dirs = src
+        .walk(unit.dir)
+        .and_then(|s| dst.walk(unit.dir).map(|d| (s, d)));
+    let (src_dir, dst_dir) = match dirs {
+        Ok(dirs) => dirs,
+        Err(e) => return unit.files.iter().map(|_| Err(e.to_string())).collect(),
+    };
+    unit.files
+        .iter()
+        .map(|entry| {
+            let name = entry.split().1;
+            let attributes = file::Attributes {
+                mode: entry.mode,
+                mtime: entry.mtime,
+            };
+            let copy = || file::copy(&src_dir, &dst_dir, &name, attributes, verify, before_rename);
+            // One retry for a verification mismatch; then it is reported.
+            let outcome = copy().or_else(|first| {
                 if verify == file::Verify::Sha256 {
                     copy()
                 } else {
                     Err(first)
                 }
             });
-        if let Ok(bytes) = &outcome {
-            progress.advance(*bytes);
-        }
-        outcome.map_err(|e| e.to_string())
-    });
-    progress.finish();
-    for (entry, result) in to_copy.iter().zip(results) {
-        match result {
-            Ok(bytes) => {
-                summary.files_copied += 1;
-                summary.bytes_copied += bytes;
-                if verify == file::Verify::Sha256 {
-                    summary.verified += 1;
-                }
+            if let Ok(bytes) = &outcome {
+                progress.advance(*bytes);
             }
-            Err(error) => {
-                summary.failed += 1;
-                summary.failures.push(FailureReport {
-                    path: src.join(&entry.rel),
-                    error,
-                });
-            }
-        }
-    }
-
-    for (entry, leader) in followers {
-        match link(&dst.join(&leader), &dst.join(&entry.rel)) {
-            Ok(true) => summary.files_copied += 1,
-            Ok(false) => summary.files_skipped += 1,
-            Err(e) => {
-                summary.failed += 1;
-                summary.failures.push(FailureReport {
-                    path: dst.join(&entry.rel),
-                    error: e.to_string(),
-                });
-            }
-        }
-    }
-    for entry in &entries {
-        if let Kind::Symlink(target) = &entry.kind {
-            match symlink(target, &dst.join(&entry.rel)) {
-                Ok(true) => summary.links_copied += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    summary.failed += 1;
-                    summary.failures.push(FailureReport {
-                        path: dst.join(&entry.rel),
-                        error: e.to_string(),
-                    });
-                }
-            }
-        }
-    }
-    if options.delete {
-        for extra in extras(&entries, &dst) {
-            let removed = match std::fs::symlink_metadata(&extra) {
-                Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&extra),
-                Ok(_) => std::fs::remove_file(&extra),
-                Err(e) => Err(e),
-            };
-            match removed {
-                Ok(()) => summary.deleted += 1,
-                Err(e) => {
-                    summary.failed += 1;
-                    summary.failures.push(FailureReport {
-                        path: extra,
-                        error: e.to_string(),
-                    });
-                }
-            }
-        }
-    }
-    // Directory modes and times last, deepest first, so copying into them does not undo them.
-    for entry in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
-        let _ = set_dir_metadata(&dst.join(&entry.rel), entry);
-    }
-    if let Ok(meta) = std::fs::metadata(&src) {
-        let root = Entry {
-            rel: PathBuf::new(),
-            kind: Kind::Dir,
-            mode: meta.mode() & 0o7777,
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-        };
-        let _ = set_dir_metadata(&dst, &root);
-    }
-    Ok(finish(summary, started))
+            outcome.map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 fn finish(mut summary: Summary, started: Instant) -> Summary {
@@ -420,130 +448,9 @@ pub(crate) fn parallel<T: Sync, R: Send>(
         .collect()
 }
 
-/// Decides whether a file must be copied.
-fn compare(src: &Path, dst: &Path, entry: &Entry, checksum: Checksum) -> Result<Plan, String> {
-    let Kind::File { size, .. } = entry.kind else {
-        return Ok(Plan::Copy);
-    };
-    let existing = match std::fs::symlink_metadata(dst.join(&entry.rel)) {
-        Ok(meta) if meta.is_file() => meta,
-        _ => return Ok(Plan::Copy),
-    };
-    let same = match checksum {
-        Checksum::None => false,
-        Checksum::SizeMtime => {
-            existing.len() == size && (existing.mtime(), existing.mtime_nsec()) == entry.mtime
-        }
-        Checksum::Sha256 => {
-            existing.len() == size && {
-                let ours = file::open_source(&src.join(&entry.rel))
-                    .and_then(file::sha256)
-                    .map_err(|e| e.to_string())?;
-                let theirs = std::fs::File::open(dst.join(&entry.rel))
-                    .and_then(file::sha256)
-                    .ok();
-                theirs == Some(ours)
-            }
-        }
-    };
-    Ok(if same { Plan::Skip } else { Plan::Copy })
-}
-
 fn nearest_existing(path: &Path) -> PathBuf {
     path.ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"))
         .to_path_buf()
-}
-
-/// Makes `path` a real directory, owner-only until its final mode is set at the end.
-fn ensure_dir(path: &Path) -> std::io::Result<()> {
-    if file::real_dir(path)? {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
-/// Removes a directory (or anything not a regular file) standing where a file must go.
-fn clear_for_file(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
-        Ok(meta) if !meta.is_file() => std::fs::remove_file(path),
-        _ => Ok(()),
-    }
-}
-
-/// Makes `path` a hard link of `leader`; `false` when it already is.
-fn link(leader: &Path, path: &Path) -> std::io::Result<bool> {
-    let leader_meta = std::fs::symlink_metadata(leader)?;
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && meta.ino() == leader_meta.ino()
-        && meta.dev() == leader_meta.dev()
-    {
-        return Ok(false);
-    }
-    clear_for_file(path)?;
-    let temp = file::temp_path(path.parent().unwrap_or(Path::new(".")));
-    std::fs::hard_link(leader, &temp)?;
-    std::fs::rename(&temp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&temp);
-    })?;
-    Ok(true)
-}
-
-/// Makes `path` a symlink holding `target`; `false` when it already is one.
-fn symlink(target: &Path, path: &Path) -> std::io::Result<bool> {
-    if std::fs::read_link(path).is_ok_and(|existing| existing == target) {
-        return Ok(false);
-    }
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
-        std::fs::remove_dir_all(path)?;
-    }
-    let temp = file::temp_path(path.parent().unwrap_or(Path::new(".")));
-    std::os::unix::fs::symlink(target, &temp)?;
-    std::fs::rename(&temp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&temp);
-    })?;
-    Ok(true)
-}
-
-fn set_dir_metadata(path: &Path, entry: &Entry) -> std::io::Result<()> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(entry.mode))?;
-    let time = file::to_system_time(entry.mtime);
-    let dir = std::fs::File::open(path)?;
-    dir.set_times(
-        std::fs::FileTimes::new()
-            .set_modified(time)
-            .set_accessed(time),
-    )
-}
-
-/// Destination entries that the source does not have, outermost only (their contents go with
-/// them). Temporaries are not counted: they are removed at the start of every run.
-fn extras(entries: &[Entry], dst: &Path) -> Vec<PathBuf> {
-    let wanted: HashSet<&Path> = entries.iter().map(|e| e.rel.as_path()).collect();
-    let (present, _) = walk::walk(dst);
-    let mut extra: Vec<PathBuf> = Vec::new();
-    for entry in present {
-        if wanted.contains(entry.rel.as_path()) || extra.iter().any(|e| entry.rel.starts_with(e)) {
-            continue;
-        }
-        extra.push(entry.rel);
-    }
-    extra.into_iter().map(|rel| dst.join(rel)).collect()
-}
-
-/// Removes temporaries a killed run left anywhere under `dst`.
-fn remove_temporaries(dst: &Path) {
-    let (present, _) = walk::walk(dst);
-    for entry in present {
-        let is_temp = entry
-            .rel
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(file::TEMP_PREFIX));
-        if is_temp && !matches!(entry.kind, Kind::Dir) {
-            let _ = std::fs::remove_file(dst.join(&entry.rel));
-        }
-    }
 }

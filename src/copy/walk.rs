@@ -1,7 +1,15 @@
-//! Walks a tree without ever following a symbolic link, into a flat, parent-first list.
+//! Walks a tree into a flat, parent-first list, through directory descriptors and never
+//! following a symbolic link.
+//!
+//! Each directory is listed from its own descriptor, entries are examined with `fstatat`
+//! (no follow), and subdirectories are opened beneath the root with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`: a directory swapped for a link while the
+//! walk runs is reported as a failure, never entered.
 
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+use crate::fsutil::{self, Dir};
 
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +35,16 @@ pub struct Entry {
     pub mtime: (i64, i64),
 }
 
+impl Entry {
+    /// The directory holding this entry (relative to the root) and its own name.
+    pub fn split(&self) -> (&Path, OsString) {
+        (
+            self.rel.parent().unwrap_or(Path::new("")),
+            self.rel.file_name().unwrap_or_default().to_owned(),
+        )
+    }
+}
+
 /// A path that could not be read, and why.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -34,66 +52,76 @@ pub struct Failure {
     pub error: String,
 }
 
-/// Walks `root` (a directory): parents come before their children. Unreadable entries are
-/// reported and skipped; special files (sockets, FIFOs, devices) are skipped silently.
+/// Walks the directory at `root` (see the module docs); paths in failures are shown under
+/// `root`. Unreadable entries are reported and skipped; special files (sockets, FIFOs,
+/// devices) are skipped silently.
 pub fn walk(root: &Path) -> (Vec<Entry>, Vec<Failure>) {
+    match Dir::open(root) {
+        Ok(dir) => walk_dir(&dir, root),
+        Err(e) => (
+            Vec::new(),
+            vec![Failure {
+                path: root.to_owned(),
+                error: e.to_string(),
+            }],
+        ),
+    }
+}
+
+/// [`walk`] of an open directory; `shown` is how its paths appear in failures.
+pub fn walk_dir(root: &Dir, shown: &Path) -> (Vec<Entry>, Vec<Failure>) {
     let mut entries = Vec::new();
     let mut failures = Vec::new();
     let mut pending = vec![PathBuf::new()];
-    while let Some(dir) = pending.pop() {
-        let listing = match std::fs::read_dir(root.join(&dir)) {
-            Ok(listing) => listing,
+    while let Some(rel) = pending.pop() {
+        let fail = |path: PathBuf, e: std::io::Error| Failure {
+            path: shown.join(path),
+            error: e.to_string(),
+        };
+        let listed = root
+            .walk(&rel)
+            .and_then(|dir| dir.entries().map(|names| (dir, names)));
+        let (dir, mut names) = match listed {
+            Ok(listed) => listed,
             Err(e) => {
-                failures.push(Failure {
-                    path: root.join(&dir),
-                    error: e.to_string(),
-                });
+                failures.push(fail(rel, e));
                 continue;
             }
         };
-        let mut names: Vec<_> = listing.flatten().map(|e| e.file_name()).collect();
-        names.sort();
-        for name in names {
-            let rel = dir.join(&name);
-            let path = root.join(&rel);
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(meta) => meta,
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, _) in names {
+            let path = rel.join(&name);
+            let stat = match dir.stat(&name) {
+                Ok(Some(stat)) => stat,
+                Ok(None) => continue,
                 Err(e) => {
-                    failures.push(Failure {
-                        path,
-                        error: e.to_string(),
-                    });
+                    failures.push(fail(path, e));
                     continue;
                 }
             };
-            let kind = if meta.file_type().is_symlink() {
-                match std::fs::read_link(&path) {
+            let kind = match fsutil::Kind::of(&stat) {
+                fsutil::Kind::Symlink => match dir.read_link(&name) {
                     Ok(target) => Kind::Symlink(target),
                     Err(e) => {
-                        failures.push(Failure {
-                            path,
-                            error: e.to_string(),
-                        });
+                        failures.push(fail(path, e));
                         continue;
                     }
+                },
+                fsutil::Kind::Dir => {
+                    pending.push(path.clone());
+                    Kind::Dir
                 }
-            } else if meta.is_dir() {
-                pending.push(rel.clone());
-                Kind::Dir
-            } else if meta.is_file() {
-                let link = (meta.nlink() > 1).then(|| (meta.dev(), meta.ino()));
-                Kind::File {
-                    size: meta.len(),
-                    link,
-                }
-            } else {
-                continue;
+                fsutil::Kind::File => Kind::File {
+                    size: stat.st_size as u64,
+                    link: (stat.st_nlink > 1).then_some((stat.st_dev, stat.st_ino)),
+                },
+                fsutil::Kind::Other => continue,
             };
             entries.push(Entry {
-                rel,
+                rel: path,
                 kind,
-                mode: meta.mode() & 0o7777,
-                mtime: (meta.mtime(), meta.mtime_nsec()),
+                mode: stat.st_mode & 0o7777,
+                mtime: (stat.st_mtime, stat.st_mtime_nsec),
             });
         }
     }

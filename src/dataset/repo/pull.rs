@@ -1,33 +1,77 @@
-//! Pulling a version into a directory: every body verified against its SHA-256 before it is
-//! placed, files already present and identical skipped.
+//! Pulling a version into a directory: every body verified against its SHA-256 (and its size
+//! against the manifest) before it is placed, files already present and identical skipped.
 //!
-//! Rule: a body whose hash does not match is never placed (its temporary is removed), and
-//! symlinks are recreated as they are, never followed.
+//! Rules: a body that does not match is never placed (its temporary is removed); symlinks are
+//! recreated as they are, never followed; and nothing is created, written or removed outside
+//! DIR, whatever order the manifest lists directories in and whatever DIR already holds
+//! (links, or links swapped in while the pull runs): every directory is made real beneath DIR
+//! one component at a time, every file is reached through its directory's descriptor
+//! ([`crate::fsutil::Dir`]), and downloads are created exclusively under fresh names.
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Semaphore;
 
 use super::{Advance, Error, Finish, PullReport, Repo, Result, blob_key, io};
-use crate::dataset::manifest::EntryKind;
+use crate::dataset::manifest::{Entry, EntryKind};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::hex;
 use crate::dataset::store::ObjectStore;
+use crate::fsutil::{Dir, Kind};
+
+static TEMP: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temporary name for a file being placed.
+fn temp_name() -> OsString {
+    OsString::from(format!(
+        "{}{}-{}",
+        crate::copy::file::TEMP_PREFIX,
+        std::process::id(),
+        TEMP.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The directory part and the name of a manifest path.
+fn split(path: &str) -> (PathBuf, OsString) {
+    let path = Path::new(path);
+    (
+        path.parent().map(Path::to_owned).unwrap_or_default(),
+        path.file_name().unwrap_or_default().to_owned(),
+    )
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("pull task failed: {e}")))?
+}
 
 impl<S: ObjectStore + Clone + 'static> Repo<S> {
     /// Downloads a version into `dir`, verifying every body; identical files already there
-    /// are skipped. A body whose hash does not match is never placed.
+    /// are skipped. See the module rules.
     pub async fn pull(&self, name: &str, selector: &Selector, dir: &Path) -> Result<PullReport> {
         let manifest = self.resolve(name, selector).await?;
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-        let root = dir
-            .canonicalize()
-            .map_err(io(format!("resolve {}", dir.display())))?;
-        for entry in manifest.entries.iter().filter(|e| e.kind == EntryKind::Dir) {
-            let path = root.join(&entry.path);
-            crate::copy::file::real_dir(&path).map_err(io(format!("create {}", path.display())))?;
-        }
+        let root = Arc::new(Dir::open(dir).map_err(io(format!("open {}", dir.display())))?);
+        let mut dirs: Vec<Entry> = manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Dir)
+            .cloned()
+            .collect();
+        dirs.sort_by(|a, b| a.path.cmp(&b.path));
+        let made = root.clone();
+        blocking(move || {
+            for entry in &dirs {
+                made.make_dirs(Path::new(&entry.path), 0o755)
+                    .map_err(io(format!("create directory {}", entry.path)))?;
+            }
+            Ok(())
+        })
+        .await?;
         let mut report = PullReport {
             version: manifest.version.clone(),
             files: manifest.files(),
@@ -44,48 +88,16 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             .filter(|e| e.kind == EntryKind::File)
             .cloned()
         {
-            let (store, limit, target, progress) = (
+            let (store, limit, root, progress) = (
                 self.store.clone(),
                 limit.clone(),
-                root.join(&entry.path),
+                root.clone(),
                 progress.clone(),
             );
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 let _advance = Advance(&progress, entry.size);
-                let expected = entry.sha256.clone().unwrap_or_default();
-                let check = target.clone();
-                let expected_for_check = expected.clone();
-                let identical =
-                    tokio::task::spawn_blocking(move || same_body(&check, &expected_for_check))
-                        .await
-                        .unwrap_or(false);
-                if identical {
-                    return Ok::<_, Error>(None);
-                }
-                let temp = temp_beside(&target);
-                let Some(digest) = store.get_to_file(&blob_key(&expected), &temp).await? else {
-                    return Err(Error::Corrupt(format!(
-                        "body {expected} of {} is missing from the bucket",
-                        entry.path
-                    )));
-                };
-                if hex(&digest) != expected {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(Error::Corrupt(format!(
-                        "body of {} does not match its SHA-256 ({} != {expected}); not placed",
-                        entry.path,
-                        hex(&digest)
-                    )));
-                }
-                let (place_temp, place_target, mode) = (temp.clone(), target.clone(), entry.mode);
-                tokio::task::spawn_blocking(move || place(&place_temp, &place_target, mode))
-                    .await
-                    .map_err(|e| Error::Invalid(e.to_string()))?
-                    .inspect_err(|_| {
-                        let _ = std::fs::remove_file(&temp);
-                    })?;
-                Ok(Some(entry.size))
+                pull_file(&store, &root, &entry).await
             });
         }
         while let Some(done) = tasks.join_next().await {
@@ -97,44 +109,141 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 None => report.skipped += 1,
             }
         }
-        for entry in manifest
+        let links: Vec<Entry> = manifest
             .entries
             .iter()
             .filter(|e| e.kind == EntryKind::Symlink)
-        {
-            let target = entry.target.as_deref().unwrap_or_default();
-            let path = root.join(&entry.path);
-            if std::fs::read_link(&path).is_ok_and(|t| t == Path::new(target)) {
-                continue;
+            .cloned()
+            .collect();
+        blocking(move || {
+            for entry in &links {
+                place_link(&root, entry)?;
             }
-            let temp = temp_beside(&path);
-            std::os::unix::fs::symlink(target, &temp)
-                .map_err(io(format!("link {}", path.display())))?;
-            std::fs::rename(&temp, &path).map_err(io(format!("place {}", path.display())))?;
-        }
+            Ok(())
+        })
+        .await?;
         Ok(report)
     }
 }
 
-fn temp_beside(path: &Path) -> PathBuf {
-    crate::copy::file::temp_path(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// True when `path` is a regular file whose SHA-256 is `sha256`.
-fn same_body(path: &Path, sha256: &str) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
-        && std::fs::File::open(path)
-            .and_then(crate::copy::file::sha256)
-            .is_ok_and(|d| hex(&d) == sha256)
-}
-
-/// Sets the mode of a verified temporary and renames it into place.
-fn place(temp: &Path, target: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(temp, std::fs::Permissions::from_mode(mode & 0o7777))
-        .map_err(io(format!("chmod {}", temp.display())))?;
-    if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
-        std::fs::remove_dir_all(target).map_err(io(format!("replace {}", target.display())))?;
+/// Pulls one file: `None` when an identical file is already there, else the bytes placed.
+async fn pull_file<S: ObjectStore>(
+    store: &S,
+    root: &Arc<Dir>,
+    entry: &Entry,
+) -> Result<Option<u64>> {
+    let expected = entry.sha256.clone().unwrap_or_default();
+    let (parent_rel, name) = split(&entry.path);
+    let (root, shown, check, sha) = (
+        root.clone(),
+        entry.path.clone(),
+        name.clone(),
+        expected.clone(),
+    );
+    let (parent, identical) = blocking(move || {
+        let parent = root
+            .walk(&parent_rel)
+            .map_err(io(format!("open the directory of {shown}")))?;
+        let identical = same_body(&parent, &check, &sha);
+        Ok((Arc::new(parent), identical))
+    })
+    .await?;
+    if identical {
+        return Ok(None);
     }
-    std::fs::rename(temp, target).map_err(io(format!("place {}", target.display())))
+    let temp = temp_name();
+    let fetched = store
+        .get_to_file(&blob_key(&expected), &parent.proc_path().join(&temp))
+        .await;
+    let outcome = match fetched {
+        Err(e) => Err(e.into()),
+        Ok(None) => Err(Error::Corrupt(format!(
+            "body {expected} of {} is missing from the bucket",
+            entry.path
+        ))),
+        Ok(Some(digest)) if hex(&digest) != expected => Err(Error::Corrupt(format!(
+            "body of {} does not match its SHA-256 ({} != {expected}); not placed",
+            entry.path,
+            hex(&digest)
+        ))),
+        Ok(Some(_)) => Ok(()),
+    };
+    let (entry, temp_done) = (entry.clone(), temp.clone());
+    let placing = parent.clone();
+    let placed = blocking(move || {
+        outcome?;
+        place(&placing, &temp_done, &name, &entry)
+    })
+    .await;
+    if placed.is_err() {
+        let _ = parent.remove_file(&temp);
+    }
+    placed
+}
+
+/// True when `name` in `dir` is a regular file whose SHA-256 is `sha256`.
+fn same_body(dir: &Dir, name: &OsStr, sha256: &str) -> bool {
+    dir.open_file(name)
+        .and_then(crate::copy::file::sha256)
+        .is_ok_and(|d| hex(&d) == sha256)
+}
+
+/// Checks the verified temporary's size, gives it its mode and renames it into place.
+fn place(dir: &Dir, temp: &OsStr, name: &OsStr, entry: &Entry) -> Result<Option<u64>> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir
+        .open_file(temp)
+        .map_err(io(format!("reopen the download of {}", entry.path)))?;
+    let size = file
+        .metadata()
+        .map_err(io(format!("stat {}", entry.path)))?
+        .len();
+    if size != entry.size {
+        return Err(Error::Corrupt(format!(
+            "the manifest says {} is {} bytes, but its body has {size}; not placed",
+            entry.path, entry.size
+        )));
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o7777))
+        .map_err(io(format!("chmod {}", entry.path)))?;
+    if dir
+        .stat(name)
+        .map_err(io(format!("stat {}", entry.path)))?
+        .is_some_and(|s| Kind::of(&s) == Kind::Dir)
+    {
+        dir.remove_tree(name)
+            .map_err(io(format!("replace {}", entry.path)))?;
+    }
+    dir.rename(temp, dir, name)
+        .map_err(io(format!("place {}", entry.path)))?;
+    Ok(Some(size))
+}
+
+/// Recreates a symlink as it is (under a temporary name, renamed into place).
+fn place_link(root: &Dir, entry: &Entry) -> Result<()> {
+    let target = Path::new(entry.target.as_deref().unwrap_or_default());
+    let (parent_rel, name) = split(&entry.path);
+    let parent = root
+        .walk(&parent_rel)
+        .map_err(io(format!("open the directory of {}", entry.path)))?;
+    if parent.read_link(&name).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    if parent
+        .stat(&name)
+        .map_err(io(format!("stat {}", entry.path)))?
+        .is_some_and(|s| Kind::of(&s) == Kind::Dir)
+    {
+        parent
+            .remove_tree(&name)
+            .map_err(io(format!("replace {}", entry.path)))?;
+    }
+    let temp = temp_name();
+    parent
+        .symlink(target, &temp)
+        .map_err(io(format!("link {}", entry.path)))?;
+    parent.rename(&temp, &parent, &name).map_err(|e| {
+        let _ = parent.remove_file(&temp);
+        io(format!("place {}", entry.path))(e)
+    })
 }

@@ -162,7 +162,7 @@ impl ObjectStore for FsStore {
             let Some(source) = not_found_as_none(std::fs::File::open(&path))? else {
                 return Ok(None);
             };
-            let mut out = std::fs::File::create(&target)?;
+            let mut out = crate::fsutil::create_new(&target)?;
             copy_hashing(source, &mut out).map(Some)
         })
         .await

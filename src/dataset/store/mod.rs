@@ -73,8 +73,10 @@ pub trait ObjectStore: Send + Sync {
         sha256: &Digest,
         if_absent: bool,
     ) -> impl Future<Output = Result<bool>> + Send;
-    /// Downloads an object into a file and returns the SHA-256 of the bytes written, so the
-    /// caller can verify without reading the file again; `Ok(None)` when it does not exist.
+    /// Downloads an object into a new file at `path` and returns the SHA-256 of the bytes
+    /// written, so the caller can verify without reading the file again; `Ok(None)` when it
+    /// does not exist. `path` must not exist: a file or link already there is an error, never
+    /// written through.
     fn get_to_file(
         &self,
         key: &str,

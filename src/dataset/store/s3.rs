@@ -249,7 +249,7 @@ impl HashingWriter {
         self.hasher.update(batch);
         let file = match &mut self.file {
             Some(file) => file,
-            None => self.file.insert(std::fs::File::create(&self.path)?),
+            None => self.file.insert(crate::fsutil::create_new(&self.path)?),
         };
         file.write_all(batch)
     }
