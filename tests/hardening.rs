@@ -1171,3 +1171,92 @@ async fn capacities_near_the_int64_limit() {
         Err(status) => assert_eq!(status.code(), Code::OutOfRange),
     }
 }
+
+/// Rule: an unpublish that names an inline volume's ID with a target it never published (or
+/// that does not exist) changes nothing: the pod's overlay and its writes stay.
+#[tokio::test]
+async fn a_bogus_unpublish_never_touches_an_inline_volume() {
+    if !privileged("a_bogus_unpublish_never_touches_an_inline_volume") {
+        return;
+    }
+    let plugin = Plugin::start();
+    // A dataset in the plugin's embedded bucket (file://<data-dir>/datasets).
+    let src = plugin.dir("dataset-src");
+    std::fs::write(src.join("labels.txt"), "cat\ndog\n").unwrap();
+    for args in [
+        vec!["create", "pets"],
+        vec!["push", src.to_str().unwrap(), "pets"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lanes"))
+            .arg("--data-dir")
+            .arg(&plugin.data_dir)
+            .arg("dataset")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut c = plugin.clients().await;
+    let target = plugin.dir("pods").join("inline");
+    let publish = NodePublishVolumeRequest {
+        volume_id: "csi-inline-1".into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwo()),
+        volume_context: [
+            ("dataset".to_owned(), "pets:v1".to_owned()),
+            ("csi.storage.k8s.io/ephemeral".to_owned(), "true".to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    c.node.node_publish_volume(publish.clone()).await.unwrap();
+    std::fs::write(target.join("scratch"), "pod's own work").unwrap();
+    let upper = plugin.data_dir.join("ephemeral/csi-inline-1/upper");
+    assert!(upper.join("scratch").is_file());
+    let elsewhere = plugin.dir("pods").join("never-published");
+    let empty = plugin.dir("pods").join("empty-dir");
+    std::fs::create_dir_all(&empty).unwrap();
+    for bogus in [&elsewhere, &empty] {
+        c.node
+            .node_unpublish_volume(unpublish_request("csi-inline-1", bogus))
+            .await
+            .unwrap();
+    }
+    assert!(
+        empty.is_dir(),
+        "a directory this volume never published is kept"
+    );
+    assert_eq!(
+        std::fs::read_to_string(target.join("scratch")).unwrap(),
+        "pod's own work"
+    );
+    assert!(
+        upper.join("scratch").is_file(),
+        "the upper layer is kept while mounted"
+    );
+    assert_eq!(mounts_at(&target).len(), 1);
+    // A repeat of the same publish is fine; one with another readonly flag is not.
+    c.node.node_publish_volume(publish.clone()).await.unwrap();
+    let mut readonly = publish.clone();
+    readonly.readonly = true;
+    assert_code(
+        c.node.node_publish_volume(readonly).await,
+        Code::AlreadyExists,
+        "inline readonly changed",
+    );
+    // The real unpublish removes the mount, the target and the volume's own state.
+    c.node
+        .node_unpublish_volume(unpublish_request("csi-inline-1", &target))
+        .await
+        .unwrap();
+    assert!(!target.exists() && !upper.exists());
+    assert!(mounts_under(plugin.root.path()).is_empty());
+    c.node
+        .node_unpublish_volume(unpublish_request("csi-inline-1", &target))
+        .await
+        .unwrap();
+}

@@ -3,8 +3,8 @@
 //!
 //! Work is grouped by directory: a unit opens its source and destination directories once
 //! (beneath the two roots, never through a link), lists the destination directory once
-//! (removing the temporaries a killed run left there) and compares its files. Large
-//! directories are cut into several units so they spread over the workers.
+//! (removing the temporaries a killed run left there) and compares its files. Directories of
+//! many files or many bytes are cut into several units so they spread over the workers.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +17,9 @@ use crate::fsutil::{self, Dir};
 /// Files per unit: enough to amortise opening two directories, few enough to spread a
 /// directory of many files over every worker.
 const UNIT_FILES: usize = 128;
+/// Bytes per unit: large files each get a unit of their own, so they are copied (and hashed)
+/// in parallel.
+const UNIT_BYTES: u64 = 16 << 20;
 
 /// The files of one directory (or of a slice of it).
 #[derive(Debug)]
@@ -52,12 +55,31 @@ pub(super) fn units<'a>(entries: &'a [Entry], files: &[&'a Entry]) -> Vec<Unit<'
             units.push(Unit { dir, files });
             continue;
         }
-        for chunk in files.chunks(UNIT_FILES) {
-            units.push(Unit {
-                dir,
-                files: chunk.to_vec(),
-            });
+        let mut unit = Unit {
+            dir,
+            files: Vec::new(),
+        };
+        let mut bytes = 0;
+        for entry in files {
+            let size = match entry.kind {
+                Kind::File { size, .. } => size,
+                _ => 0,
+            };
+            let full = unit.files.len() >= UNIT_FILES || bytes + size > UNIT_BYTES;
+            if full && !unit.files.is_empty() {
+                units.push(std::mem::replace(
+                    &mut unit,
+                    Unit {
+                        dir,
+                        files: Vec::new(),
+                    },
+                ));
+                bytes = 0;
+            }
+            unit.files.push(entry);
+            bytes += size;
         }
+        units.push(unit);
     }
     units
 }
@@ -132,4 +154,41 @@ fn compare_file(
         }
     };
     Ok(if same { Plan::Skip } else { Plan::Copy })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(rel: &str, size: u64) -> Entry {
+        Entry {
+            rel: rel.into(),
+            kind: Kind::File { size, link: None },
+            mode: 0o644,
+            mtime: (0, 0),
+        }
+    }
+
+    #[test]
+    fn units_are_bounded_by_files_and_by_bytes() {
+        let mut entries = vec![Entry {
+            rel: "big".into(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            mtime: (0, 0),
+        }];
+        entries.extend((0..8).map(|i| file(&format!("big/f{i}"), 256 << 20)));
+        entries.extend((0..300).map(|i| file(&format!("small{i}"), 100)));
+        let files: Vec<&Entry> = entries.iter().filter(|e| e.kind != Kind::Dir).collect();
+        let units = units(&entries, &files);
+        let big: Vec<_> = units.iter().filter(|u| u.dir == Path::new("big")).collect();
+        assert_eq!(big.len(), 8, "every large file in a unit of its own");
+        let small: Vec<_> = units.iter().filter(|u| u.dir == Path::new("")).collect();
+        assert_eq!(
+            small.iter().map(|u| u.files.len()).collect::<Vec<_>>(),
+            vec![128, 128, 44]
+        );
+        let covered: usize = units.iter().map(|u| u.files.len()).sum();
+        assert_eq!(covered, files.len());
+    }
 }
