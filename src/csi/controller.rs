@@ -219,7 +219,7 @@ impl Controller for ControllerService {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                let _guard = self.0.guard(&req.volume_id)?;
+                let guard = self.0.guard(&req.volume_id)?;
                 let mounter = self.0.mounter.clone();
                 self.0
                     .lane_op(move |lane| {
@@ -234,6 +234,7 @@ impl Controller for ControllerService {
                         lane.delete(&id, &table)
                     })
                     .await?;
+                guard.retire();
                 Ok(DeleteVolumeResponse {})
             })
             .await

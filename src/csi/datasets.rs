@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 
 use super::caps;
+use super::guard::Guard;
 use super::node::{NodeService, apply_mount_group, publish_flags};
 use super::status::code;
 use crate::cache::Cache;
@@ -272,6 +273,7 @@ impl NodeService {
         &self,
         mut record: VolumeRecord,
         target: &RequestPath,
+        guard: Guard,
     ) -> Result<(), Status> {
         let cache = self.cache()?.clone();
         let dir = self.ephemeral_dir(&record.volume_id);
@@ -288,7 +290,7 @@ impl NodeService {
             self.release_target(&mut record, target)?;
         }
         if record.published.is_empty() {
-            self.forget_inline(&record, &dir).await?;
+            self.forget_inline(&record, &dir, guard).await?;
         }
         let sweep = cache.clone();
         let _ = tokio::task::spawn_blocking(move || sweep.sweep_set_aside()).await;
@@ -296,7 +298,12 @@ impl NodeService {
     }
 
     /// Removes an inline volume's directory and record once no mount uses its upper layer.
-    async fn forget_inline(&self, record: &VolumeRecord, dir: &Path) -> Result<(), Status> {
+    async fn forget_inline(
+        &self,
+        record: &VolumeRecord,
+        dir: &Path,
+        guard: Guard,
+    ) -> Result<(), Status> {
         let upper = dir.join("upper");
         let probe = upper.clone();
         let in_use = self
@@ -315,6 +322,7 @@ impl NodeService {
             _ => {}
         }
         self.0.ledger.remove(&record.volume_id)?;
+        guard.retire();
         Ok(())
     }
 

@@ -5,11 +5,12 @@
 //! NodePublishVolume) is answered ABORTED, so the CO retries later; calls on other volumes run
 //! freely. The key is the volume ID alone, never the path.
 //!
-//! The guard holds the key in memory (calls in this process) and an exclusive `flock` on
-//! `<data-dir>/locks/<key hash>` (calls in another Lanes process on the same data directory:
-//! the controller and node roles of one node). The lock file is removed when the guard drops;
-//! a holder checks after locking that its file is still the one at the path, so removal never
-//! lets two holders in.
+//! The guard holds the key in memory (calls in this process) and, when another Lanes process
+//! may share the data directory (the controller and node roles of one node run apart), an
+//! exclusive `flock` on `<data-dir>/locks/<key hash>`. Lock files stay between calls (creating
+//! and removing a file per call costs more than the call's own work on ext4); one is removed
+//! when its volume is gone ([`Guard::retire`]). A holder checks after locking that its file is
+//! still the one at the path, so a removal never lets two holders in.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -99,13 +100,20 @@ fn lock_file(path: &std::path::Path) -> Option<Flock<File>> {
     None
 }
 
-impl Drop for Guard {
-    fn drop(&mut self) {
+impl Guard {
+    /// Releases the key and removes its lock file: the volume is gone for good.
+    pub fn retire(mut self) {
         if let Some((file, path)) = self.file.take() {
-            // Remove while still holding the lock, so nobody locks a file about to vanish.
+            // Removed while still locked, so nobody locks a file about to vanish.
             let _ = std::fs::remove_file(&path);
             drop(file);
         }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        drop(self.file.take());
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.remove(&self.key);
     }
@@ -126,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn lock_files_exclude_other_processes_and_are_removed() {
+    fn lock_files_exclude_other_processes_and_are_retired() {
         let tmp = tempfile::tempdir().unwrap();
         // Two InFlight sets stand for two processes: they share only the lock directory.
         let one = InFlight::new(Some(tmp.path().to_owned()));
@@ -138,13 +146,17 @@ mod tests {
         );
         assert!(other.try_lock("local/b").is_some());
         drop(held);
-        assert_eq!(
-            std::fs::read_dir(tmp.path()).unwrap().count(),
-            0,
-            "lock files removed"
-        );
         let again = other.try_lock("local/a").unwrap();
         assert!(one.try_lock("local/a").is_none());
         drop(again);
+        let count = || std::fs::read_dir(tmp.path()).unwrap().count();
+        assert_eq!(count(), 2, "lock files stay between calls");
+        one.try_lock("local/a").unwrap().retire();
+        one.try_lock("local/b").unwrap().retire();
+        assert_eq!(count(), 0, "retired lock files go");
+        assert!(
+            other.try_lock("local/a").is_some(),
+            "and are made again when needed"
+        );
     }
 }

@@ -439,10 +439,10 @@ impl Node for NodeService {
             .call("NodeUnpublishVolume", async {
                 require(&req.volume_id, "volume_id")?;
                 let target = self.request_path("target_path", &req.target_path)?;
-                let _guard = self.0.guard(&req.volume_id)?;
+                let guard = self.0.guard(&req.volume_id)?;
                 let mut record = self.0.ledger.load(&req.volume_id)?;
                 if record.dataset.is_some() {
-                    Box::pin(self.unpublish_dataset(record, &target)).await?;
+                    Box::pin(self.unpublish_dataset(record, &target, guard)).await?;
                     return Ok(NodeUnpublishVolumeResponse {});
                 }
                 let id = match VolumeId::parse(&req.volume_id) {

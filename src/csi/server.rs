@@ -259,7 +259,11 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         roles: options.roles,
         lane,
         mounter: Arc::new(LinuxMounter),
-        inflight: InFlight::new(Some(locks)),
+        // Serving both roles, this process holds both data-dir locks: no other Lanes process
+        // can share the directory, so the in-memory guard is enough.
+        inflight: InFlight::new(
+            (!(options.roles.controller && options.roles.node)).then_some(locks),
+        ),
         confinement: Confinement::new(
             [options.data_dir.clone()],
             socket.parent().map(Path::to_owned),
