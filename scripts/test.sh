@@ -12,6 +12,7 @@ command -v mkfs.xfs >/dev/null 2>&1 || packages+=(xfsprogs)
 command -v xfs_quota >/dev/null 2>&1 || packages+=(xfsprogs)
 command -v mount >/dev/null 2>&1 || packages+=(mount)
 command -v losetup >/dev/null 2>&1 || packages+=(util-linux)
+command -v mkfs.btrfs >/dev/null 2>&1 || packages+=(btrfs-progs)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing ${packages[*]}"

@@ -503,7 +503,23 @@ impl Node for NodeService {
                         Shown(&req.volume_path)
                     )));
                 }
-                let usage = self.usage(&path).await?;
+                let mut usage = self.usage(&path).await?;
+                let lookup = id.clone();
+                if let Some((used, limit)) = self.0.lane_op(move |lane| lane.usage(&lookup)).await?
+                {
+                    // The volume's own bytes and limit (its quota group), not the filesystem's.
+                    let wire = crate::lane::to_wire;
+                    usage.retain(|u| u.unit != volume_usage::Unit::Bytes as i32);
+                    usage.insert(
+                        0,
+                        VolumeUsage {
+                            total: wire(limit),
+                            used: wire(used),
+                            available: wire(limit.saturating_sub(used)),
+                            unit: volume_usage::Unit::Bytes as i32,
+                        },
+                    );
+                }
                 let condition = match self.0.lane.condition(&id) {
                     None => VolumeCondition {
                         abnormal: false,

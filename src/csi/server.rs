@@ -230,8 +230,12 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         // Leftovers of creates and deletes are the controller's to finish or undo.
         lane.recover()?;
     }
-    if let Some(gap) = lane.enforcement_gap() {
-        tracing::warn!("{gap}");
+    match lane.enforcement_gap() {
+        Some(gap) => tracing::warn!("{gap}"),
+        None => tracing::info!(
+            enforcement = lane.enforcement(),
+            "volume capacity is enforced"
+        ),
     }
     let locks = options.data_dir.join("locks");
     std::fs::create_dir_all(&locks).map_err(|source| ServeError::Io {

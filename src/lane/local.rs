@@ -6,7 +6,10 @@
 //!   a delete renames it to `.trash-*` first. Leftovers of a killed call are cleaned at start.
 //! - create is idempotent by name: a compatible existing volume is returned, an incompatible
 //!   one is `AlreadyExists`;
-//! - delete touches only the volume's own directory and refuses while it is still mounted.
+//! - delete touches only the volume's own directory and refuses while it is still mounted;
+//! - capacity is enforced where the filesystem allows: on btrfs with quotas, `data/` is a
+//!   subvolume whose quota group is limited to the capacity; on XFS with `prjquota`, `data/`
+//!   has a project with a hard block limit; elsewhere it is recorded and reported only.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -81,15 +84,40 @@ impl LocalLane {
     /// Why capacity is not enforced, or `None` when it is.
     pub fn enforcement_gap(&self) -> Option<&str> {
         match &self.enforcement {
-            Enforcement::Xfs(_) => None,
+            Enforcement::Xfs(_) | Enforcement::Btrfs => None,
             Enforcement::NotEnforced(why) => Some(why),
         }
+    }
+
+    /// How capacity is enforced, in a few words (for logs and `lanes profiles`).
+    pub fn enforcement(&self) -> &'static str {
+        match &self.enforcement {
+            Enforcement::Xfs(_) => "XFS project quota",
+            Enforcement::Btrfs => "btrfs quota group",
+            Enforcement::NotEnforced(_) => "not enforced",
+        }
+    }
+
+    /// The volume's own usage and limit in bytes, where the filesystem keeps them per volume
+    /// (btrfs quota groups); `None` where `statvfs` of the mount says it (XFS project quotas)
+    /// or nothing does.
+    pub fn usage(&self, id: &VolumeId) -> Result<Option<(u64, u64)>> {
+        let Enforcement::Btrfs = self.enforcement else {
+            return Ok(None);
+        };
+        let data = self.data_path(id);
+        if !super::btrfs::is_subvolume(&data) {
+            return Ok(None);
+        }
+        let used = super::btrfs::usage(&data)
+            .map_err(Error::io(format!("read the quota group of {id}")))?;
+        Ok(Some((used, self.get(id)?.capacity_bytes)))
     }
 
     fn quota(&self) -> Option<&Quota> {
         match &self.enforcement {
             Enforcement::Xfs(quota) => Some(quota),
-            Enforcement::NotEnforced(_) => None,
+            Enforcement::Btrfs | Enforcement::NotEnforced(_) => None,
         }
     }
 
@@ -155,7 +183,17 @@ impl LocalLane {
         capacity: u64,
     ) -> Result<VolumeMeta> {
         let data = temp.join(DATA);
-        std::fs::create_dir_all(&data).map_err(Error::io(format!("create {}", data.display())))?;
+        if let Enforcement::Btrfs = self.enforcement {
+            std::fs::create_dir_all(temp)
+                .map_err(Error::io(format!("create {}", temp.display())))?;
+            super::btrfs::create_subvolume(temp, DATA.as_ref())
+                .map_err(Error::io(format!("create the subvolume of {id}")))?;
+            super::btrfs::set_limit(&data, capacity)
+                .map_err(Error::io(format!("limit the quota group of {id}")))?;
+        } else {
+            std::fs::create_dir_all(&data)
+                .map_err(Error::io(format!("create {}", data.display())))?;
+        }
         // World-writable like a fresh hostPath volume, so pods without fsGroup can write;
         // fsGroup / volume_mount_group narrow this at publish.
         set_mode(&data, 0o777)?;
@@ -284,8 +322,7 @@ impl LocalLane {
                 std::fs::rename(&dir, &trash).map_err(Error::io(format!("delete {id}")))?;
                 sync_dir(&self.base)?;
                 self.release(&meta)?;
-                std::fs::remove_dir_all(&trash)
-                    .map_err(Error::io(format!("remove {}", trash.display())))
+                remove_volume_dir(&trash)
             }
         }
     }
@@ -311,6 +348,13 @@ impl LocalLane {
         let capacity = range.resolve(meta.capacity_bytes, self.max_capacity()?)?;
         if let (Some(quota), Some(project)) = (self.quota(), meta.project_id) {
             quota.set_limit(project, capacity)?;
+        }
+        let data = self.data_path(id);
+        if let Enforcement::Btrfs = self.enforcement
+            && super::btrfs::is_subvolume(&data)
+        {
+            super::btrfs::set_limit(&data, capacity)
+                .map_err(Error::io(format!("raise the quota group limit of {id}")))?;
         }
         meta.capacity_bytes = capacity;
         meta.store(&self.volume_dir(id))?;
@@ -359,8 +403,7 @@ impl LocalLane {
                 {
                     self.release(&meta)?;
                 }
-                std::fs::remove_dir_all(entry.path())
-                    .map_err(Error::io(format!("remove {}", entry.path().display())))?;
+                remove_volume_dir(&entry.path())?;
             }
         }
         if let Some(quota) = self.quota() {
@@ -370,6 +413,18 @@ impl LocalLane {
         }
         Ok(())
     }
+}
+
+/// Removes a volume directory that is out of use; its data subvolume (btrfs) is destroyed
+/// whole rather than emptied file by file.
+fn remove_volume_dir(dir: &Path) -> Result<()> {
+    if super::btrfs::is_subvolume(&dir.join(DATA)) {
+        super::btrfs::destroy_subvolume(dir, DATA.as_ref()).map_err(Error::io(format!(
+            "destroy the subvolume {}/{DATA}",
+            dir.display()
+        )))?;
+    }
+    std::fs::remove_dir_all(dir).map_err(Error::io(format!("remove {}", dir.display())))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {

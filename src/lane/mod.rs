@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows gRPC: errors are [`Error`], mapped to CSI codes in `csi::status`.
 
+pub mod btrfs;
 pub mod capacity;
 pub mod id;
 pub mod local;

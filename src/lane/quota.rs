@@ -42,6 +42,8 @@ pub struct Quota {
 #[derive(Debug, Clone)]
 pub enum Enforcement {
     Xfs(Quota),
+    /// btrfs with quota groups on: a subvolume and a qgroup limit per volume.
+    Btrfs,
     NotEnforced(String),
 }
 
@@ -52,9 +54,24 @@ impl Enforcement {
             Ok(stat) => stat.filesystem_type().0,
             Err(e) => return Enforcement::NotEnforced(format!("statfs {}: {e}", base.display())),
         };
+        if fs_type == super::btrfs::BTRFS_SUPER_MAGIC {
+            return match super::btrfs::quotas_enabled(base) {
+                Ok(true) => Enforcement::Btrfs,
+                Ok(false) => Enforcement::NotEnforced(format!(
+                    "{} is on btrfs with quotas off; capacity is recorded but not enforced (run \
+                     `btrfs quota enable` on its mount point to enforce it)",
+                    base.display()
+                )),
+                Err(e) => Enforcement::NotEnforced(format!(
+                    "cannot read the btrfs quota status under {}: {e}; capacity is not enforced",
+                    base.display()
+                )),
+            };
+        }
         if fs_type != XFS_SUPER_MAGIC {
             return Enforcement::NotEnforced(format!(
-                "{} is not on XFS; capacity is recorded but not enforced",
+                "{} is on neither XFS with project quotas nor btrfs with quotas; capacity is \
+                 recorded but not enforced",
                 base.display()
             ));
         }
