@@ -54,6 +54,19 @@ pub enum Command {
     Dataset(DatasetArgs),
     /// The node's dataset cache (`<data-dir>/cache`): what it holds, and pruning it.
     Cache(CacheArgs),
+    /// The storage profiles StorageClasses pick from: lane, backend, availability here and
+    /// now, whether capacity is enforced, what each is best for.
+    Profiles(ProfilesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProfilesArgs {
+    /// Print JSON: an array with one object per profile.
+    #[arg(long)]
+    pub json: bool,
+    /// Recommend profiles for this workload (recommended, available ones first).
+    #[arg(long = "for", value_enum)]
+    pub workload: Option<crate::lane::profile::Workload>,
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +270,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return run_dataset(args, cli.config.as_deref(), &cli.data_dir).await;
         }
         Command::Cache(args) => return run_cache(args, cli.config.as_deref(), &cli.data_dir),
+        Command::Profiles(args) => {
+            return run_profiles(args, cli.config.as_deref(), &cli.data_dir);
+        }
     };
     let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;
     let node_id = match args.node_id {
@@ -317,6 +333,101 @@ async fn run_dataset(
         println!("{}", output.json);
     } else {
         print!("{}", output.text);
+    }
+    Ok(())
+}
+
+/// One row of `lanes profiles`.
+#[derive(Debug, serde::Serialize)]
+struct ProfileRow<'a> {
+    name: &'a str,
+    lane: &'static str,
+    description: &'a str,
+    default: bool,
+    backend: String,
+    available: bool,
+    reason: Option<String>,
+    capacity_enforced: bool,
+    enforcement: String,
+    free_bytes: Option<u64>,
+    recommended_for: Vec<String>,
+    /// With `--for`: whether this profile is recommended for that workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recommended: Option<bool>,
+}
+
+fn run_profiles(
+    args: ProfilesArgs,
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let config = Config::load(config, data_dir)?;
+    let mut rows: Vec<ProfileRow> = config
+        .profiles
+        .iter()
+        .map(|profile| {
+            let probe = match profile.lane {
+                crate::lane::LaneKind::Local => crate::lane::local::probe(data_dir),
+            };
+            ProfileRow {
+                name: &profile.name,
+                lane: profile.lane.as_str(),
+                description: &profile.description,
+                default: profile.default,
+                backend: probe.backend,
+                available: probe.available,
+                reason: probe.reason,
+                capacity_enforced: probe.capacity_enforced,
+                enforcement: probe.enforcement,
+                free_bytes: probe.free_bytes,
+                recommended_for: profile.best_for.iter().map(|w| w.to_string()).collect(),
+                recommended: args
+                    .workload
+                    .map(|w| profile.best_for.contains(&w) && probe.available),
+            }
+        })
+        .collect();
+    if args.workload.is_some() {
+        rows.sort_by_key(|r| std::cmp::Reverse((r.recommended, r.available)));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<8} {:<10} {:<12} BACKEND",
+        "PROFILE", "LANE", "AVAILABLE", "CAPACITY"
+    );
+    for row in &rows {
+        let name = format!("{}{}", row.name, if row.default { " *" } else { "" });
+        let available = if row.available { "yes" } else { "no" };
+        let capacity = if row.capacity_enforced {
+            "enforced"
+        } else {
+            "recorded"
+        };
+        println!(
+            "{:<16} {:<8} {:<10} {:<12} {}",
+            name, row.lane, available, capacity, row.backend
+        );
+        if let Some(reason) = &row.reason {
+            println!("{:<16} unavailable: {reason}", "");
+        }
+        if !row.capacity_enforced {
+            println!("{:<16} capacity not enforced: {}", "", row.enforcement);
+        }
+    }
+    println!("* the default profile (StorageClasses that name none)");
+    if let Some(workload) = args.workload {
+        let picks: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.recommended == Some(true))
+            .map(|r| r.name)
+            .collect();
+        match picks.as_slice() {
+            [] => println!("no available profile is meant for {workload}"),
+            picks => println!("recommended for {workload}: {}", picks.join(", ")),
+        }
     }
     Ok(())
 }

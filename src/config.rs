@@ -23,6 +23,7 @@ struct RawConfig {
     mount_timeout_seconds: Option<u64>,
     datasets: RawDatasets,
     cache: RawCache,
+    profiles: std::collections::BTreeMap<String, crate::lane::profile::RawProfile>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -52,6 +53,8 @@ pub struct Config {
     pub git: GitPolicy,
     /// The node's dataset cache.
     pub cache: CacheSettings,
+    /// The storage profiles StorageClasses pick from.
+    pub profiles: crate::lane::Profiles,
 }
 
 /// A configuration file that could not be used.
@@ -150,6 +153,7 @@ impl Config {
             },
             mount_timeout: Duration::from_secs(timeout),
             git: GitPolicy::from_raw(raw.datasets.git.clone()).map_err(invalid)?,
+            profiles: crate::lane::Profiles::from_raw(raw.profiles).map_err(invalid)?,
             datasets: Buckets::from_raw(raw.datasets, data_dir).map_err(invalid)?,
         })
     }

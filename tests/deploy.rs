@@ -101,18 +101,59 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
     }
 }
 
+/// The shipped config, parsed by the binary's own parser.
+fn shipped_config() -> lanes::config::Config {
+    let map: ConfigMap = manifest("config.yaml");
+    let text = &map.data.unwrap()["config.yaml"];
+    lanes::config::Config::parse(
+        text,
+        "deploy/config.yaml",
+        std::path::Path::new("/var/lib/lanes"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[test]
-fn the_driver_and_the_storage_class_agree_with_the_binary() {
+fn every_profile_has_a_storage_class_and_every_class_a_profile() {
     let driver: CSIDriver = manifest("csidriver.yaml");
     assert_eq!(
         driver.metadata.name.as_deref(),
         Some(lanes::csi::DEFAULT_DRIVER_NAME)
     );
-    let class: StorageClass = manifest("storageclass-local.yaml");
-    assert_eq!(class.provisioner, lanes::csi::DEFAULT_DRIVER_NAME);
-    let params: std::collections::HashMap<String, String> =
-        class.parameters.unwrap().into_iter().collect();
-    lanes::lane::CreateParams::try_from(&params).expect("the StorageClass parameters are accepted");
+    let profiles = shipped_config().profiles;
+    let mut classes = Vec::new();
+    for file in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with("storageclass-") {
+            classes.push(manifest::<StorageClass>(&name));
+        }
+    }
+    for profile in profiles.iter() {
+        let class = classes
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(&format!("lanes-{}", profile.name)))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no StorageClass lanes-{} for profile {}",
+                    profile.name, profile.name
+                )
+            });
+        assert_eq!(class.provisioner, lanes::csi::DEFAULT_DRIVER_NAME);
+        let params: std::collections::HashMap<String, String> = class
+            .parameters
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let parsed = lanes::lane::CreateParams::parse(&params, &profiles)
+            .expect("the StorageClass parameters are accepted");
+        assert_eq!(parsed.profile, profile.name);
+    }
+    assert_eq!(
+        classes.len(),
+        profiles.iter().count(),
+        "a StorageClass for a profile that is gone"
+    );
 }
 
 #[test]
@@ -127,14 +168,7 @@ fn a_misspelt_field_is_caught() {
 
 #[test]
 fn the_shipped_config_is_one_the_binary_accepts() {
-    let map: ConfigMap = manifest("config.yaml");
-    let text = &map.data.unwrap()["config.yaml"];
-    let config = lanes::config::Config::parse(
-        text,
-        "deploy/config.yaml",
-        std::path::Path::new("/var/lib/lanes"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let config = shipped_config();
     assert_eq!(config.datasets.default_name(), "production");
     assert_eq!(config.cache.max_bytes, 200 << 30);
     let driver: CSIDriver = manifest("csidriver.yaml");

@@ -165,7 +165,7 @@ impl Controller for ControllerService {
                         "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
                     ));
                 }
-                let mut params = CreateParams::try_from(&req.parameters)?;
+                let mut params = CreateParams::parse(&req.parameters, &self.0.profiles)?;
                 if params.dataset.is_none() {
                     params.dataset = Box::pin(self.pvc_dataset(&req.parameters)).await?;
                 }
@@ -286,7 +286,7 @@ impl Controller for ControllerService {
                     ));
                 }
                 if !req.parameters.is_empty() {
-                    match CreateParams::try_from(&req.parameters) {
+                    match CreateParams::parse(&req.parameters, &self.0.profiles) {
                         Ok(params) if params == meta.params => {}
                         Ok(_) => {
                             return Ok(unconfirmed("parameters differ from the volume's".into()));
@@ -388,7 +388,7 @@ impl Controller for ControllerService {
                 if !supported || !here {
                     return Ok(GetCapacityResponse::default());
                 }
-                if let Err(e) = CreateParams::try_from(&req.parameters) {
+                if let Err(e) = CreateParams::parse(&req.parameters, &self.0.profiles) {
                     return Err(e.into());
                 }
                 let space = self.0.lane_op(|lane| lane.space()).await?;

@@ -50,6 +50,8 @@ pub struct Plugin {
     pub inflight: guard::InFlight,
     /// Which request paths are refused (inside or above what Lanes owns).
     pub confinement: crate::mount::safe::Confinement,
+    /// The storage profiles StorageClasses pick from.
+    pub profiles: crate::lane::Profiles,
     /// What this node has staged and published (node role).
     pub ledger: crate::mount::ledger::Ledger,
     pub metrics: Arc<Metrics>,

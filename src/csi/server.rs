@@ -273,6 +273,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
             socket.parent().map(Path::to_owned),
         ),
         ledger: Ledger::open(&options.data_dir)?,
+        profiles: options.config.profiles.clone(),
         metrics: metrics.clone(),
         mount_timeout: options.config.mount_timeout,
         failpoint: Failpoint::from_env(),

@@ -54,6 +54,74 @@ pub struct LocalLane {
     enforcement: Enforcement,
 }
 
+/// What the local lane offers on this node now, found without creating anything.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Probe {
+    pub available: bool,
+    /// Why not, when not available.
+    pub reason: Option<String>,
+    pub backend: String,
+    pub capacity_enforced: bool,
+    /// How capacity is enforced, or why it is not.
+    pub enforcement: String,
+    pub free_bytes: Option<u64>,
+}
+
+/// Looks at where the local lane of `data_dir` keeps volumes (or would: the nearest existing
+/// directory on the way), creating nothing.
+pub fn probe(data_dir: &Path) -> Probe {
+    let base = data_dir.join("volumes");
+    let Some(existing) = base.ancestors().find(|p| p.exists()) else {
+        return Probe {
+            available: false,
+            reason: Some(format!("no part of {} exists", base.display())),
+            backend: format!("a directory per volume under {}", base.display()),
+            capacity_enforced: false,
+            enforcement: "unknown".into(),
+            free_bytes: None,
+        };
+    };
+    let fs = nix::sys::statfs::statfs(existing)
+        .map(|s| fs_name(s.filesystem_type().0))
+        .unwrap_or("unknown filesystem");
+    let free = nix::sys::statvfs::statvfs(existing)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+        .ok();
+    let writable = nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK).is_ok();
+    let enforcement = Enforcement::detect(existing);
+    let (capacity_enforced, how) = match &enforcement {
+        Enforcement::Xfs(_) => (true, "XFS project quota per volume".to_owned()),
+        Enforcement::Btrfs => (true, "btrfs quota group per volume".to_owned()),
+        Enforcement::NotEnforced(why) => (false, why.clone()),
+    };
+    let reason = if !writable {
+        Some(format!("{} is not writable here", existing.display()))
+    } else if free == Some(0) {
+        Some(format!("no space left under {}", existing.display()))
+    } else {
+        None
+    };
+    Probe {
+        available: reason.is_none(),
+        reason,
+        backend: format!("a directory per volume under {} ({fs})", base.display()),
+        capacity_enforced,
+        enforcement: how,
+        free_bytes: free,
+    }
+}
+
+fn fs_name(magic: i64) -> &'static str {
+    match magic {
+        0xef53 => "ext4",
+        0x5846_5342 => "xfs",
+        super::btrfs::BTRFS_SUPER_MAGIC => "btrfs",
+        0x0102_1994 => "tmpfs",
+        0x794c_7630 => "overlayfs",
+        _ => "other filesystem",
+    }
+}
+
 /// Space figures of the lane's backing filesystem.
 #[derive(Debug, Clone, Copy)]
 pub struct Space {

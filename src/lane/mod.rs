@@ -9,6 +9,7 @@ pub mod id;
 pub mod local;
 pub mod meta;
 pub mod params;
+pub mod profile;
 pub mod quota;
 
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ pub use id::VolumeId;
 pub use local::LocalLane;
 pub use meta::VolumeMeta;
 pub use params::CreateParams;
+pub use profile::{LaneKind, Profile, Profiles};
 
 use crate::error::Kind;
 
@@ -33,7 +35,7 @@ pub enum Error {
     InvalidVolumeId { id: String, reason: String },
     #[error("volume {0:?} does not exist")]
     UnknownVolume(String),
-    #[error("StorageClass parameter {0:?} is not known (known: profile, onDelete, dataset)")]
+    #[error("StorageClass parameter {0} is not known (known: profile, onDelete, dataset)")]
     UnknownParameter(String),
     #[error("StorageClass parameter {key:?}: {reason}")]
     InvalidParameter { key: String, reason: String },

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+use super::profile::Profiles;
 
 /// What happens to a volume's data when the volume is deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,7 +24,7 @@ pub enum OnDelete {
 /// Parameters a volume is created with.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateParams {
-    /// The storage profile; only `local` exists in this build.
+    /// The storage profile (one of the config's `profiles:`).
     pub profile: String,
     #[serde(rename = "onDelete")]
     pub on_delete: OnDelete,
@@ -32,31 +33,17 @@ pub struct CreateParams {
     pub dataset: Option<String>,
 }
 
-/// The profile used when a StorageClass names none.
-pub const DEFAULT_PROFILE: &str = "local";
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
-impl TryFrom<&HashMap<String, String>> for CreateParams {
-    type Error = Error;
-
-    fn try_from(raw: &HashMap<String, String>) -> Result<Self, Error> {
-        let mut params = CreateParams {
-            profile: DEFAULT_PROFILE.to_owned(),
-            ..Default::default()
-        };
+impl CreateParams {
+    /// Parses StorageClass parameters against the profile table: `profile` must name one of
+    /// `profiles` (none named: the default profile, which must then exist).
+    pub fn parse(raw: &HashMap<String, String>, profiles: &Profiles) -> Result<Self, Error> {
+        let mut params = CreateParams::default();
+        let mut named = None;
         for (key, value) in raw {
             match key.as_str() {
-                "profile" => {
-                    if value != DEFAULT_PROFILE {
-                        return Err(Error::InvalidParameter {
-                            key: key.clone(),
-                            reason: format!(
-                                "profile {value:?} does not exist (available: {DEFAULT_PROFILE})"
-                            ),
-                        });
-                    }
-                    params.profile = value.clone();
-                }
+                "profile" => named = Some(value.as_str()),
                 "onDelete" => {
                     params.on_delete = match value.as_str() {
                         "delete" => OnDelete::Delete,
@@ -79,14 +66,28 @@ impl TryFrom<&HashMap<String, String>> for CreateParams {
                     params.dataset = Some(value.clone());
                 }
                 other if other.starts_with(SIDECAR_PREFIX) => {}
-                other => return Err(Error::UnknownParameter(other.to_owned())),
+                other => return Err(Error::UnknownParameter(crate::text::shown(other))),
             }
         }
+        let profile = match named {
+            Some(name) => profiles.get(name),
+            None => profiles.default_profile().ok_or_else(|| {
+                format!(
+                    "no profile is the default; the StorageClass must name one (profiles: {})",
+                    profiles.names().join(", ")
+                )
+            }),
+        };
+        params.profile = profile
+            .map_err(|reason| Error::InvalidParameter {
+                key: "profile".into(),
+                reason,
+            })?
+            .name
+            .clone();
         Ok(params)
     }
-}
 
-impl CreateParams {
     /// The parameters as the CO would pass them, for ValidateVolumeCapabilities and listings.
     pub fn to_map(&self) -> BTreeMap<String, String> {
         let on_delete = match self.on_delete {
@@ -164,7 +165,7 @@ mod tests {
             },
         ];
         for case in cases {
-            let got = CreateParams::try_from(&map(case.raw))
+            let got = CreateParams::parse(&map(case.raw), &Profiles::default())
                 .map(|p| p.on_delete)
                 .map_err(|e| e.kind());
             assert_eq!(got, case.want, "{}", case.desc);
@@ -172,8 +173,29 @@ mod tests {
     }
 
     #[test]
+    fn profiles_come_from_the_table() {
+        let table: std::collections::BTreeMap<String, super::super::profile::RawProfile> =
+            serde_yaml_ng::from_str("fast: {lane: local}\nslow: {lane: local, default: true}\n")
+                .unwrap();
+        let profiles = Profiles::from_raw(table).unwrap();
+        assert_eq!(
+            CreateParams::parse(&map(&[]), &profiles).unwrap().profile,
+            "slow"
+        );
+        let fast = CreateParams::parse(&map(&[("profile", "fast")]), &profiles).unwrap();
+        assert_eq!(fast.profile, "fast");
+        let err = CreateParams::parse(&map(&[("profile", "local")]), &profiles).unwrap_err();
+        assert!(err.to_string().contains("fast, slow"), "{err}");
+        let no_default =
+            Profiles::from_raw(serde_yaml_ng::from_str("fast: {lane: local}\n").unwrap()).unwrap();
+        let err = CreateParams::parse(&map(&[]), &no_default).unwrap_err();
+        assert!(err.to_string().contains("must name one"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
-        let err = CreateParams::try_from(&map(&[("replicas", "3")])).unwrap_err();
+        let err =
+            CreateParams::parse(&map(&[("replicas", "3")]), &Profiles::default()).unwrap_err();
         assert!(err.to_string().contains("\"replicas\""), "{err}");
     }
 }

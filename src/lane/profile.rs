@@ -1,0 +1,239 @@
+//! Storage profiles: what an admin offers and a StorageClass picks (`profile: NAME`).
+//!
+//! A profile names a lane (where and how volumes live), says what it is for, and may be the
+//! default for StorageClasses that name none. The table comes from the config's `profiles:`
+//! section; the embedded default is one profile, `local`. Rules: names are DNS labels; a lane
+//! this build does not have is refused at start-up; at most one profile is the default; a
+//! StorageClass naming an unknown profile gets INVALID_ARGUMENT listing the known ones.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The lanes this build serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaneKind {
+    /// A directory (or btrfs subvolume) per volume on the node's own disk.
+    Local,
+}
+
+impl LaneKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaneKind::Local => "local",
+        }
+    }
+}
+
+/// Workloads a profile can be recommended for (`lanes profiles --for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Datasets read by many pods, often on many nodes.
+    SharedDataset,
+    /// Checkpoints written by training jobs and read back after a restart.
+    Checkpoints,
+    /// Fast scratch space for one pod.
+    Scratch,
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Workload::SharedDataset => "shared-dataset",
+            Workload::Checkpoints => "checkpoints",
+            Workload::Scratch => "scratch",
+        })
+    }
+}
+
+/// One profile as written in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    pub lane: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub best_for: Vec<Workload>,
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// A validated profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    pub name: String,
+    pub lane: LaneKind,
+    pub description: String,
+    pub best_for: Vec<Workload>,
+    pub default: bool,
+}
+
+/// The profile table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profiles {
+    profiles: Vec<Profile>,
+}
+
+/// The embedded default profile's name.
+pub const LOCAL: &str = "local";
+
+impl Default for Profiles {
+    fn default() -> Self {
+        Profiles {
+            profiles: vec![Profile {
+                name: LOCAL.into(),
+                lane: LaneKind::Local,
+                description: "a directory on the node's own disk, for one pod or one node".into(),
+                best_for: vec![Workload::Scratch],
+                default: true,
+            }],
+        }
+    }
+}
+
+impl Profiles {
+    /// Validates the `profiles:` section; an empty section is the embedded default.
+    pub fn from_raw(raw: BTreeMap<String, RawProfile>) -> Result<Profiles, String> {
+        if raw.is_empty() {
+            return Ok(Profiles::default());
+        }
+        let mut profiles = Vec::new();
+        for (name, raw) in raw {
+            if !is_dns_label(&name) {
+                return Err(format!(
+                    "profiles: {name:?} is not a valid name (1-63 of a-z, 0-9 and '-', starting \
+                     and ending with a letter or digit)"
+                ));
+            }
+            let lane = match raw.lane.as_str() {
+                "local" => LaneKind::Local,
+                "shared-rwx" | "legacy-rwx" | "fast-rwo" => {
+                    return Err(format!(
+                        "profiles.{name}: lane {:?} is not available in this build (available: local)",
+                        raw.lane
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "profiles.{name}: {other:?} is not a lane (lanes: local, shared-rwx, \
+                         legacy-rwx, fast-rwo)"
+                    ));
+                }
+            };
+            profiles.push(Profile {
+                name,
+                lane,
+                description: raw.description,
+                best_for: raw.best_for,
+                default: raw.default,
+            });
+        }
+        let defaults: Vec<&str> = profiles
+            .iter()
+            .filter(|p| p.default)
+            .map(|p| p.name.as_str())
+            .collect();
+        if defaults.len() > 1 {
+            return Err(format!(
+                "profiles: only one profile can be the default ({} are)",
+                defaults.join(", ")
+            ));
+        }
+        Ok(Profiles { profiles })
+    }
+
+    /// Every profile, ordered by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.iter()
+    }
+
+    /// The profile a StorageClass gets when it names none.
+    pub fn default_profile(&self) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.default)
+    }
+
+    /// The profile called `name`; the error lists the known ones.
+    pub fn get(&self, name: &str) -> Result<&Profile, String> {
+        self.profiles
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "profile {} does not exist (profiles: {})",
+                    crate::text::Shown(name),
+                    self.names().join(", ")
+                )
+            })
+    }
+
+    /// The names of every profile.
+    pub fn names(&self) -> Vec<&str> {
+        self.profiles.iter().map(|p| p.name.as_str()).collect()
+    }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(yaml: &str) -> Result<Profiles, String> {
+        let table: BTreeMap<String, RawProfile> =
+            serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+        Profiles::from_raw(table)
+    }
+
+    #[test]
+    fn profile_tables() {
+        let embedded = Profiles::default();
+        assert_eq!(embedded.default_profile().unwrap().name, "local");
+        let two = raw(
+            "scratch: {lane: local, best_for: [scratch], default: true}\nspare: {lane: local}\n",
+        )
+        .unwrap();
+        assert_eq!(two.names(), vec!["scratch", "spare"]);
+        assert_eq!(two.default_profile().unwrap().name, "scratch");
+        let err = two.get("fast").unwrap_err();
+        assert!(
+            err.contains("\"fast\"") && err.contains("scratch, spare"),
+            "{err}"
+        );
+        for (yaml, want) in [
+            (
+                "a: {lane: local, default: true}\nb: {lane: local, default: true}\n",
+                "only one",
+            ),
+            ("Bad_Name: {lane: local}\n", "not a valid name"),
+            ("juice: {lane: shared-rwx}\n", "not available in this build"),
+            ("x: {lane: ramdisk}\n", "not a lane"),
+            (
+                "x: {lane: local, best_for: [everything]}\n",
+                "unknown variant",
+            ),
+            ("x: {lane: local, speed: fast}\n", "unknown field"),
+        ] {
+            let err = raw(yaml).unwrap_err();
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
+        assert!(
+            raw("none: {lane: local}\n")
+                .unwrap()
+                .default_profile()
+                .is_none()
+        );
+    }
+}
