@@ -122,6 +122,20 @@ async fn a_write_past_capacity_fails_and_expansion_lifts_the_limit() {
         }
     };
     let data_dir = btrfs.mount.join("lanes");
+    let listed = Command::new(env!("CARGO_BIN_EXE_lanes"))
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["profiles", "--json"])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["capacity_enforced"], true, "{listed}");
+    assert!(
+        listed[0]["enforcement"]
+            .as_str()
+            .unwrap()
+            .contains("btrfs quota group")
+    );
     let mut plugin = Plugin::start_with(None, Some(&data_dir));
     let mut c = plugin.clients().await;
     const MIB: i64 = 1 << 20;
