@@ -11,9 +11,9 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use tonic::{Request, Response, Status};
 
-use super::datasets::DATASET_KEY;
 use super::status::missing;
 use super::{Plugin, TOPOLOGY_KEY, caps};
+use crate::lane::dataset::DATASET_KEY;
 use crate::lane::local::CreateRequest;
 use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta, to_wire};
 use crate::proto::controller_server::Controller;

@@ -8,7 +8,6 @@ pub mod bench;
 pub mod caps;
 pub mod client;
 pub mod controller;
-pub mod datasets;
 pub mod guard;
 pub mod identity;
 pub mod node;
@@ -19,6 +18,8 @@ pub mod status;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use crate::failpoint::Failpoint;
 
 use tonic::{Code, Response, Status};
 
@@ -45,15 +46,15 @@ pub struct Plugin {
     pub driver_name: String,
     pub node_id: String,
     pub roles: Roles,
-    pub lane: LocalLane,
+    pub lane: Arc<LocalLane>,
     pub mounter: Arc<dyn Mounter>,
     pub inflight: guard::InFlight,
     /// Which request paths are refused (inside or above what Lanes owns).
     pub confinement: crate::mount::safe::Confinement,
     /// The storage profiles StorageClasses pick from.
     pub profiles: crate::lane::Profiles,
-    /// What this node has staged and published (node role).
-    pub ledger: crate::mount::ledger::Ledger,
+    /// The node lanes (node role), with what they share.
+    pub lanes: crate::lane::NodeLanes,
     pub metrics: Arc<Metrics>,
     pub mount_timeout: Duration,
     pub failpoint: Failpoint,
@@ -61,8 +62,6 @@ pub struct Plugin {
     pub data_dir: std::path::PathBuf,
     /// The configured dataset buckets (controller: pins references at CreateVolume).
     pub sources: Arc<crate::dataset::pin::Sources>,
-    /// The node's dataset cache (node role only).
-    pub cache: Option<Arc<crate::cache::Cache>>,
     /// The Kubernetes API, found on first use (in-cluster or a kubeconfig); `None` when
     /// there is none (standalone use), which turns off what needs it.
     pub kube: tokio::sync::OnceCell<Option<kube::Client>>,
@@ -140,31 +139,5 @@ impl Plugin {
             .await
             .map_err(|e| Status::internal(format!("lane task failed: {e}")))?
             .map_err(Status::from)
-    }
-}
-
-/// The failpoint this plugin was started with (see [`crate::failpoint`]), read once.
-#[derive(Debug, Clone, Default)]
-pub struct Failpoint(Option<String>);
-
-impl Failpoint {
-    /// Reads `LANES_FAILPOINT`.
-    pub fn from_env() -> Failpoint {
-        Failpoint(crate::failpoint::configured())
-    }
-
-    /// Kills the process with SIGKILL when `name` is the configured failpoint.
-    pub fn hit(&self, name: &str) {
-        if self.0.as_deref() == Some(name) {
-            crate::failpoint::kill(name);
-        }
-    }
-
-    /// Holds the call for two seconds when the failpoint is `delay:<name>` (to make
-    /// concurrent calls overlap in tests).
-    pub async fn delay(&self, name: &str) {
-        if self.0.as_deref().and_then(|v| v.strip_prefix("delay:")) == Some(name) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
     }
 }

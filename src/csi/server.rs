@@ -28,8 +28,12 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::dataset::pin::Sources;
 use crate::lane::LocalLane;
+use crate::lane::NodeLanes;
+use crate::lane::dataset::DatasetNode;
+use crate::lane::ledger::Ledger;
+use crate::lane::local::node::LocalNode;
+use crate::lane::node::NodeContext;
 use crate::metrics::Metrics;
-use crate::mount::ledger::Ledger;
 use crate::mount::linux::LinuxMounter;
 use crate::mount::safe::Confinement;
 use crate::proto::controller_server::ControllerServer;
@@ -84,7 +88,7 @@ pub enum ServeError {
     #[error("cannot open the dataset cache: {0}")]
     Cache(#[from] crate::cache::Error),
     #[error("cannot open the node ledger: {0}")]
-    Ledger(#[from] crate::mount::ledger::Error),
+    Ledger(#[from] crate::lane::ledger::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -257,12 +261,28 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     } else {
         None
     };
+    let lane = Arc::new(lane);
+    let mounter: Arc<dyn crate::mount::Mounter> = Arc::new(LinuxMounter);
+    let failpoint = Failpoint::from_env();
+    let ctx = Arc::new(NodeContext {
+        mounter: mounter.clone(),
+        ledger: Ledger::open(&options.data_dir)?,
+        mount_timeout: options.config.mount_timeout,
+        failpoint: failpoint.clone(),
+        data_dir: options.data_dir.clone(),
+        cache,
+    });
+    let lanes = NodeLanes {
+        local: LocalNode::new(ctx.clone(), lane.clone()),
+        dataset: DatasetNode::new(ctx.clone()),
+        ctx,
+    };
     let plugin = Arc::new(Plugin {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),
         roles: options.roles,
         lane,
-        mounter: Arc::new(LinuxMounter),
+        mounter,
         // Serving both roles, this process holds both data-dir locks: no other Lanes process
         // can share the directory, so the in-memory guard is enough.
         inflight: InFlight::new(
@@ -272,14 +292,13 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
             [options.data_dir.clone()],
             socket.parent().map(Path::to_owned),
         ),
-        ledger: Ledger::open(&options.data_dir)?,
+        lanes,
         profiles: options.config.profiles.clone(),
         metrics: metrics.clone(),
         mount_timeout: options.config.mount_timeout,
-        failpoint: Failpoint::from_env(),
+        failpoint,
         data_dir: options.data_dir.clone(),
         sources,
-        cache,
         kube: Default::default(),
     });
 

@@ -39,9 +39,21 @@ impl From<crate::mount::safe::PathError> for Status {
     }
 }
 
-impl From<crate::mount::ledger::Error> for Status {
-    fn from(err: crate::mount::ledger::Error) -> Status {
+impl From<crate::lane::ledger::Error> for Status {
+    fn from(err: crate::lane::ledger::Error) -> Status {
         Status::new(code(err.kind()), err.to_string())
+    }
+}
+
+impl From<crate::lane::node::NodeError> for Status {
+    fn from(err: crate::lane::node::NodeError) -> Status {
+        Status::new(code(err.kind()), err.to_string())
+    }
+}
+
+impl From<crate::cache::Error> for Status {
+    fn from(err: crate::cache::Error) -> Status {
+        Status::new(code(err.kind), err.message)
     }
 }
 

@@ -4,10 +4,14 @@
 //! Nothing here knows gRPC: errors are [`Error`], mapped to CSI codes in `csi::status`.
 
 pub mod btrfs;
+pub mod capability;
 pub mod capacity;
+pub mod dataset;
 pub mod id;
+pub mod ledger;
 pub mod local;
 pub mod meta;
+pub mod node;
 pub mod params;
 pub mod profile;
 pub mod quota;
@@ -87,3 +91,24 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The node lanes of this process, looked up by the lane part of a volume ID (or, for inline
+/// volumes, by what the request or the ledger says they are).
+#[derive(Debug)]
+pub struct NodeLanes {
+    /// What every node lane shares (the ledger, the mounter, deadlines).
+    pub ctx: std::sync::Arc<node::NodeContext>,
+    pub local: local::node::LocalNode,
+    pub dataset: dataset::DatasetNode,
+}
+
+impl NodeLanes {
+    /// The node lane called `kind`.
+    pub fn get(&self, kind: &str) -> Option<&dyn node::NodeLane> {
+        match kind {
+            local::LANE => Some(&self.local),
+            dataset::LANE => Some(&self.dataset),
+            _ => None,
+        }
+    }
+}

@@ -6,7 +6,6 @@
 //! - blocking syscalls run off the async runtime with a deadline ([`blocking`]).
 
 pub mod fake;
-pub mod ledger;
 pub mod linux;
 pub mod mountinfo;
 pub mod safe;

@@ -23,61 +23,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::capability::{AccessMode, Asked};
 use crate::error::Kind;
 use crate::fsutil::{Durability, atomic_write};
-
-/// A CSI access mode, as the ledger keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AccessMode {
-    SingleNodeWriter,
-    SingleNodeReaderOnly,
-    MultiNodeReaderOnly,
-    MultiNodeSingleWriter,
-    MultiNodeMultiWriter,
-    SingleNodeSingleWriter,
-    SingleNodeMultiWriter,
-}
-
-impl AccessMode {
-    fn reader_only(self) -> bool {
-        matches!(
-            self,
-            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
-        )
-    }
-
-    /// Modes under which at most one publication may write.
-    fn single_writer(self) -> bool {
-        matches!(
-            self,
-            AccessMode::SingleNodeWriter | AccessMode::MultiNodeSingleWriter
-        )
-    }
-}
-
-/// What a stage or publish asked for; a repeat at the same path must ask the same.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Asked {
-    pub mode: AccessMode,
-    pub block: bool,
-    pub fs_type: String,
-    /// SHA-256 of the mount flags (flags may carry secrets; the ledger never holds them).
-    pub flags_sha256: String,
-    pub mount_group: String,
-    /// The publish request's `readonly` field (false for a stage).
-    pub readonly: bool,
-}
-
-impl Asked {
-    /// Digest of mount flags for [`Asked::flags_sha256`], independent of their order.
-    pub fn digest_flags(flags: &[String]) -> String {
-        let mut sorted: Vec<&str> = flags.iter().map(String::as_str).collect();
-        sorted.sort_unstable();
-        let digest = Sha256::digest(sorted.join("\n").as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
 
 /// One publication of a volume at a target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub mod access;
+pub mod node;
+
 use super::params::OnDelete;
 use super::quota::{Enforcement, Quota};
 use super::{CreateParams, Error, Range, Result, VolumeId, VolumeMeta};
