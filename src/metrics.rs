@@ -78,11 +78,9 @@ impl Metrics {
         }
     }
 
-    /// Records one finished call.
-    pub fn record(&self, rpc: &str, code: tonic::Code, started: Instant) {
-        self.calls
-            .with_label_values(&[rpc, &format!("{code:?}")])
-            .inc();
+    /// Records one finished call and the name of its gRPC code (`Ok`, `NotFound`, ...).
+    pub fn record(&self, rpc: &str, code: &str, started: Instant) {
+        self.calls.with_label_values(&[rpc, code]).inc();
         self.seconds
             .with_label_values(&[rpc])
             .observe(started.elapsed().as_secs_f64());

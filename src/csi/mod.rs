@@ -98,7 +98,7 @@ impl Plugin {
             Status::new(status.code(), bounded(status.message(), MAX_MESSAGE_BYTES))
         });
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
-        self.metrics.record(rpc, code, started);
+        self.metrics.record(rpc, &format!("{code:?}"), started);
         match &result {
             Ok(_) => tracing::debug!(rpc, elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
             Err(status) => {
