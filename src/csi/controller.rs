@@ -1,4 +1,6 @@
-//! The CSI Controller service for the local lane.
+//! The CSI Controller service: the gRPC edge of every controller lane. Handlers read as:
+//! check the request, take the volume's guard, pick the lane (by the volume ID's lane part, or
+//! for CreateVolume and GetCapacity by the profile's lane), call it, map its error.
 //!
 //! Rules enforced here (CSI spec, "Controller Service RPC"): CreateVolume is idempotent by
 //! name and answers ALREADY_EXISTS for an incompatible repeat; DeleteVolume of an unknown
@@ -12,7 +14,8 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use tonic::{Request, Response, Status};
 
 use super::status::missing;
-use super::{Plugin, TOPOLOGY_KEY, caps};
+use super::{Plugin, caps};
+use crate::lane::controller::{ControllerLane, Segments};
 use crate::lane::dataset::DATASET_KEY;
 use crate::lane::local::CreateRequest;
 use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta, to_wire};
@@ -32,7 +35,7 @@ const TOKEN_PREFIX: &str = "after:";
 pub struct ControllerService(pub Arc<Plugin>);
 
 impl ControllerService {
-    fn volume(&self, meta: &VolumeMeta) -> Volume {
+    fn volume(lane: &dyn ControllerLane, meta: &VolumeMeta) -> Volume {
         Volume {
             capacity_bytes: to_wire(meta.capacity_bytes),
             volume_id: meta.id.clone(),
@@ -43,13 +46,16 @@ impl ControllerService {
                 .collect(),
             content_source: None,
             accessible_topology: vec![Topology {
-                segments: [(TOPOLOGY_KEY.to_owned(), meta.node_id.clone())].into(),
+                segments: lane.topology(meta).into_iter().collect(),
             }],
         }
     }
 
-    fn condition(&self, id: &VolumeId) -> VolumeCondition {
-        match self.0.lane.condition(id) {
+    async fn condition(
+        lane: &dyn ControllerLane,
+        id: &VolumeId,
+    ) -> Result<VolumeCondition, Status> {
+        Ok(match lane.condition(id).await? {
             None => VolumeCondition {
                 abnormal: false,
                 message: "volume directory is present".into(),
@@ -58,29 +64,27 @@ impl ControllerService {
                 abnormal: true,
                 message: problem,
             },
+        })
+    }
+
+    /// The controller lane of a parsed volume ID.
+    fn lane(&self, id: &VolumeId) -> Result<&dyn ControllerLane, Status> {
+        self.0.controllers.get(id.lane()).ok_or_else(|| {
+            Status::not_found(format!(
+                "volume {} is on no lane of this controller",
+                Shown(&id.to_string())
+            ))
+        })
+    }
+
+    /// Checks capabilities against the lane's rules; the first one it cannot serve says why.
+    fn check(lane: &dyn ControllerLane, capabilities: &[VolumeCapability]) -> Result<(), String> {
+        if capabilities.is_empty() {
+            return Err("volume_capabilities is required".into());
         }
-    }
-
-    /// True when the requested topology (if any) allows this node.
-    fn topology_allows(&self, requirement: Option<&TopologyRequirement>) -> bool {
-        let Some(requirement) = requirement else {
-            return true;
-        };
-        let ours = self.0.topology();
-        let fits = |t: &Topology| {
-            t.segments
-                .iter()
-                .all(|(key, value)| ours.segments.get(key) == Some(value))
-        };
-        requirement.requisite.is_empty() || requirement.requisite.iter().any(fits)
-    }
-
-    /// True when a volume of this name exists already (its dataset is pinned already).
-    async fn exists(&self, name: &str) -> bool {
-        let Ok(id) = VolumeId::for_name(crate::lane::local::LANE, name) else {
-            return false;
-        };
-        self.0.lane_op(move |lane| lane.get(&id)).await.is_ok()
+        capabilities
+            .iter()
+            .try_for_each(|c| lane.access(&caps::capability(c)?).map(drop))
     }
 
     /// The dataset a PVC asks for in its `lanes.csi.dev/dataset` annotation. csi-provisioner
@@ -134,11 +138,14 @@ impl ControllerService {
         }
     }
 
-    async fn lookup(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta), Status> {
+    async fn lookup(
+        &self,
+        volume_id: &str,
+    ) -> Result<(&dyn ControllerLane, VolumeId, VolumeMeta), Status> {
         let id = VolumeId::parse(volume_id)?;
-        let lookup = id.clone();
-        let meta = self.0.lane_op(move |lane| lane.get(&lookup)).await?;
-        Ok((id, meta))
+        let lane = self.lane(&id)?;
+        let meta = lane.get(&id).await?;
+        Ok((lane, id, meta))
     }
 }
 
@@ -152,8 +159,18 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         self.0
             .call("CreateVolume", async {
-                let id = VolumeId::for_name(crate::lane::local::LANE, &req.name)?;
-                caps::check_all(&req.volume_capabilities).map_err(Status::invalid_argument)?;
+                crate::lane::id::validate_name(&req.name)?;
+                let mut params = CreateParams::parse(&req.parameters, &self.0.profiles)?;
+                let kind = self.0.profiles.get(&params.profile).map_err(Status::invalid_argument)?.lane;
+                let lane = self.0.controllers.get(kind.as_str()).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "profile {} is on lane {}, which this controller does not serve",
+                        params.profile,
+                        kind.as_str()
+                    ))
+                })?;
+                let id = VolumeId::for_name(lane.kind(), &req.name)?;
+                Self::check(lane, &req.volume_capabilities).map_err(Status::invalid_argument)?;
                 if req.volume_content_source.is_some() {
                     return Err(Status::invalid_argument(
                         "volume_content_source is not supported: the local lane cannot clone \
@@ -165,14 +182,20 @@ impl Controller for ControllerService {
                         "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
                     ));
                 }
-                let mut params = CreateParams::parse(&req.parameters, &self.0.profiles)?;
                 if params.dataset.is_none() {
                     params.dataset = Box::pin(self.pvc_dataset(&req.parameters)).await?;
                 }
-                if !self.topology_allows(req.accessibility_requirements.as_ref()) {
+                let requisite: Vec<Segments> = req
+                    .accessibility_requirements
+                    .iter()
+                    .flat_map(|r| r.requisite.iter())
+                    .map(|t| t.segments.clone().into_iter().collect())
+                    .collect();
+                if lane.place(&requisite).is_none() {
                     return Err(Status::resource_exhausted(format!(
-                        "the local lane of node {:?} cannot satisfy the requisite topology",
-                        self.0.node_id
+                        "the {} lane here (node {}) cannot satisfy the requisite topology",
+                        lane.kind(),
+                        Shown(&self.0.node_id)
                     )));
                 }
                 let range = req.capacity_range.map_or(Range::default(), |r| Range {
@@ -183,10 +206,10 @@ impl Controller for ControllerService {
                 // exclude each other.
                 let _guard = self.0.guard(&id.to_string())?;
                 self.0.failpoint.delay("create").await;
+                // A repeat keeps the version pinned the first time (the volume exists already).
+                let exists = lane.get(&id).await.is_ok();
                 let dataset = match &params.dataset {
-                    Some(reference) if !self.exists(&req.name).await => {
-                        Some(Box::pin(self.pin(reference)).await?)
-                    }
+                    Some(reference) if !exists => Some(Box::pin(self.pin(reference)).await?),
                     _ => None,
                 };
                 let create = CreateRequest {
@@ -195,10 +218,10 @@ impl Controller for ControllerService {
                     params,
                     dataset,
                 };
-                let meta = self.0.lane_op(move |lane| lane.create(&create)).await?;
+                let meta = lane.create(create).await?;
                 tracing::info!(volume.id = %meta.id, capacity = meta.capacity_bytes, "volume ready");
                 Ok(CreateVolumeResponse {
-                    volume: Some(self.volume(&meta)),
+                    volume: Some(Self::volume(lane, &meta)),
                 })
             })
             .await
@@ -219,21 +242,9 @@ impl Controller for ControllerService {
                     }
                     Err(e) => return Err(e.into()),
                 };
+                let lane = self.lane(&id)?;
                 let guard = self.0.guard(&req.volume_id)?;
-                let mounter = self.0.mounter.clone();
-                self.0
-                    .lane_op(move |lane| {
-                        let data = lane.data_path(&id);
-                        let table =
-                            mounter
-                                .binds_of(&data)
-                                .map_err(|e| crate::lane::Error::Io {
-                                    context: "read the mount table".into(),
-                                    source: std::io::Error::other(e),
-                                })?;
-                        lane.delete(&id, &table)
-                    })
-                    .await?;
+                lane.delete(&id).await?;
                 guard.retire();
                 Ok(DeleteVolumeResponse {})
             })
@@ -272,15 +283,15 @@ impl Controller for ControllerService {
                 if req.volume_capabilities.is_empty() {
                     return Err(missing("volume_capabilities"));
                 }
-                let (_, meta) = self.lookup(&req.volume_id).await?;
+                let (lane, _, meta) = self.lookup(&req.volume_id).await?;
                 let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse {
                     confirmed: None,
                     message,
                 };
-                if let Err(reason) = caps::check_all(&req.volume_capabilities) {
+                if let Err(reason) = Self::check(lane, &req.volume_capabilities) {
                     return Ok(unconfirmed(reason));
                 }
-                if req.volume_context != self.volume(&meta).volume_context {
+                if req.volume_context != Self::volume(lane, &meta).volume_context {
                     return Ok(unconfirmed(
                         "volume_context does not match the one CreateVolume returned".into(),
                     ));
@@ -320,7 +331,11 @@ impl Controller for ControllerService {
                 if req.max_entries < 0 {
                     return Err(Status::invalid_argument("max_entries must not be negative"));
                 }
-                let volumes = self.0.lane_op(|lane| lane.list()).await?;
+                let mut volumes = Vec::new();
+                for lane in self.0.controllers.all() {
+                    volumes.extend(lane.list().await?.into_iter().map(|meta| (lane, meta)));
+                }
+                volumes.sort_by(|a, b| a.1.id.cmp(&b.1.id));
                 // The token is a cursor: the last volume ID of the previous page. Volumes are
                 // listed in ID order, so a page boundary survives deletes and creates.
                 let start = match req.starting_token.as_str() {
@@ -335,7 +350,7 @@ impl Controller for ControllerService {
                                      list again from the start"
                                 ))
                             })?;
-                        volumes.partition_point(|meta| meta.id.as_str() <= after)
+                        volumes.partition_point(|(_, meta)| meta.id.as_str() <= after)
                     }
                 };
                 let take = match req.max_entries {
@@ -343,22 +358,22 @@ impl Controller for ControllerService {
                     n => n as usize,
                 };
                 let end = start.saturating_add(take).min(volumes.len());
-                let entries = volumes[start..end]
-                    .iter()
-                    .map(|meta| {
-                        let condition =
-                            VolumeId::parse(&meta.id).ok().map(|id| self.condition(&id));
-                        list_volumes_response::Entry {
-                            volume: Some(self.volume(meta)),
-                            status: Some(list_volumes_response::VolumeStatus {
-                                published_node_ids: vec![],
-                                volume_condition: condition,
-                            }),
-                        }
-                    })
-                    .collect();
+                let mut entries = Vec::with_capacity(end - start);
+                for (lane, meta) in &volumes[start..end] {
+                    let condition = match VolumeId::parse(&meta.id) {
+                        Ok(id) => Some(Self::condition(*lane, &id).await?),
+                        Err(_) => None,
+                    };
+                    entries.push(list_volumes_response::Entry {
+                        volume: Some(Self::volume(*lane, meta)),
+                        status: Some(list_volumes_response::VolumeStatus {
+                            published_node_ids: vec![],
+                            volume_condition: condition,
+                        }),
+                    });
+                }
                 let next_token = match volumes[..end].last() {
-                    Some(last) if end < volumes.len() => format!("{TOKEN_PREFIX}{}", last.id),
+                    Some((_, last)) if end < volumes.len() => format!("{TOKEN_PREFIX}{}", last.id),
                     _ => String::new(),
                 };
                 Ok(ListVolumesResponse {
@@ -376,22 +391,31 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         self.0
             .call("GetCapacity", async {
+                // Capacity per profile: the lane of the profile the parameters name.
+                let params = CreateParams::parse(&req.parameters, &self.0.profiles)?;
+                let kind = self
+                    .0
+                    .profiles
+                    .get(&params.profile)
+                    .map_err(Status::invalid_argument)?
+                    .lane;
+                let Some(lane) = self.0.controllers.get(kind.as_str()) else {
+                    return Ok(GetCapacityResponse::default());
+                };
                 let supported = req
                     .volume_capabilities
                     .iter()
-                    .all(|c| caps::check(c).is_ok());
-                let here = req.accessible_topology.as_ref().is_none_or(|t| {
-                    t.segments
-                        .get(TOPOLOGY_KEY)
-                        .is_none_or(|node| *node == self.0.node_id)
-                });
-                if !supported || !here {
+                    .all(|c| caps::capability(c).is_ok_and(|c| lane.access(&c).is_ok()));
+                if !supported {
                     return Ok(GetCapacityResponse::default());
                 }
-                if let Err(e) = CreateParams::parse(&req.parameters, &self.0.profiles) {
-                    return Err(e.into());
-                }
-                let space = self.0.lane_op(|lane| lane.space()).await?;
+                let segments: Option<Segments> = req
+                    .accessible_topology
+                    .as_ref()
+                    .map(|t| t.segments.clone().into_iter().collect());
+                let Some(space) = lane.capacity(segments.as_ref()).await? else {
+                    return Ok(GetCapacityResponse::default());
+                };
                 Ok(GetCapacityResponse {
                     available_capacity: to_wire(space.available_bytes),
                     maximum_volume_size: Some(to_wire(space.total_bytes)),
@@ -463,19 +487,21 @@ impl Controller for ControllerService {
                 let range = req
                     .capacity_range
                     .ok_or_else(|| missing("capacity_range"))?;
-                if let Some(capability) = &req.volume_capability {
-                    caps::check(capability).map_err(Status::invalid_argument)?;
-                }
                 let id = VolumeId::parse(&req.volume_id)?;
+                let lane = self.lane(&id)?;
+                if let Some(capability) = &req.volume_capability {
+                    Self::check(lane, std::slice::from_ref(capability))
+                        .map_err(Status::invalid_argument)?;
+                }
                 let _guard = self.0.guard(&req.volume_id)?;
                 let range = Range {
                     required: range.required_bytes,
                     limit: range.limit_bytes,
                 };
-                let capacity = self.0.lane_op(move |lane| lane.expand(&id, range)).await?;
+                let (capacity, node_expansion_required) = lane.expand(&id, range).await?;
                 Ok(ControllerExpandVolumeResponse {
                     capacity_bytes: to_wire(capacity),
-                    node_expansion_required: false,
+                    node_expansion_required,
                 })
             })
             .await
@@ -488,12 +514,12 @@ impl Controller for ControllerService {
         let req = request.into_inner();
         self.0
             .call("ControllerGetVolume", async {
-                let (id, meta) = self.lookup(&req.volume_id).await?;
+                let (lane, id, meta) = self.lookup(&req.volume_id).await?;
                 Ok(ControllerGetVolumeResponse {
-                    volume: Some(self.volume(&meta)),
+                    volume: Some(Self::volume(lane, &meta)),
                     status: Some(controller_get_volume_response::VolumeStatus {
                         published_node_ids: vec![],
-                        volume_condition: Some(self.condition(&id)),
+                        volume_condition: Some(Self::condition(lane, &id).await?),
                     }),
                 })
             })

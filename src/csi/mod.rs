@@ -23,14 +23,12 @@ pub use crate::failpoint::Failpoint;
 
 use tonic::{Code, Response, Status};
 
-use crate::lane::LocalLane;
 use crate::metrics::Metrics;
 use crate::mount::Mounter;
 pub use crate::proto;
 use crate::text::{MAX_MESSAGE_BYTES, bounded};
 
-/// The topology key whose value is the node that holds a local volume.
-pub const TOPOLOGY_KEY: &str = "topology.lanes.csi.dev/node";
+pub use crate::lane::local::TOPOLOGY_KEY;
 /// The driver name used when `--driver-name` is not given.
 pub const DEFAULT_DRIVER_NAME: &str = "lanes.csi.dev";
 
@@ -46,7 +44,8 @@ pub struct Plugin {
     pub driver_name: String,
     pub node_id: String,
     pub roles: Roles,
-    pub lane: Arc<LocalLane>,
+    /// The controller lanes (controller role).
+    pub controllers: crate::lane::ControllerLanes,
     pub mounter: Arc<dyn Mounter>,
     pub inflight: guard::InFlight,
     /// Which request paths are refused (inside or above what Lanes owns).
@@ -126,18 +125,5 @@ impl Plugin {
             })
             .await
             .clone()
-    }
-
-    /// Runs blocking lane work off the async runtime.
-    pub async fn lane_op<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: FnOnce(&LocalLane) -> crate::lane::Result<T> + Send + 'static,
-    {
-        let plugin = self.clone();
-        tokio::task::spawn_blocking(move || f(&plugin.lane))
-            .await
-            .map_err(|e| Status::internal(format!("lane task failed: {e}")))?
-            .map_err(Status::from)
     }
 }

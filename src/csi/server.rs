@@ -28,11 +28,12 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::dataset::pin::Sources;
 use crate::lane::LocalLane;
-use crate::lane::NodeLanes;
 use crate::lane::dataset::DatasetNode;
 use crate::lane::ledger::Ledger;
+use crate::lane::local::controller::LocalController;
 use crate::lane::local::node::LocalNode;
 use crate::lane::node::NodeContext;
+use crate::lane::{ControllerLanes, NodeLanes};
 use crate::metrics::Metrics;
 use crate::mount::linux::LinuxMounter;
 use crate::mount::safe::Confinement;
@@ -277,11 +278,14 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         dataset: DatasetNode::new(ctx.clone()),
         ctx,
     };
+    let controllers = ControllerLanes {
+        local: LocalController::new(lane.clone(), mounter.clone(), options.config.mount_timeout),
+    };
     let plugin = Arc::new(Plugin {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),
         roles: options.roles,
-        lane,
+        controllers,
         mounter,
         // Serving both roles, this process holds both data-dir locks: no other Lanes process
         // can share the directory, so the in-memory guard is enough.

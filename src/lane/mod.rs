@@ -6,6 +6,7 @@
 pub mod btrfs;
 pub mod capability;
 pub mod capacity;
+pub mod controller;
 pub mod dataset;
 pub mod id;
 pub mod ledger;
@@ -56,6 +57,8 @@ pub enum Error {
     InUse { id: String, path: PathBuf },
     #[error("quota: {0}")]
     Quota(String),
+    #[error("{op} did not finish within {seconds}s; the lane's storage may be hung")]
+    Timeout { op: &'static str, seconds: u64 },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -79,6 +82,7 @@ impl Error {
             Error::Incompatible { .. } => Kind::AlreadyExists,
             Error::InUse { .. } => Kind::FailedPrecondition,
             Error::Quota(_) => Kind::Internal,
+            Error::Timeout { .. } => Kind::DeadlineExceeded,
             Error::Io { source, .. } => crate::error::io_kind(source),
         }
     }
@@ -91,6 +95,28 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The controller lanes of this process, looked up by a volume ID's lane part or a
+/// profile's lane.
+#[derive(Debug)]
+pub struct ControllerLanes {
+    pub local: local::controller::LocalController,
+}
+
+impl ControllerLanes {
+    /// The controller lane called `kind`.
+    pub fn get(&self, kind: &str) -> Option<&dyn controller::ControllerLane> {
+        match kind {
+            local::LANE => Some(&self.local),
+            _ => None,
+        }
+    }
+
+    /// Every controller lane.
+    pub fn all(&self) -> Vec<&dyn controller::ControllerLane> {
+        vec![&self.local]
+    }
+}
 
 /// The node lanes of this process, looked up by the lane part of a volume ID (or, for inline
 /// volumes, by what the request or the ledger says they are).

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod access;
+pub mod controller;
 pub mod node;
 
 use super::params::OnDelete;
@@ -24,6 +25,8 @@ use crate::mount::{MountEntry, Origin};
 
 /// The lane's name in volume IDs and profiles.
 pub const LANE: &str = "local";
+/// The topology key whose value is the node that holds a local volume.
+pub const TOPOLOGY_KEY: &str = "topology.lanes.csi.dev/node";
 const DATA: &str = "data";
 const TEMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";

@@ -1,0 +1,122 @@
+//! The controller half of the local lane: volumes live on this node, so they get this node's
+//! topology, and a delete first reads the mount table (a volume still mounted anywhere is
+//! refused, FAILED_PRECONDITION).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{CreateRequest, LANE, LocalLane, Space, TOPOLOGY_KEY, access};
+use crate::lane::capability::{Access, Capability};
+use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::{Error, Range, Result, VolumeId, VolumeMeta};
+use crate::mount::Mounter;
+
+/// The local lane as the controller sees it.
+pub struct LocalController {
+    lane: Arc<LocalLane>,
+    mounter: Arc<dyn Mounter>,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for LocalController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalController")
+            .field("node", &self.lane.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalController {
+    pub fn new(lane: Arc<LocalLane>, mounter: Arc<dyn Mounter>, deadline: Duration) -> Self {
+        LocalController {
+            lane,
+            mounter,
+            deadline,
+        }
+    }
+
+    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&LocalLane) -> Result<T> + Send + 'static,
+    {
+        let lane = self.lane.clone();
+        blocking(op, self.deadline, move || f(&lane)).await
+    }
+
+    fn ours(&self) -> Segments {
+        [(TOPOLOGY_KEY.to_owned(), self.lane.node_id().to_owned())].into()
+    }
+}
+
+#[async_trait::async_trait]
+impl ControllerLane for LocalController {
+    fn kind(&self) -> &'static str {
+        LANE
+    }
+
+    fn access(&self, capability: &Capability) -> std::result::Result<Access, String> {
+        access::access(capability)
+    }
+
+    fn place(&self, requisite: &[Segments]) -> Option<Segments> {
+        let ours = self.ours();
+        let fits = |wanted: &Segments| wanted.iter().all(|(k, v)| ours.get(k) == Some(v));
+        (requisite.is_empty() || requisite.iter().any(fits)).then_some(ours)
+    }
+
+    fn topology(&self, meta: &VolumeMeta) -> Segments {
+        [(TOPOLOGY_KEY.to_owned(), meta.node_id.clone())].into()
+    }
+
+    async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
+        self.run("create", move |lane| lane.create(&request)).await
+    }
+
+    async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        let id = id.clone();
+        self.run("get", move |lane| lane.get(&id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<VolumeMeta>> {
+        self.run("list", |lane| lane.list()).await
+    }
+
+    async fn delete(&self, id: &VolumeId) -> Result<()> {
+        let (id, mounter) = (id.clone(), self.mounter.clone());
+        self.run("delete", move |lane| {
+            let data = lane.data_path(&id);
+            let table = mounter.binds_of(&data).map_err(|e| Error::Io {
+                context: "read the mount table".into(),
+                source: std::io::Error::other(e),
+            })?;
+            lane.delete(&id, &table)
+        })
+        .await
+    }
+
+    async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)> {
+        let id = id.clone();
+        // A directory volume has no filesystem of its own to grow: the limit is all there is.
+        self.run("expand", move |lane| {
+            lane.expand(&id, range).map(|c| (c, false))
+        })
+        .await
+    }
+
+    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
+        if segments.is_some_and(|s| {
+            s.get(TOPOLOGY_KEY)
+                .is_some_and(|node| node != self.lane.node_id())
+        }) {
+            return Ok(None);
+        }
+        self.run("capacity", |lane| lane.space().map(Some)).await
+    }
+
+    async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
+        let id = id.clone();
+        self.run("condition", move |lane| Ok(lane.condition(&id)))
+            .await
+    }
+}
