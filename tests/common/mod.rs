@@ -108,8 +108,22 @@ impl Plugin {
         Plugin::with_config_env(config, failpoint, &[])
     }
 
+    /// [`Plugin::with_config`] on a data directory of the caller's.
+    pub fn with_config_at(config: &str, data_dir: &Path) -> Plugin {
+        Plugin::configured(config, None, &[], Some(data_dir))
+    }
+
     /// [`Plugin::with_config`] with extra environment variables.
     pub fn with_config_env(config: &str, failpoint: Option<&str>, env: &[(&str, &str)]) -> Plugin {
+        Plugin::configured(config, failpoint, env, None)
+    }
+
+    fn configured(
+        config: &str,
+        failpoint: Option<&str>,
+        env: &[(&str, &str)],
+        data_dir: Option<&Path>,
+    ) -> Plugin {
         let root = tempfile::Builder::new()
             .prefix("lanes-test-")
             .tempdir()
@@ -117,7 +131,7 @@ impl Plugin {
         let path = root.path().join("lanes.yaml");
         std::fs::write(&path, config).unwrap();
         let mut plugin = Plugin {
-            data_dir: root.path().join("data"),
+            data_dir: data_dir.map_or_else(|| root.path().join("data"), Path::to_owned),
             socket: root.path().join("csi.sock"),
             root,
             child: None,

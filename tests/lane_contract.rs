@@ -1,0 +1,350 @@
+//! The lane contract: one test body that every lane must pass, through the real binary over
+//! its socket with real mounts (like tests/stores.rs for object stores). Each lane supplies a
+//! [`Setup`] (config, data directory, profile, what it promises); this file runs the contract
+//! against the local lane on a plain directory and on btrfs with quotas. The next lanes add a
+//! setup here.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use lanes::csi::client::{Clients, mount_capability};
+use lanes::proto::volume_capability::access_mode::Mode;
+use lanes::proto::*;
+use tonic::Code;
+
+/// How a lane is brought up for the contract.
+struct Setup {
+    name: &'static str,
+    /// The plugin's config (YAML).
+    config: String,
+    /// Where the plugin keeps its data (`None`: a fresh temporary directory).
+    data_dir: Option<PathBuf>,
+    profile: &'static str,
+    /// The lane enforces capacity: a write past it fails.
+    enforces_capacity: bool,
+}
+
+const MIB: i64 = 1 << 20;
+
+fn with_profile(mut request: CreateVolumeRequest, profile: &str) -> CreateVolumeRequest {
+    request.parameters.insert("profile".into(), profile.into());
+    request
+}
+
+fn write_mib(path: &Path, mib: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    for _ in 0..mib {
+        file.write_all(&[3u8; 1 << 20])?;
+    }
+    file.sync_all()
+}
+
+async fn bytes(c: &mut Clients, id: &str, path: &Path) -> VolumeUsage {
+    nix::unistd::sync();
+    let stats = c
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    stats
+        .usage
+        .into_iter()
+        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
+        .unwrap()
+}
+
+/// The contract itself.
+async fn contract(setup: Setup) {
+    let plugin = match &setup.data_dir {
+        Some(dir) => Plugin::with_config_at(&setup.config, dir),
+        None => Plugin::with_config(&setup.config, None),
+    };
+    let name = setup.name;
+    let mut c = plugin.clients().await;
+    let request = with_profile(create_request("pvc-contract", 32 * MIB), setup.profile);
+
+    // Create: idempotent by name; an incompatible repeat is ALREADY_EXISTS.
+    let volume = c
+        .controller
+        .create_volume(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let again = c
+        .controller
+        .create_volume(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(volume, again, "{name}: a repeat returns the same volume");
+    assert!(volume.capacity_bytes >= 32 * MIB, "{name}");
+    assert!(
+        !volume.accessible_topology.is_empty(),
+        "{name}: a volume says where it lives"
+    );
+    let bigger = with_profile(create_request("pvc-contract", 64 * MIB), setup.profile);
+    assert_code(
+        c.controller.create_volume(bigger).await,
+        Code::AlreadyExists,
+        name,
+    );
+    let id = volume.volume_id;
+    let listed = c
+        .controller
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .any(|e| e.volume.as_ref().unwrap().volume_id == id),
+        "{name}"
+    );
+
+    // Stage and publish read-write and read-only; data goes where it should.
+    let staging = plugin.dir("contract-staging");
+    let rw = plugin.dir("contract-pods").join("rw");
+    let ro = plugin.dir("contract-pods").join("ro");
+    for _ in 0..2 {
+        c.node
+            .node_stage_volume(stage_request(&id, &staging))
+            .await
+            .unwrap();
+        c.node
+            .node_publish_volume(publish_request(&id, &staging, &rw, false))
+            .await
+            .unwrap();
+        c.node
+            .node_publish_volume(publish_request(&id, &staging, &ro, true))
+            .await
+            .unwrap();
+    }
+    assert_eq!(mounts_at(&rw).len(), 1, "{name}: one mount per target");
+    std::fs::write(rw.join("hello"), "from the pod").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(ro.join("hello")).unwrap(),
+        "from the pod"
+    );
+    let denied = std::fs::write(ro.join("nope"), "x").unwrap_err();
+    assert_eq!(denied.raw_os_error(), Some(nix::libc::EROFS), "{name}");
+
+    // A single-writer mode holds across targets.
+    let rwop = plugin.dir("contract-pods").join("rwop");
+    let mut single = publish_request(&id, &staging, &rwop, false);
+    single.volume_capability = Some(mount_capability(Mode::SingleNodeSingleWriter, &[]));
+    assert_code(
+        c.node.node_publish_volume(single).await,
+        Code::FailedPrecondition,
+        name,
+    );
+
+    // Capacity: enforced where the lane says so, reported either way.
+    let usage = bytes(&mut c, &id, &rw).await;
+    assert!(
+        usage.total > 0 && usage.used >= 0 && usage.available >= 0,
+        "{name}: {usage:?}"
+    );
+    if setup.enforces_capacity {
+        assert_eq!(usage.total, 32 * MIB, "{name}: the volume's own limit");
+        let err = write_mib(&rw.join("big"), 48).expect_err("a write past the capacity fails");
+        assert!(
+            matches!(
+                err.raw_os_error(),
+                Some(nix::libc::EDQUOT | nix::libc::ENOSPC)
+            ),
+            "{name}: {err}"
+        );
+        std::fs::remove_file(rw.join("big")).unwrap();
+    }
+
+    // Expansion never shrinks and, where enforced, lifts the limit.
+    let expand = |bytes: i64| ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let grown = c
+        .controller
+        .controller_expand_volume(expand(96 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(grown.capacity_bytes >= 96 * MIB, "{name}");
+    let same = c
+        .controller
+        .controller_expand_volume(expand(8 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        same.capacity_bytes, grown.capacity_bytes,
+        "{name}: never shrinks"
+    );
+    if setup.enforces_capacity {
+        write_mib(&rw.join("big"), 48).expect("the expanded volume takes it");
+        assert_eq!(bytes(&mut c, &id, &rw).await.total, 96 * MIB, "{name}");
+    }
+    let node_grown = c
+        .node
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: rw.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_grown.capacity_bytes, grown.capacity_bytes, "{name}");
+
+    // Delete refuses while mounted; unpublish/unstage are idempotent; delete then works twice.
+    assert_code(
+        c.controller.delete_volume(delete_request(&id)).await,
+        Code::FailedPrecondition,
+        name,
+    );
+    for _ in 0..2 {
+        for target in [&rw, &ro] {
+            c.node
+                .node_unpublish_volume(unpublish_request(&id, target))
+                .await
+                .unwrap();
+        }
+        c.node
+            .node_unstage_volume(unstage_request(&id, &staging))
+            .await
+            .unwrap();
+    }
+    assert!(!rw.exists() && !ro.exists(), "{name}: targets removed");
+    for _ in 0..2 {
+        c.controller
+            .delete_volume(delete_request(&id))
+            .await
+            .unwrap();
+    }
+    assert_code(
+        c.node.node_stage_volume(stage_request(&id, &staging)).await,
+        Code::NotFound,
+        name,
+    );
+    let root = plugin.root.path().canonicalize().unwrap();
+    let stray: Vec<_> = lanes::mount::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.mount_point.starts_with(&root))
+        .collect();
+    assert!(stray.is_empty(), "{name}: stray mounts {stray:?}");
+}
+
+#[tokio::test]
+async fn the_local_lane_on_a_plain_directory() {
+    if !privileged("lane contract: local") {
+        return;
+    }
+    contract(Setup {
+        name: "local (plain directory)",
+        config: "profiles:\n  scratch:\n    lane: local\n    default: true\n".into(),
+        data_dir: None,
+        profile: "scratch",
+        enforces_capacity: false,
+    })
+    .await;
+}
+
+/// A btrfs image with quotas on, mounted for the test; unmounted on drop.
+struct Btrfs {
+    dir: tempfile::TempDir,
+}
+
+impl Btrfs {
+    fn mount() -> Result<Btrfs, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("lanes-contract-btrfs-")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(768 << 20)
+            .unwrap();
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| -> Result<(), String> {
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("{program}: {e}"))?;
+            out.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("{program}: {}", String::from_utf8_lossy(&out.stderr)))
+        };
+        let mnt = dir.path().join("mnt");
+        run("mkfs.btrfs", &["-q".as_ref(), image.as_os_str()])?;
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        )?;
+        run(
+            "btrfs",
+            &["quota".as_ref(), "enable".as_ref(), mnt.as_os_str()],
+        )?;
+        Ok(Btrfs { dir })
+    }
+}
+
+impl Drop for Btrfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path().join("mnt"))
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn the_local_lane_on_btrfs_with_quotas() {
+    if !privileged("lane contract: local on btrfs") {
+        return;
+    }
+    let btrfs = match Btrfs::mount() {
+        Ok(btrfs) => btrfs,
+        Err(why) if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") => {
+            panic!("the btrfs lane contract cannot run here: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED lane contract on btrfs: {why}");
+            return;
+        }
+    };
+    contract(Setup {
+        name: "local (btrfs)",
+        config: String::new(),
+        data_dir: Some(btrfs.dir.path().join("mnt/lanes")),
+        profile: "local",
+        enforces_capacity: true,
+    })
+    .await;
+}
