@@ -14,6 +14,8 @@ pub mod node;
 mod redact;
 pub mod server;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::Arc;

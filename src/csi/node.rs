@@ -51,13 +51,20 @@ impl NodeService {
         record: &crate::lane::ledger::VolumeRecord,
     ) -> Result<Option<&dyn NodeLane>, Status> {
         if record.dataset.is_some() {
-            return Ok(Some(&self.0.lanes.dataset));
+            return self.inline().map(Some);
         }
         match VolumeId::parse(&record.volume_id) {
             Ok(id) => Ok(self.0.lanes.get(id.lane())),
             Err(crate::lane::Error::UnknownVolume(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The lane of inline (ephemeral) volumes.
+    fn inline(&self) -> Result<&dyn NodeLane, Status> {
+        self.0.lanes.inline().ok_or_else(|| {
+            Status::failed_precondition("this node has no lane for inline dataset volumes")
+        })
     }
 
     /// Checks the capability against the lane's rules.
@@ -156,7 +163,7 @@ impl Node for NodeService {
                     req.staging_target_path.is_empty(),
                 );
                 let lane: &dyn NodeLane = if inline {
-                    &self.0.lanes.dataset
+                    self.inline()?
                 } else {
                     self.lane(&req.volume_id)?
                 };

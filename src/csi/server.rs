@@ -28,11 +28,12 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::dataset::pin::Sources;
 use crate::lane::LocalLane;
+use crate::lane::controller::ControllerLane;
 use crate::lane::dataset::DatasetNode;
 use crate::lane::ledger::Ledger;
 use crate::lane::local::controller::LocalController;
 use crate::lane::local::node::LocalNode;
-use crate::lane::node::NodeContext;
+use crate::lane::node::{NodeContext, NodeLane};
 use crate::lane::{ControllerLanes, NodeLanes};
 use crate::metrics::Metrics;
 use crate::mount::linux::LinuxMounter;
@@ -273,14 +274,18 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         data_dir: options.data_dir.clone(),
         cache,
     });
-    let lanes = NodeLanes {
-        local: LocalNode::new(ctx.clone(), lane.clone()),
-        dataset: DatasetNode::new(ctx.clone()),
-        ctx,
-    };
-    let controllers = ControllerLanes {
-        local: LocalController::new(lane.clone(), mounter.clone(), options.config.mount_timeout),
-    };
+    let lanes = NodeLanes::new(
+        ctx.clone(),
+        [
+            Arc::new(LocalNode::new(ctx.clone(), lane.clone())) as Arc<dyn NodeLane>,
+            Arc::new(DatasetNode::new(ctx)),
+        ],
+    );
+    let controllers = ControllerLanes::new([Arc::new(LocalController::new(
+        lane.clone(),
+        mounter.clone(),
+        options.config.mount_timeout,
+    )) as Arc<dyn ControllerLane>]);
     let plugin = Arc::new(Plugin {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),

@@ -98,43 +98,71 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The controller lanes of this process, looked up by a volume ID's lane part or a
 /// profile's lane.
-#[derive(Debug)]
+#[derive(Default)]
 pub struct ControllerLanes {
-    pub local: local::controller::LocalController,
+    lanes: std::collections::BTreeMap<&'static str, std::sync::Arc<dyn controller::ControllerLane>>,
+}
+
+impl std::fmt::Debug for ControllerLanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.lanes.keys()).finish()
+    }
 }
 
 impl ControllerLanes {
+    /// A registry of `lanes`, each under its own kind.
+    pub fn new(
+        lanes: impl IntoIterator<Item = std::sync::Arc<dyn controller::ControllerLane>>,
+    ) -> Self {
+        ControllerLanes {
+            lanes: lanes.into_iter().map(|lane| (lane.kind(), lane)).collect(),
+        }
+    }
+
     /// The controller lane called `kind`.
     pub fn get(&self, kind: &str) -> Option<&dyn controller::ControllerLane> {
-        match kind {
-            local::LANE => Some(&self.local),
-            _ => None,
-        }
+        self.lanes.get(kind).map(|lane| lane.as_ref())
     }
 
     /// Every controller lane.
     pub fn all(&self) -> Vec<&dyn controller::ControllerLane> {
-        vec![&self.local]
+        self.lanes.values().map(|lane| lane.as_ref()).collect()
     }
 }
 
 /// The node lanes of this process, looked up by the lane part of a volume ID (or, for inline
 /// volumes, by what the request or the ledger says they are).
-#[derive(Debug)]
 pub struct NodeLanes {
     /// What every node lane shares (the ledger, the mounter, deadlines).
     pub ctx: std::sync::Arc<node::NodeContext>,
-    pub local: local::node::LocalNode,
-    pub dataset: dataset::DatasetNode,
+    lanes: std::collections::BTreeMap<&'static str, std::sync::Arc<dyn node::NodeLane>>,
+}
+
+impl std::fmt::Debug for NodeLanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.lanes.keys()).finish()
+    }
 }
 
 impl NodeLanes {
+    /// A registry of `lanes`, each under its own kind, sharing `ctx`.
+    pub fn new(
+        ctx: std::sync::Arc<node::NodeContext>,
+        lanes: impl IntoIterator<Item = std::sync::Arc<dyn node::NodeLane>>,
+    ) -> Self {
+        NodeLanes {
+            ctx,
+            lanes: lanes.into_iter().map(|lane| (lane.kind(), lane)).collect(),
+        }
+    }
+
     /// The node lane called `kind`.
     pub fn get(&self, kind: &str) -> Option<&dyn node::NodeLane> {
-        match kind {
-            local::LANE => Some(&self.local),
-            dataset::LANE => Some(&self.dataset),
-            _ => None,
-        }
+        self.lanes.get(kind).map(|lane| lane.as_ref())
+    }
+
+    /// The lane of inline (ephemeral) volumes, when this node has one.
+    pub fn inline(&self) -> Option<&dyn node::NodeLane> {
+        self.get(dataset::LANE)
     }
 }

@@ -26,6 +26,22 @@ impl FakeMounter {
         options
     }
 
+    /// Resolves `/proc/self/fd/N[/rest]` the way the kernel does (to the open directory's
+    /// path), so callers that mount through descriptors see real paths in the table.
+    fn real(path: &Path) -> PathBuf {
+        let Ok(rest) = path.strip_prefix("/proc/self/fd") else {
+            return path.to_owned();
+        };
+        let mut parts = rest.components();
+        let Some(fd) = parts.next() else {
+            return path.to_owned();
+        };
+        match std::fs::read_link(Path::new("/proc/self/fd").join(fd)) {
+            Ok(base) => base.join(parts.as_path()),
+            Err(_) => path.to_owned(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<MountEntry>> {
         self.table
             .lock()
@@ -35,11 +51,19 @@ impl FakeMounter {
 
 impl Mounter for FakeMounter {
     fn bind(&self, source: &Path, target: &Path) -> Result<()> {
+        let (source, target) = (Self::real(source), Self::real(target));
+        // A bind of a path that is itself a mount point binds what is mounted there.
+        let root = self
+            .lock()
+            .iter()
+            .rev()
+            .find(|e| e.mount_point == source)
+            .map_or(source.clone(), |e| e.root.clone());
         self.lock().push(MountEntry {
             major: 0,
             minor: 1,
-            root: source.to_owned(),
-            mount_point: target.to_owned(),
+            root,
+            mount_point: target,
             options: Self::options(MountFlags::default()),
             fs_type: "fake".into(),
             source: "fake".into(),
@@ -56,7 +80,7 @@ impl Mounter for FakeMounter {
             major: 0,
             minor: 2,
             root: "/".into(),
-            mount_point: target.to_owned(),
+            mount_point: Self::real(target),
             options: Self::options(flags),
             fs_type: "overlay".into(),
             source: "overlay".into(),
@@ -66,6 +90,7 @@ impl Mounter for FakeMounter {
     }
 
     fn remount(&self, target: &Path, flags: MountFlags) -> Result<()> {
+        let target = Self::real(target);
         let mut table = self.lock();
         if let Some(entry) = table.iter_mut().rev().find(|e| e.mount_point == target) {
             entry.options = Self::options(flags);
@@ -74,6 +99,7 @@ impl Mounter for FakeMounter {
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {
+        let target = Self::real(target);
         let mut table = self.lock();
         match table.iter().rposition(|e| e.mount_point == target) {
             Some(index) => {
@@ -82,7 +108,7 @@ impl Mounter for FakeMounter {
             }
             None => Err(super::Error::io(
                 "unmount",
-                target,
+                &target,
                 std::io::Error::from_raw_os_error(nix::libc::EINVAL),
             )),
         }
