@@ -57,6 +57,59 @@ pub fn atomic_write(path: &Path, bytes: &[u8], durability: Durability) -> std::i
     written
 }
 
+/// Makes renames and creations in one directory durable, one `fsync` for many callers: a
+/// caller that arrives while a sync runs waits for the next one (which covers its change),
+/// and every caller that arrived before a sync started is covered by it. Concurrent creates
+/// thus share a directory sync instead of queueing one each.
+#[derive(Debug, Default)]
+pub struct DirSyncer {
+    state: std::sync::Mutex<SyncState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Changes asked to be made durable, counted.
+    requested: u64,
+    /// Requests covered by a finished sync.
+    synced: u64,
+    running: bool,
+    /// The error of the last sync, handed to the callers it covered.
+    failed: Option<(u64, std::io::ErrorKind, String)>,
+}
+
+impl DirSyncer {
+    /// Returns once a sync of `dir` that began after this call has finished.
+    pub fn sync(&self, dir: &Path) -> std::io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.requested += 1;
+        let ticket = state.requested;
+        loop {
+            if state.synced >= ticket {
+                return match &state.failed {
+                    Some((upto, kind, message)) if *upto >= ticket => {
+                        Err(std::io::Error::new(*kind, message.clone()))
+                    }
+                    _ => Ok(()),
+                };
+            }
+            if !state.running {
+                state.running = true;
+                let covers = state.requested;
+                drop(state);
+                let result = File::open(dir).and_then(|d| d.sync_all());
+                state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.running = false;
+                state.synced = covers;
+                state.failed = result.err().map(|e| (covers, e.kind(), e.to_string()));
+                self.done.notify_all();
+                continue;
+            }
+            state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// Creates `path` for writing, mode 0600; fails when anything (a link included) is there.
 pub fn create_new(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -295,6 +348,27 @@ fn dir_flags() -> OFlag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_directory_syncs_are_shared() {
+        let tmp = tempfile::tempdir().unwrap();
+        let syncer = std::sync::Arc::new(DirSyncer::default());
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (syncer, dir) = (syncer.clone(), tmp.path().to_owned());
+                std::thread::spawn(move || {
+                    std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+                    syncer.sync(&dir)
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap().unwrap();
+        }
+        let synced = syncer.state.lock().unwrap().synced;
+        assert_eq!(synced, 16, "every request is covered");
+        assert!(syncer.sync(&tmp.path().join("missing")).is_err());
+    }
 
     #[test]
     fn dirs_never_follow_links_and_stay_beneath_their_root() {

@@ -219,7 +219,6 @@ impl Cache {
 
         let key = pin.key();
         let (this, pin, tree_done) = (self.clone(), pin.clone(), tree.clone());
-        let scratch = scratch.to_owned();
         blocking(move || {
             for entry in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
                 let path = tree_done.join(&entry.path);
@@ -250,11 +249,10 @@ impl Cache {
             }
             remove_any(&place);
             std::fs::rename(&tree_done, &place).map_err(io(place.display()))?;
-            let record_temp = scratch.join("record.json");
             let text = serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?;
-            std::fs::write(&record_temp, text).map_err(io(record_temp.display()))?;
-            std::fs::rename(&record_temp, this.record_path(&key))
-                .map_err(io(this.record_path(&key).display()))?;
+            let record_path = this.record_path(&key);
+            crate::fsutil::atomic_write(&record_path, &text, crate::fsutil::Durability::Synced)
+                .map_err(io(record_path.display()))?;
             Ok(place)
         })
         .await

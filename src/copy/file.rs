@@ -7,7 +7,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,11 +25,6 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 pub fn temp_name() -> OsString {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     OsString::from(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
-}
-
-/// A fresh temporary path in `dir`.
-pub fn temp_path(dir: &Path) -> PathBuf {
-    dir.join(temp_name())
 }
 
 /// True for the names of temporaries.

@@ -117,12 +117,9 @@ impl HashCache {
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| {
-                let temp = crate::copy::file::temp_path(path.parent().unwrap_or(Path::new(".")));
                 let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
-                std::fs::write(&temp, bytes)?;
-                std::fs::rename(&temp, path).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&temp);
-                })
+                // Losing it costs a re-hash, never a wrong answer: no sync needed.
+                crate::fsutil::atomic_write(path, &bytes, crate::fsutil::Durability::Process)
             });
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "push hash cache not written");

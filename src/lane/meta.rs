@@ -1,7 +1,7 @@
 //! A volume's state, kept in `volume.json` beside its data and replaced atomically, so a
 //! restarted plugin loses nothing and needs no database.
 
-use std::io::Write;
+use crate::fsutil::{Durability, atomic_write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -42,21 +42,15 @@ impl VolumeMeta {
         })
     }
 
-    /// Writes the metadata into `dir` atomically: a synced temporary file renamed over the old.
+    /// Writes the metadata into `dir` atomically and durably (synced, renamed, directory
+    /// synced).
     pub fn store(&self, dir: &Path) -> Result<()> {
         let path = dir.join(FILE);
-        let temp = dir.join(format!(".{FILE}.tmp"));
         let body = serde_json::to_vec_pretty(self).map_err(|e| Error::Io {
             context: "encode volume metadata".into(),
             source: std::io::Error::other(e),
         })?;
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temp)?;
-            file.write_all(&body)?;
-            file.sync_all()?;
-            std::fs::rename(&temp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(Error::io(format!("write {}", path.display())))
+        atomic_write(&path, &body, Durability::Synced)
+            .map_err(Error::io(format!("write {}", path.display())))
     }
 }

@@ -58,6 +58,8 @@ pub struct LocalLane {
     node_id: String,
     settings: LocalSettings,
     enforcement: Enforcement,
+    /// Concurrent creates and deletes share one sync of `base`.
+    syncer: crate::fsutil::DirSyncer,
 }
 
 /// What the local lane offers on this node now, found without creating anything.
@@ -151,8 +153,17 @@ impl LocalLane {
             node_id: node_id.to_owned(),
             settings,
             enforcement,
+            syncer: Default::default(),
         };
         Ok(lane)
+    }
+
+    /// Makes the last rename in the base directory durable (one sync shared by concurrent
+    /// callers).
+    fn synced_base(&self) -> Result<()> {
+        self.syncer
+            .sync(&self.base)
+            .map_err(Error::io(format!("sync {}", self.base.display())))
     }
 
     /// Why capacity is not enforced, or `None` when it is.
@@ -235,7 +246,7 @@ impl LocalLane {
         };
         match std::fs::rename(&temp, self.volume_dir(&id)) {
             Ok(()) => {
-                sync_dir(&self.base)?;
+                self.synced_base()?;
                 Ok(meta)
             }
             Err(e) => {
@@ -394,7 +405,7 @@ impl LocalLane {
                     .base
                     .join(format!("{TRASH_PREFIX}{}-{stamp}", id.dir()));
                 std::fs::rename(&dir, &trash).map_err(Error::io(format!("delete {id}")))?;
-                sync_dir(&self.base)?;
+                self.synced_base()?;
                 self.release(&meta)?;
                 remove_volume_dir(&trash)
             }
@@ -505,12 +516,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(Error::io(format!("chmod {}", path.display())))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(Error::io(format!("sync {}", dir.display())))
 }
 
 #[cfg(test)]
