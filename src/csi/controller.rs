@@ -207,9 +207,10 @@ impl Controller for ControllerService {
                 let _guard = self.0.guard(&id.to_string())?;
                 self.0.failpoint.delay("create").await;
                 // A repeat keeps the version pinned the first time (the volume exists already).
-                let exists = lane.get(&id).await.is_ok();
                 let dataset = match &params.dataset {
-                    Some(reference) if !exists => Some(Box::pin(self.pin(reference)).await?),
+                    Some(reference) if lane.get(&id).await.is_err() => {
+                        Some(Box::pin(self.pin(reference)).await?)
+                    }
                     _ => None,
                 };
                 let create = CreateRequest {
