@@ -16,6 +16,7 @@ pub mod dataset;
 pub mod error;
 pub mod failpoint;
 pub mod fsutil;
+pub mod kubeapi;
 pub mod lane;
 pub mod metrics;
 pub mod mount;

@@ -65,7 +65,7 @@ pub struct Plugin {
     pub sources: Arc<crate::dataset::pin::Sources>,
     /// The Kubernetes API, found on first use (in-cluster or a kubeconfig); `None` when
     /// there is none (standalone use), which turns off what needs it.
-    pub kube: tokio::sync::OnceCell<Option<kube::Client>>,
+    pub kube: Arc<crate::kubeapi::Kube>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -119,13 +119,9 @@ impl Plugin {
     /// The Kubernetes API client, if one can be made here.
     pub async fn kube(&self) -> Option<kube::Client> {
         self.kube
-            .get_or_init(|| async {
-                kube::Client::try_default()
-                    .await
-                    .inspect_err(|e| tracing::info!(error = %e, "no Kubernetes API; PVC annotations are not read"))
-                    .ok()
-            })
+            .client()
             .await
-            .clone()
+            .inspect_err(|e| tracing::debug!(error = %e, "PVC annotations are not read"))
+            .ok()
     }
 }

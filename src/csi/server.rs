@@ -249,9 +249,11 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         source,
     })?;
     let metrics = Arc::new(Metrics::new());
+    let kube = Arc::new(crate::kubeapi::Kube::default());
     let sources = Arc::new(
         Sources::new(options.config.datasets.clone(), options.config.cache.jobs)
-            .with_git_policy(options.config.git.clone()),
+            .with_git_policy(options.config.git.clone())
+            .with_kube_factory(kube.clone()),
     );
     let cache = if options.roles.node {
         Some(Arc::new(Cache::open(
@@ -308,7 +310,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         failpoint,
         data_dir: options.data_dir.clone(),
         sources,
-        kube: Default::default(),
+        kube,
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

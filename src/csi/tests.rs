@@ -237,7 +237,9 @@ fn harness(local: Arc<FakeNode>) -> Harness {
             config.datasets.clone(),
             1,
         )),
-        kube: tokio::sync::OnceCell::new_with(Some(None)),
+        kube: Arc::new(crate::kubeapi::Kube::none(
+            "no Kubernetes API in handler tests",
+        )),
     });
     std::fs::create_dir_all(root.join("pods")).unwrap();
     Harness {

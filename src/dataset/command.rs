@@ -63,7 +63,7 @@ pub enum Command {
 }
 
 async fn repo_for(bucket: &Bucket, jobs: usize) -> anyhow::Result<Repo<BucketStore>> {
-    Ok(super::pin::open(bucket, jobs, None).await?)
+    Ok(super::pin::open(bucket, jobs, &crate::kubeapi::Kube::default()).await?)
 }
 
 /// Splits a stored-dataset reference into its bucket, name and selector.

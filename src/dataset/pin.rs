@@ -90,7 +90,7 @@ pub struct Sources {
     open: Mutex<HashMap<String, Repo<BucketStore>>>,
     /// The Kubernetes API for buckets whose credentials are in a Secret (default: found
     /// in-cluster or from a kubeconfig when first needed).
-    kube: Option<kube::Client>,
+    kube: std::sync::Arc<crate::kubeapi::Kube>,
     /// Which Git sources volumes may use.
     git_policy: GitPolicy,
 }
@@ -109,7 +109,7 @@ impl Sources {
             buckets,
             jobs,
             open: Mutex::default(),
-            kube: None,
+            kube: Default::default(),
             git_policy: GitPolicy::default(),
         }
     }
@@ -122,7 +122,13 @@ impl Sources {
 
     /// Uses `client` to read credential Secrets.
     pub fn with_kube(mut self, client: kube::Client) -> Sources {
-        self.kube = Some(client);
+        self.kube = std::sync::Arc::new(crate::kubeapi::Kube::with(client));
+        self
+    }
+
+    /// Shares `kube`, the process's one Kubernetes client factory.
+    pub fn with_kube_factory(mut self, kube: std::sync::Arc<crate::kubeapi::Kube>) -> Sources {
+        self.kube = kube;
         self
     }
 
@@ -132,7 +138,7 @@ impl Sources {
         if let Some(repo) = self.lock().get(&bucket.name) {
             return Ok(repo.clone());
         }
-        let repo = open(bucket, self.jobs, self.kube.clone()).await?;
+        let repo = open(bucket, self.jobs, &self.kube).await?;
         self.lock().insert(bucket.name.clone(), repo.clone());
         Ok(repo)
     }
@@ -240,25 +246,24 @@ impl Sources {
 pub async fn open(
     bucket: &Bucket,
     jobs: usize,
-    kube: Option<kube::Client>,
+    kube: &crate::kubeapi::Kube,
 ) -> Result<Repo<BucketStore>> {
     let secret = match &bucket.credentials {
         None => None,
         Some(reference) => {
-            let client = match kube {
-                Some(client) => client,
-                None => kube::Client::try_default().await.map_err(|e| {
-                    Error::Store(crate::dataset::store::Error::Remote {
+            let client = match kube.client().await {
+                Ok(client) => client,
+                Err(e) => {
+                    return Err(Error::Store(crate::dataset::store::Error::Remote {
                         what: "credentials",
                         key: reference.secret_name.clone(),
                         message: format!(
-                            "bucket {} takes its credentials from a Kubernetes Secret, and no \
-                             Kubernetes API is reachable: {e}",
+                            "bucket {} takes its credentials from a Kubernetes Secret: {e}",
                             bucket.name
                         ),
                         unavailable: true,
-                    })
-                })?,
+                    }));
+                }
             };
             let namespace = reference
                 .namespace
