@@ -159,6 +159,73 @@ pub fn run(
     progress: &Progress,
 ) -> Result<Summary, Error> {
     let started = Instant::now();
+    let (src, dst) = trees(src, dst)?;
+    let src_root = Dir::open(&src).map_err(io(format!("open {}", src.display())))?;
+    let (entries, walk_failures) = walk::walk_dir(&src_root, &src);
+    let mut summary = Summary {
+        checksum: Some(options.checksum),
+        dry_run: options.dry_run,
+        ..Summary::default()
+    };
+    for failure in walk_failures {
+        summary.fail(failure.path, failure.error);
+    }
+    let (files, followers) = split_hard_links(&entries, &mut summary);
+    let existing_dst = open_existing(&dst)?;
+    let units = plan::units(&entries, &files);
+    let plans = parallel(&units, options.jobs, |unit| {
+        plan::compare(
+            &src_root,
+            existing_dst.as_ref(),
+            unit,
+            options.checksum,
+            !options.dry_run,
+        )
+    });
+    let (copy_units, need) = to_copy(&units, plans, &src, &mut summary);
+    let files_to_copy: u64 = copy_units.iter().map(|u| u.files.len() as u64).sum();
+    if options.dry_run {
+        summary.files_copied = files_to_copy;
+        summary.bytes_copied = need;
+        if options.delete
+            && let Some(dst_root) = &existing_dst
+        {
+            summary.deleted = apply::extras(&entries, dst_root, &dst).len() as u64;
+        }
+        return Ok(finish(summary, started));
+    }
+    check_space(&dst, need)?;
+
+    std::fs::create_dir_all(&dst).map_err(io(format!("create {}", dst.display())))?;
+    let dst_root = Dir::open(&dst).map_err(io(format!("open {}", dst.display())))?;
+    for failure in apply::make_dirs(&dst_root, &dst, &entries) {
+        summary.fail(failure.path, failure.error);
+    }
+    progress.start(files_to_copy, need);
+    copy_files(
+        &src_root,
+        &dst_root,
+        &src,
+        &copy_units,
+        options,
+        progress,
+        &mut summary,
+    );
+    progress.finish();
+    finish_tree(
+        &dst_root,
+        &dst,
+        &src,
+        &entries,
+        followers,
+        options,
+        &mut summary,
+    );
+    Ok(finish(summary, started))
+}
+
+/// SRC (an existing directory) and DST, resolved, refused when one is inside the other.
+fn trees(src: &Path, dst: &Path) -> Result<(PathBuf, PathBuf), Error> {
     let src_meta = std::fs::metadata(src).map_err(|_| Error::SourceMissing(src.to_owned()))?;
     if !src_meta.is_dir() {
         return Err(Error::SourceNotDir(src.to_owned()));
@@ -166,34 +233,23 @@ pub fn run(
     let src = src
         .canonicalize()
         .map_err(io(format!("resolve {}", src.display())))?;
-    let dst_resolved = resolve(dst).map_err(io(format!("resolve {}", dst.display())))?;
-    if dst_resolved.starts_with(&src) || src.starts_with(&dst_resolved) {
-        return Err(Error::Nested {
-            src,
-            dst: dst_resolved,
-        });
+    let dst = resolve(dst).map_err(io(format!("resolve {}", dst.display())))?;
+    if dst.starts_with(&src) || src.starts_with(&dst) {
+        return Err(Error::Nested { src, dst });
     }
-    let dst = dst_resolved;
-    let src_root = Dir::open(&src).map_err(io(format!("open {}", src.display())))?;
+    Ok((src, dst))
+}
 
-    let (entries, walk_failures) = walk::walk_dir(&src_root, &src);
-    let mut summary = Summary {
-        checksum: Some(options.checksum),
-        dry_run: options.dry_run,
-        ..Summary::default()
-    };
-    summary
-        .failures
-        .extend(walk_failures.into_iter().map(|f| FailureReport {
-            path: f.path,
-            error: f.error,
-        }));
-
-    // Hard links: the first path of each inode is copied, the others are linked to it.
+/// The files to copy (the first path of each inode) and the hard links to make to them;
+/// counts every file in the summary.
+fn split_hard_links<'a>(
+    entries: &'a [walk::Entry],
+    summary: &mut Summary,
+) -> (Vec<&'a walk::Entry>, Vec<(&'a walk::Entry, PathBuf)>) {
     let mut leaders: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut files = Vec::new();
     let mut followers = Vec::new();
-    for entry in &entries {
+    for entry in entries {
         if let Kind::File { size, link } = &entry.kind {
             summary.files_total += 1;
             summary.bytes_total += size;
@@ -208,33 +264,35 @@ pub fn run(
             }
         }
     }
+    (files, followers)
+}
 
-    let existing_dst = match std::fs::metadata(&dst) {
-        Ok(meta) if meta.is_dir() => {
-            Some(Dir::open(&dst).map_err(io(format!("open {}", dst.display())))?)
-        }
-        Ok(_) => {
-            return Err(Error::Io {
-                context: format!("destination {}", dst.display()),
-                source: std::io::Error::other("it exists and is not a directory"),
-            });
-        }
-        Err(_) => None,
-    };
-    let units = plan::units(&entries, &files);
-    let plans = parallel(&units, options.jobs, |unit| {
-        plan::compare(
-            &src_root,
-            existing_dst.as_ref(),
-            unit,
-            options.checksum,
-            !options.dry_run,
-        )
-    });
+/// DST open, when it exists (it must then be a directory).
+fn open_existing(dst: &Path) -> Result<Option<Dir>, Error> {
+    match std::fs::metadata(dst) {
+        Ok(meta) if meta.is_dir() => Ok(Some(
+            Dir::open(dst).map_err(io(format!("open {}", dst.display())))?,
+        )),
+        Ok(_) => Err(Error::Io {
+            context: format!("destination {}", dst.display()),
+            source: std::io::Error::other("it exists and is not a directory"),
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
+/// What the compare phase decided: the units of files to copy and their bytes; skipped and
+/// unreadable files go into the summary.
+fn to_copy<'a>(
+    units: &[Unit<'a>],
+    plans: Vec<Vec<Result<Plan, String>>>,
+    src: &Path,
+    summary: &mut Summary,
+) -> (Vec<Unit<'a>>, u64) {
     let mut copy_units = Vec::new();
     let mut need: u64 = 0;
     for (unit, plans) in units.iter().zip(plans) {
-        let mut to_copy = Vec::new();
+        let mut files = Vec::new();
         for (entry, plan) in unit.files.iter().zip(plans) {
             match plan {
                 Ok(Plan::Skip) => summary.files_skipped += 1,
@@ -242,56 +300,50 @@ pub fn run(
                     if let Kind::File { size, .. } = entry.kind {
                         need += size;
                     }
-                    to_copy.push(*entry);
+                    files.push(*entry);
                 }
-                Err(error) => {
-                    summary.failed += 1;
-                    summary.failures.push(FailureReport {
-                        path: src.join(&entry.rel),
-                        error,
-                    });
-                }
+                Err(error) => summary.fail(src.join(&entry.rel), error),
             }
         }
-        if !to_copy.is_empty() {
+        if !files.is_empty() {
             copy_units.push(Unit {
                 dir: unit.dir,
-                files: to_copy,
+                files,
             });
         }
     }
-    let to_copy: u64 = copy_units.iter().map(|u| u.files.len() as u64).sum();
-    if !options.dry_run && need > 0 {
-        let probe = nearest_existing(&dst);
-        let stat = nix::sys::statvfs::statvfs(&probe)
-            .map_err(|e| io(format!("statvfs {}", probe.display()))(e.into()))?;
-        let available = stat.blocks_available().saturating_mul(stat.fragment_size());
-        if need > available {
-            return Err(Error::NoSpace {
-                dst,
-                need,
-                available,
-            });
-        }
-    }
-    if options.dry_run {
-        summary.files_copied = to_copy;
-        summary.bytes_copied = need;
-        if options.delete
-            && let Some(dst_root) = &existing_dst
-        {
-            summary.deleted = apply::extras(&entries, dst_root, &dst).len() as u64;
-        }
-        return Ok(finish(summary, started));
-    }
+    (copy_units, need)
+}
 
-    std::fs::create_dir_all(&dst).map_err(io(format!("create {}", dst.display())))?;
-    let dst_root = Dir::open(&dst).map_err(io(format!("open {}", dst.display())))?;
-    for failure in apply::make_dirs(&dst_root, &dst, &entries) {
-        summary.fail(failure.path, failure.error);
+/// Refuses before anything is written when DST has not room for `need` bytes.
+fn check_space(dst: &Path, need: u64) -> Result<(), Error> {
+    if need == 0 {
+        return Ok(());
     }
+    let probe = nearest_existing(dst);
+    let stat = nix::sys::statvfs::statvfs(&probe)
+        .map_err(|e| io(format!("statvfs {}", probe.display()))(e.into()))?;
+    let available = stat.blocks_available().saturating_mul(stat.fragment_size());
+    if need > available {
+        return Err(Error::NoSpace {
+            dst: dst.to_owned(),
+            need,
+            available,
+        });
+    }
+    Ok(())
+}
 
-    progress.start(to_copy, need);
+/// The write phase for file bodies, in parallel over units.
+fn copy_files(
+    src_root: &Dir,
+    dst_root: &Dir,
+    src: &Path,
+    units: &[Unit],
+    options: &Options,
+    progress: &Progress,
+    summary: &mut Summary,
+) {
     let verify = match options.checksum {
         Checksum::SizeMtime => file::Verify::Size,
         Checksum::Sha256 => file::Verify::Sha256,
@@ -305,11 +357,10 @@ pub fn run(
             crate::failpoint::kill("copy.before-rename");
         }
     };
-    let results = parallel(&copy_units, options.jobs, |unit| {
-        copy_unit(&src_root, &dst_root, unit, verify, &before_rename, progress)
+    let results = parallel(units, options.jobs, |unit| {
+        copy_unit(src_root, dst_root, unit, verify, &before_rename, progress)
     });
-    progress.finish();
-    for (unit, results) in copy_units.iter().zip(results) {
+    for (unit, results) in units.iter().zip(results) {
         for (entry, result) in unit.files.iter().zip(results) {
             match result {
                 Ok(bytes) => {
@@ -319,27 +370,33 @@ pub fn run(
                         summary.verified += 1;
                     }
                 }
-                Err(error) => {
-                    summary.failed += 1;
-                    summary.failures.push(FailureReport {
-                        path: src.join(&entry.rel),
-                        error,
-                    });
-                }
+                Err(error) => summary.fail(src.join(&entry.rel), error),
             }
         }
     }
+}
 
+/// Hard links, symlinks, `--delete`, and directory modes and times (last, deepest first, so
+/// copying into a directory does not undo them).
+fn finish_tree(
+    dst_root: &Dir,
+    dst: &Path,
+    src: &Path,
+    entries: &[walk::Entry],
+    followers: Vec<(&walk::Entry, PathBuf)>,
+    options: &Options,
+    summary: &mut Summary,
+) {
     for (entry, leader) in followers {
-        match apply::hard_link(&dst_root, &leader, entry) {
+        match apply::hard_link(dst_root, &leader, entry) {
             Ok(true) => summary.files_copied += 1,
             Ok(false) => summary.files_skipped += 1,
             Err(e) => summary.fail(dst.join(&entry.rel), e),
         }
     }
-    for entry in &entries {
+    for entry in entries {
         if let Kind::Symlink(target) = &entry.kind {
-            match apply::symlink(&dst_root, entry, target) {
+            match apply::symlink(dst_root, entry, target) {
                 Ok(true) => summary.links_copied += 1,
                 Ok(false) => {}
                 Err(e) => summary.fail(dst.join(&entry.rel), e),
@@ -347,26 +404,24 @@ pub fn run(
         }
     }
     if options.delete {
-        for extra in apply::extras(&entries, &dst_root, &dst) {
-            match apply::remove(&dst_root, &extra) {
+        for extra in apply::extras(entries, dst_root, dst) {
+            match apply::remove(dst_root, &extra) {
                 Ok(()) => summary.deleted += 1,
                 Err(e) => summary.fail(dst.join(&extra), e),
             }
         }
     }
-    // Directory modes and times last, deepest first, so copying into them does not undo them.
     for entry in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
-        let _ = apply::set_dir_metadata(&dst_root, &entry.rel, entry.mode, entry.mtime);
+        let _ = apply::set_dir_metadata(dst_root, &entry.rel, entry.mode, entry.mtime);
     }
-    if let Ok(meta) = std::fs::metadata(&src) {
+    if let Ok(meta) = std::fs::metadata(src) {
         let _ = apply::set_dir_metadata(
-            &dst_root,
+            dst_root,
             Path::new(""),
             meta.mode() & 0o7777,
             (meta.mtime(), meta.mtime_nsec()),
         );
     }
-    Ok(finish(summary, started))
 }
 
 /// Copies the files of one unit: its two directories are opened once, beneath the roots.
