@@ -219,7 +219,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// Opens the lane and serves the requested roles until a shutdown signal.
+/// Opens the lanes and serves the requested roles until a shutdown signal.
 pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     let socket = socket_path(&options.endpoint)?;
     std::fs::create_dir_all(&options.data_dir).map_err(|source| ServeError::Io {
@@ -227,6 +227,42 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         source,
     })?;
     let _held = lock_data_dir(&options.data_dir, options.roles)?;
+    let plugin = Arc::new(build(&options, &socket)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(address) = options.metrics_address {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| ServeError::Metrics { address, source })?;
+        tracing::info!(%address, "metrics endpoint listening");
+        let mut stop = stop_rx.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            plugin.metrics.clone(),
+            async move {
+                let _ = stop.changed().await;
+            },
+        ));
+    }
+    let (listener, socket_id) = bind(&socket)?;
+    tracing::info!(
+        endpoint = %socket.display(),
+        driver = %options.driver_name,
+        node = %options.node_id,
+        controller = options.roles.controller,
+        node_service = options.roles.node,
+        "serving CSI"
+    );
+    let served = serve(plugin, listener).await;
+    let _ = stop_tx.send(true);
+    remove_own_socket(&socket, socket_id);
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The plugin's shared state: the lanes (controller and node halves), the dataset cache (node
+/// role), and what the edge needs.
+fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
     let lane = LocalLane::open(
         &options.data_dir,
         &options.node_id,
@@ -288,7 +324,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         mounter.clone(),
         options.config.mount_timeout,
     )) as Arc<dyn ControllerLane>]);
-    let plugin = Arc::new(Plugin {
+    Ok(Plugin {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),
         roles: options.roles,
@@ -311,43 +347,21 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         data_dir: options.data_dir.clone(),
         sources,
         kube,
-    });
+    })
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(address) = options.metrics_address {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .map_err(|source| ServeError::Metrics { address, source })?;
-        tracing::info!(%address, "metrics endpoint listening");
-        let mut stop = stop_rx.clone();
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            metrics.clone(),
-            async move {
-                let _ = stop.changed().await;
-            },
-        ));
-    }
-
-    let (listener, socket_id) = bind(&socket)?;
-    tracing::info!(
-        endpoint = %socket.display(),
-        driver = %options.driver_name,
-        node = %options.node_id,
-        controller = options.roles.controller,
-        node_service = options.roles.node,
-        "serving CSI"
-    );
-    let controller = options
+/// Serves the plugin's roles on `listener` until a shutdown signal. After the signal, calls in
+/// flight get a grace period; idle client connections (kubelet and the sidecars keep theirs
+/// open) must not hold the shutdown up.
+async fn serve(plugin: Arc<Plugin>, listener: UnixListener) -> Result<(), ServeError> {
+    let controller = plugin
         .roles
         .controller
         .then(|| ControllerServer::new(ControllerService(plugin.clone())));
-    let node = options
+    let node = plugin
         .roles
         .node
         .then(|| NodeServer::new(NodeService(plugin.clone())));
-    // After the signal, calls in flight get a grace period; idle client connections (kubelet
-    // and the sidecars keep theirs open) must not hold the shutdown up.
     let (signaled_tx, mut signaled) = tokio::sync::watch::channel(false);
     let serve = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService(plugin.clone())))
@@ -357,8 +371,8 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
             shutdown_signal().await;
             let _ = signaled_tx.send(true);
         });
-    let served = tokio::select! {
-        served = serve => served,
+    tokio::select! {
+        served = serve => Ok(served?),
         _ = async {
             let _ = signaled.wait_for(|s| *s).await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -366,12 +380,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
             tracing::warn!("calls still open after {}s; stopping anyway", SHUTDOWN_GRACE.as_secs());
             Ok(())
         }
-    };
-    let _ = stop_tx.send(true);
-    remove_own_socket(&socket, socket_id);
-    served?;
-    tracing::info!("stopped");
-    Ok(())
+    }
 }
 
 #[cfg(test)]
