@@ -85,7 +85,7 @@ fn write_mib(path: &Path, mib: usize) -> std::io::Result<()> {
     file.sync_all()
 }
 
-async fn bytes_used(c: &mut lanes::csi::client::Clients, id: &str, path: &Path) -> (i64, i64) {
+async fn bytes_used(c: &mut lanes::cli::csi::Clients, id: &str, path: &Path) -> (i64, i64) {
     nix::unistd::sync();
     let stats = c
         .node

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use lanes::csi::client::mount_capability;
+use lanes::cli::csi::mount_capability;
 use lanes::proto::plugin_capability::{self, service, volume_expansion};
 use lanes::proto::volume_capability::access_mode::Mode;
 use lanes::proto::*;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use lanes::csi::client::{Clients, mount_capability};
+use lanes::cli::csi::{Clients, mount_capability};
 use lanes::proto::volume_capability::access_mode::Mode;
 use lanes::proto::*;
 use tonic::Code;

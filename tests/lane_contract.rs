@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use lanes::csi::client::{Clients, mount_capability};
+use lanes::cli::csi::{Clients, mount_capability};
 use lanes::proto::volume_capability::access_mode::Mode;
 use lanes::proto::*;
 use tonic::Code;

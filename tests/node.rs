@@ -5,12 +5,12 @@ mod common;
 use std::io::Write;
 
 use common::*;
-use lanes::csi::client::mount_capability;
+use lanes::cli::csi::mount_capability;
 use lanes::proto::volume_capability::access_mode::Mode;
 use lanes::proto::*;
 use tonic::Code;
 
-async fn create(c: &mut lanes::csi::client::Clients, name: &str) -> String {
+async fn create(c: &mut lanes::cli::csi::Clients, name: &str) -> String {
     c.controller
         .create_volume(create_request(name, 8 << 20))
         .await

@@ -4,9 +4,7 @@
 //! in-flight guard, call the lane or the mounter, map the result.
 
 mod authority;
-pub mod bench;
 pub mod caps;
-pub mod client;
 pub mod controller;
 pub mod guard;
 pub mod identity;

@@ -253,7 +253,7 @@ fn harness(local: Arc<FakeNode>) -> Harness {
 }
 
 fn capability(mode: Mode) -> Option<VolumeCapability> {
-    Some(crate::csi::client::mount_capability(mode, &[]))
+    Some(crate::cli::csi::mount_capability(mode, &[]))
 }
 
 fn block() -> Option<VolumeCapability> {

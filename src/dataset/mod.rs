@@ -4,7 +4,6 @@
 //! becomes a path or an object key; committed versions are immutable.
 
 pub mod bucket;
-pub mod command;
 pub mod git;
 pub mod gitpolicy;
 pub mod hashcache;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lanes::csi::client::{Clients, mount_capability};
+use lanes::cli::csi::{Clients, mount_capability};
 use lanes::proto::volume_capability::access_mode::Mode;
 use lanes::proto::*;
 

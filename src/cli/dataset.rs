@@ -8,10 +8,10 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::bucket::{Bucket, Buckets, Mode};
-use super::reference::{Reference, Selector};
-use super::repo::Repo;
-use super::store::BucketStore;
+use crate::dataset::bucket::{Bucket, Buckets, Mode};
+use crate::dataset::reference::{Reference, Selector};
+use crate::dataset::repo::Repo;
+use crate::dataset::store::BucketStore;
 use crate::units::human;
 
 /// What a command printed: JSON for `--json`, text otherwise.
@@ -63,7 +63,7 @@ pub enum Command {
 }
 
 async fn repo_for(bucket: &Bucket, jobs: usize) -> anyhow::Result<Repo<BucketStore>> {
-    Ok(super::pin::open(bucket, jobs, &crate::kubeapi::Kube::default()).await?)
+    Ok(crate::dataset::pin::open(bucket, jobs, &crate::kubeapi::Kube::default()).await?)
 }
 
 /// Splits a stored-dataset reference into its bucket, name and selector.
@@ -246,8 +246,8 @@ pub async fn run(
             let mut text = String::new();
             for entry in &manifest.entries {
                 let shown = match (&entry.kind, &entry.target) {
-                    (super::EntryKind::Dir, _) => format!("{}/", entry.path),
-                    (super::EntryKind::Symlink, Some(target)) => {
+                    (crate::dataset::EntryKind::Dir, _) => format!("{}/", entry.path),
+                    (crate::dataset::EntryKind::Symlink, Some(target)) => {
                         format!("{} -> {target}", entry.path)
                     }
                     _ => entry.path.clone(),
@@ -265,8 +265,9 @@ pub async fn run(
             };
             let target = dir.clone();
             let sha = tokio::task::spawn_blocking(move || {
-                let sha = super::git::resolve(&url, &git_ref, &Default::default())?;
-                super::git::fetch(&url, &sha, &git_ref, &target, &Default::default()).map(|()| sha)
+                let sha = crate::dataset::git::resolve(&url, &git_ref, &Default::default())?;
+                crate::dataset::git::fetch(&url, &sha, &git_ref, &target, &Default::default())
+                    .map(|()| sha)
             })
             .await??;
             Output {
@@ -277,7 +278,7 @@ pub async fn run(
         Command::Resolve { reference } => match Reference::parse(&reference)? {
             Reference::Git { url, git_ref } => {
                 let sha = tokio::task::spawn_blocking(move || {
-                    super::git::resolve(&url, &git_ref, &Default::default())
+                    crate::dataset::git::resolve(&url, &git_ref, &Default::default())
                 })
                 .await??;
                 Output {

@@ -1,6 +1,12 @@
 //! The command line: one subcommand per role, plus the `csi` client.
 //!
-//! `--data-dir` and `--config` are global: accepted before or after the subcommand.
+//! `--data-dir` and `--config` are global: accepted before or after the subcommand. The
+//! command groups live beside this file: `csi` (a client of a running plugin), `bench`,
+//! `dataset`. Only this module reads the config for a command and speaks anyhow.
+
+pub mod bench;
+pub mod csi;
+pub mod dataset;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,11 +16,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
-use crate::csi::bench::{self, BenchOptions};
-use crate::csi::client::{self, Clients, Report};
 use crate::csi::server::{self, ServeOptions};
 use crate::csi::{DEFAULT_DRIVER_NAME, Roles};
 use crate::units::parse_bytes;
+use bench::BenchOptions;
+use csi::{Clients, Report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -300,8 +306,8 @@ async fn run_dataset(
     config: Option<&std::path::Path>,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use crate::dataset::command::{self, Command as C};
-    let buckets = command::load_buckets(config, data_dir)?;
+    use dataset::Command as C;
+    let buckets = dataset::load_buckets(config, data_dir)?;
     let command = match args.command {
         DatasetCommand::Buckets => C::Buckets,
         DatasetCommand::Create { name, description } => C::Create { name, description },
@@ -328,7 +334,7 @@ async fn run_dataset(
         DatasetCommand::Rm { reference } => C::Rm { reference },
         DatasetCommand::Resolve { reference } => C::Resolve { reference },
     };
-    let output = command::run(command, &buckets, args.jobs.max(1), args.json).await?;
+    let output = dataset::run(command, &buckets, args.jobs.max(1), args.json).await?;
     if args.json {
         println!("{}", output.json);
     } else {
@@ -464,7 +470,7 @@ fn run_cache(
                     row.files,
                     human(row.bytes),
                     row.mounts,
-                    crate::dataset::command::time(row.last_used_unix),
+                    dataset::time(row.last_used_unix),
                     row.key
                 );
             }
@@ -580,10 +586,10 @@ async fn run_client(
     let staging_for = |staging: &Option<PathBuf>, id: &str| {
         staging
             .clone()
-            .unwrap_or_else(|| client::default_staging(data_dir, id))
+            .unwrap_or_else(|| csi::default_staging(data_dir, id))
     };
     let report = match &args.command {
-        CsiCommand::Info => client::info(&mut c).await,
+        CsiCommand::Info => csi::info(&mut c).await,
         CsiCommand::CreateVolume {
             name,
             capacity,
@@ -594,17 +600,17 @@ async fn run_client(
                 .map(parse_bytes)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            client::create_volume(&mut c, name, capacity, parse_params(params)?).await
+            csi::create_volume(&mut c, name, capacity, parse_params(params)?).await
         }
-        CsiCommand::DeleteVolume { volume_id } => client::delete_volume(&mut c, volume_id).await,
+        CsiCommand::DeleteVolume { volume_id } => csi::delete_volume(&mut c, volume_id).await,
         CsiCommand::ExpandVolume {
             volume_id,
             capacity,
         } => {
             let bytes = parse_bytes(capacity).map_err(anyhow::Error::msg)?;
-            client::expand_volume(&mut c, volume_id, bytes).await
+            csi::expand_volume(&mut c, volume_id, bytes).await
         }
-        CsiCommand::List => client::list(&mut c).await,
+        CsiCommand::List => csi::list(&mut c).await,
         CsiCommand::Publish {
             volume_id,
             target,
@@ -614,11 +620,11 @@ async fn run_client(
             dataset,
         } => match dataset {
             Some(dataset) => {
-                client::publish_inline(&mut c, volume_id, target, dataset, *readonly, flags).await
+                csi::publish_inline(&mut c, volume_id, target, dataset, *readonly, flags).await
             }
             None => {
                 let staging = staging_for(staging, volume_id);
-                client::publish(&mut c, volume_id, target, &staging, *readonly, flags).await
+                csi::publish(&mut c, volume_id, target, &staging, *readonly, flags).await
             }
         },
         CsiCommand::Unpublish {
@@ -627,9 +633,9 @@ async fn run_client(
             staging,
         } => {
             let staging = staging_for(staging, volume_id);
-            client::unpublish(&mut c, volume_id, target, &staging).await
+            csi::unpublish(&mut c, volume_id, target, &staging).await
         }
-        CsiCommand::Stats { volume_id, path } => client::stats(&mut c, volume_id, path).await,
+        CsiCommand::Stats { volume_id, path } => csi::stats(&mut c, volume_id, path).await,
         CsiCommand::Bench { .. } => unreachable!("handled above"),
     };
     match report {

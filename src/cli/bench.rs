@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tonic::Status;
 
-use super::client::{Clients, mount_capability};
+use super::csi::{Clients, mount_capability};
 use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::*;
 
