@@ -81,61 +81,22 @@ impl Cache {
         scratch: &Path,
         progress: &Arc<Progress>,
     ) -> Result<PathBuf> {
-        let (entries, repo) = match pin {
-            Pin::Stored {
-                bucket,
-                name,
-                version,
-            } => {
-                let repo = self.sources().repo(Some(bucket)).await?;
-                let manifest = repo
-                    .resolve(name, &Selector::Named(version.clone()))
-                    .await?;
-                if manifest.version != *version || !manifest.committed {
-                    return Err(Error::new(
-                        Kind::FailedPrecondition,
-                        format!("{pin} is not a committed version of {bucket}/{name}"),
-                    ));
-                }
-                (manifest.entries, Some(repo))
-            }
-            Pin::Git { url, commit } => {
-                // Checked again at fetch time: the policy or the host's address may have
-                // changed since the volume was pinned.
-                let admitted = self.sources().admit_git(url).await?;
-                let this = self.clone();
-                let (url, commit, scratch) = (url.clone(), commit.clone(), scratch.to_owned());
-                let entries =
-                    blocking(move || this.import_git(&url, &commit, &scratch, &admitted)).await?;
-                (entries, None)
-            }
-        };
-        let files: Vec<&Entry> = entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .collect();
-        progress
-            .files_total
-            .store(files.len() as u64, Ordering::Relaxed);
-        progress
-            .bytes_total
-            .store(files.iter().map(|e| e.size).sum(), Ordering::Relaxed);
-
-        let mut groups: HashMap<(String, u32), Vec<Entry>> = HashMap::new();
-        for entry in &files {
-            let sha = entry.sha256.clone().unwrap_or_default();
-            groups
-                .entry((sha, file_mode(entry.mode)))
-                .or_default()
-                .push((*entry).clone());
-        }
+        let (entries, repo) = self.entries_of(pin, scratch).await?;
+        let groups = bodies_of(&entries);
+        progress.files_total.store(
+            groups.values().map(Vec::len).sum::<usize>() as u64,
+            Ordering::Relaxed,
+        );
+        progress.bytes_total.store(
+            groups.values().flatten().map(|e| e.size).sum(),
+            Ordering::Relaxed,
+        );
         let incoming: u64 = groups
             .iter()
             .filter(|((sha, mode), _)| !self.blob_path(sha, *mode).exists())
             .map(|(_, group)| group[0].size)
             .sum();
-        let this = self.clone();
-        let room_pin = pin.clone();
+        let (this, room_pin) = (self.clone(), pin.clone());
         blocking(move || this.make_room(incoming, &room_pin)).await?;
 
         let tree = scratch.join("tree");
@@ -144,8 +105,7 @@ impl Cache {
             .filter(|e| e.kind == EntryKind::Dir)
             .cloned()
             .collect();
-        let tree_for_dirs = tree.clone();
-        let dirs_for_mkdir = dirs.clone();
+        let (tree_for_dirs, dirs_for_mkdir) = (tree.clone(), dirs.clone());
         blocking(move || {
             std::fs::create_dir_all(&tree_for_dirs).map_err(io(tree_for_dirs.display()))?;
             for dir in &dirs_for_mkdir {
@@ -169,93 +129,151 @@ impl Cache {
             );
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let mut blob = this
-                    .ensure_blob(
-                        repo.as_ref(),
-                        &sha,
-                        mode,
-                        group[0].size,
-                        &scratch,
-                        &progress,
-                    )
-                    .await?;
-                // The body is what its hash says; the manifest must also say its true size
-                // (a tree whose sizes lie would fail every later check of the tree).
-                let actual = std::fs::metadata(&blob).map(|m| m.len()).unwrap_or(u64::MAX);
-                if let Some(liar) = group.iter().find(|e| e.size != actual) {
-                    tracing::warn!(path = %liar.path, body = %sha, "the manifest's size for a file differs from its body");
-                    return Err(damaged(format!(
-                        "the manifest says {} is {} bytes, but its body {sha} has {actual}",
-                        liar.path, liar.size
-                    )));
-                }
-                for entry in &group {
-                    let target = tree.join(&entry.path);
-                    match link(&blob, &target) {
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                            // The body was collected between fetch and link: fetch it again.
-                            blob = this
-                                .ensure_blob(
-                                    repo.as_ref(),
-                                    &sha,
-                                    mode,
-                                    entry.size,
-                                    &scratch,
-                                    &progress,
-                                )
-                                .await?;
-                            link(&blob, &target).map_err(io(target.display()))?;
-                        }
-                        other => other.map_err(io(target.display()))?,
-                    }
-                    progress.file_done(entry.size);
-                }
-                Ok::<_, Error>(())
+                let body = Body {
+                    repo: repo.as_ref(),
+                    sha: &sha,
+                    mode,
+                    scratch: &scratch,
+                    progress: &progress,
+                };
+                this.link_group(body, &group, &tree).await
             });
         }
         while let Some(done) = tasks.join_next().await {
             done.map_err(|e| Error::internal(format!("cache task failed: {e}")))??;
         }
 
-        let key = pin.key();
-        let (this, pin, tree_done) = (self.clone(), pin.clone(), tree.clone());
-        blocking(move || {
-            for entry in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
-                let path = tree_done.join(&entry.path);
-                std::os::unix::fs::symlink(entry.target.as_deref().unwrap_or_default(), &path)
-                    .map_err(io(path.display()))?;
+        let (this, pin) = (self.clone(), pin.clone());
+        blocking(move || this.finish_tree(pin, entries, dirs, &tree)).await
+    }
+
+    /// The entries a pin names: a committed stored version's manifest (and the repository to
+    /// fetch its bodies from), or a Git commit imported into `scratch`.
+    async fn entries_of(
+        self: &Arc<Self>,
+        pin: &Pin,
+        scratch: &Path,
+    ) -> Result<(Vec<Entry>, Option<Repo<BucketStore>>)> {
+        match pin {
+            Pin::Stored {
+                bucket,
+                name,
+                version,
+            } => {
+                let repo = self.sources().repo(Some(bucket)).await?;
+                let manifest = repo
+                    .resolve(name, &Selector::Named(version.clone()))
+                    .await?;
+                if manifest.version != *version || !manifest.committed {
+                    return Err(Error::new(
+                        Kind::FailedPrecondition,
+                        format!("{pin} is not a committed version of {bucket}/{name}"),
+                    ));
+                }
+                Ok((manifest.entries, Some(repo)))
             }
-            let mut dirs = dirs;
-            dirs.sort_by_key(|d| std::cmp::Reverse(d.path.matches('/').count()));
-            for dir in &dirs {
-                let path = tree_done.join(&dir.path);
-                std::fs::set_permissions(
-                    &path,
-                    std::fs::Permissions::from_mode(file_mode(dir.mode)),
-                )
-                .map_err(io(path.display()))?;
+            Pin::Git { url, commit } => {
+                // Checked again at fetch time: the policy or the host's address may have
+                // changed since the volume was pinned.
+                let admitted = self.sources().admit_git(url).await?;
+                let this = self.clone();
+                let (url, commit, scratch) = (url.clone(), commit.clone(), scratch.to_owned());
+                let entries =
+                    blocking(move || this.import_git(&url, &commit, &scratch, &admitted)).await?;
+                Ok((entries, None))
             }
-            let record = Record {
-                files: entries.iter().filter(|e| e.kind == EntryKind::File).count(),
-                bytes: entries.iter().map(|e| e.size).sum(),
-                built_ns: now_ns(),
-                pin,
-                entries,
-            };
-            let place = this.trees().join(&key);
-            if this.record(&key).is_some() {
-                // Another process finished the same tree first; theirs is as good.
-                return Ok(place);
+        }
+    }
+
+    /// Fetches (or finds) one body and hard-links it at every path of `group`, which all name
+    /// that body with the same mode.
+    async fn link_group(
+        self: &Arc<Self>,
+        body: Body<'_>,
+        group: &[Entry],
+        tree: &Path,
+    ) -> Result<()> {
+        let mut blob = self.ensure_blob_for(&body, group[0].size).await?;
+        // The body is what its hash says; the manifest must also say its true size (a tree
+        // whose sizes lie would fail every later check of the tree).
+        let actual = std::fs::metadata(&blob)
+            .map(|m| m.len())
+            .unwrap_or(u64::MAX);
+        if let Some(liar) = group.iter().find(|e| e.size != actual) {
+            tracing::warn!(path = %liar.path, body = %body.sha, "the manifest's size for a file differs from its body");
+            return Err(damaged(format!(
+                "the manifest says {} is {} bytes, but its body {} has {actual}",
+                liar.path, liar.size, body.sha
+            )));
+        }
+        for entry in group {
+            let target = tree.join(&entry.path);
+            match link(&blob, &target) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // The body was collected between fetch and link: fetch it again.
+                    blob = self.ensure_blob_for(&body, entry.size).await?;
+                    link(&blob, &target).map_err(io(target.display()))?;
+                }
+                other => other.map_err(io(target.display()))?,
             }
-            remove_any(&place);
-            std::fs::rename(&tree_done, &place).map_err(io(place.display()))?;
-            let text = serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?;
-            let record_path = this.record_path(&key);
-            crate::fsutil::atomic_write(&record_path, &text, crate::fsutil::Durability::Synced)
-                .map_err(io(record_path.display()))?;
-            Ok(place)
-        })
+            body.progress.file_done(entry.size);
+        }
+        Ok(())
+    }
+
+    /// [`Self::ensure_blob`] for one body of a group, at `size` bytes.
+    async fn ensure_blob_for(self: &Arc<Self>, body: &Body<'_>, size: u64) -> Result<PathBuf> {
+        self.ensure_blob(
+            body.repo,
+            body.sha,
+            body.mode,
+            size,
+            body.scratch,
+            body.progress,
+        )
         .await
+    }
+
+    /// Symlinks and directory modes (deepest first, so a read-only parent is set last), then
+    /// the tree moves to its place and its record is written: the tree exists only once whole.
+    fn finish_tree(
+        &self,
+        pin: Pin,
+        entries: Vec<Entry>,
+        mut dirs: Vec<Entry>,
+        tree: &Path,
+    ) -> Result<PathBuf> {
+        for entry in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
+            let path = tree.join(&entry.path);
+            std::os::unix::fs::symlink(entry.target.as_deref().unwrap_or_default(), &path)
+                .map_err(io(path.display()))?;
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.path.matches('/').count()));
+        for dir in &dirs {
+            let path = tree.join(&dir.path);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file_mode(dir.mode)))
+                .map_err(io(path.display()))?;
+        }
+        let key = pin.key();
+        let record = Record {
+            files: entries.iter().filter(|e| e.kind == EntryKind::File).count(),
+            bytes: entries.iter().map(|e| e.size).sum(),
+            built_ns: now_ns(),
+            pin,
+            entries,
+        };
+        let place = self.trees().join(&key);
+        if self.record(&key).is_some() {
+            // Another process finished the same tree first; theirs is as good.
+            return Ok(place);
+        }
+        remove_any(&place);
+        std::fs::rename(tree, &place).map_err(io(place.display()))?;
+        let text = serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?;
+        let record_path = self.record_path(&key);
+        crate::fsutil::atomic_write(&record_path, &text, crate::fsutil::Durability::Synced)
+            .map_err(io(record_path.display()))?;
+        Ok(place)
     }
 
     /// The verified blob of `sha256` with `mode`: already cached (re-hashed), copied from the
@@ -404,4 +422,26 @@ fn place_blob(temp: &Path, blob: &Path, mode: u32) -> Result<()> {
         std::fs::create_dir_all(shard).map_err(io(shard.display()))?;
     }
     std::fs::rename(temp, blob).map_err(io(blob.display()))
+}
+
+/// One body to fetch: its hash and mode, where it comes from, and where to report progress.
+struct Body<'a> {
+    repo: Option<&'a Repo<BucketStore>>,
+    sha: &'a str,
+    mode: u32,
+    scratch: &'a Path,
+    progress: &'a Progress,
+}
+
+/// The files of a tree grouped by (body, mode): each group is one fetch and many links.
+fn bodies_of(entries: &[Entry]) -> HashMap<(String, u32), Vec<Entry>> {
+    let mut groups: HashMap<(String, u32), Vec<Entry>> = HashMap::new();
+    for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
+        let sha = entry.sha256.clone().unwrap_or_default();
+        groups
+            .entry((sha, file_mode(entry.mode)))
+            .or_default()
+            .push(entry.clone());
+    }
+    groups
 }

@@ -110,32 +110,7 @@ pub async fn run(
         Ok(repo.with_progress(crate::copy::progress::Progress::new(quiet)))
     };
     Ok(match command {
-        Command::Buckets => {
-            let mut text = format!("{:<16} {:<48} {}\n", "BUCKET", "LOCATION", "MODE");
-            let mut rows = Vec::new();
-            for bucket in buckets.iter() {
-                let default = bucket.name == buckets.default_name();
-                let mode = if bucket.mode == Mode::ReadWrite {
-                    "read-write"
-                } else {
-                    "read-only"
-                };
-                let name = if default {
-                    format!("{} (default)", bucket.name)
-                } else {
-                    bucket.name.clone()
-                };
-                text.push_str(&format!(
-                    "{name:<16} {:<48} {mode}\n",
-                    bucket.location.to_string()
-                ));
-                rows.push(json!({"name": bucket.name, "location": bucket.location.to_string(), "mode": mode, "default": default}));
-            }
-            Output {
-                json: json!(rows),
-                text,
-            }
-        }
+        Command::Buckets => buckets_table(buckets),
         Command::Create { name, description } => {
             let (bucket, name, selector) = stored(&name)?;
             if selector != Selector::Latest {
@@ -167,19 +142,7 @@ pub async fn run(
                 .with_hash_cache(hash_cache)
                 .push(&dir, &name, &message, tag.as_deref(), commit)
                 .await?;
-            let text = format!(
-                "{name}:{} {} — {} files, {}; uploaded {} new bodies ({})\n",
-                report.version,
-                if report.committed {
-                    "committed"
-                } else {
-                    "uncommitted"
-                },
-                report.files,
-                human(report.bytes),
-                report.bodies_uploaded,
-                human(report.bytes_uploaded)
-            );
+            let text = push_summary(&name, &report);
             Output {
                 json: json!(report),
                 text,
@@ -199,28 +162,7 @@ pub async fn run(
         Command::Versions { reference } => {
             let (bucket, name, _) = stored(&reference)?;
             let rows = open(bucket.as_deref()).await?.versions(&name).await?;
-            let mut text = format!(
-                "{:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
-                "VERSION", "CREATED", "FILES", "SIZE", "TAGS", "MESSAGE"
-            );
-            for row in &rows {
-                let version = if row.committed {
-                    row.version.clone()
-                } else {
-                    format!("{}*", row.version)
-                };
-                text.push_str(&format!(
-                    "{version:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
-                    time(row.created_unix),
-                    row.files,
-                    human(row.bytes),
-                    row.tags.join(","),
-                    row.message
-                ));
-            }
-            if rows.iter().any(|r| !r.committed) {
-                text.push_str("* uncommitted\n");
-            }
+            let text = versions_table(&rows);
             Output {
                 json: json!(rows),
                 text,
@@ -243,37 +185,14 @@ pub async fn run(
                 .await?
                 .resolve(&name, &selector)
                 .await?;
-            let mut text = String::new();
-            for entry in &manifest.entries {
-                let shown = match (&entry.kind, &entry.target) {
-                    (crate::dataset::EntryKind::Dir, _) => format!("{}/", entry.path),
-                    (crate::dataset::EntryKind::Symlink, Some(target)) => {
-                        format!("{} -> {target}", entry.path)
-                    }
-                    _ => entry.path.clone(),
-                };
-                text.push_str(&format!("{:>11}  {shown}\n", human(entry.size)));
-            }
+            let text = listing(&manifest);
             Output {
                 json: json!(manifest.entries),
                 text,
             }
         }
         Command::Pull { reference, dir } if reference.starts_with("git+") => {
-            let Reference::Git { url, git_ref } = Reference::parse(&reference)? else {
-                bail!("{reference:?} is not a Git reference");
-            };
-            let target = dir.clone();
-            let sha = tokio::task::spawn_blocking(move || {
-                let sha = crate::dataset::git::resolve(&url, &git_ref, &Default::default())?;
-                crate::dataset::git::fetch(&url, &sha, &git_ref, &target, &Default::default())
-                    .map(|()| sha)
-            })
-            .await??;
-            Output {
-                json: json!({"commit": sha, "dir": dir}),
-                text: format!("fetched commit {sha} into {}\n", dir.display()),
-            }
+            pull_git(&reference, dir).await?
         }
         Command::Resolve { reference } => match Reference::parse(&reference)? {
             Reference::Git { url, git_ref } => {
@@ -335,6 +254,111 @@ pub async fn run(
                 text: format!("removed {name}:{version}\n"),
             }
         }
+    })
+}
+
+/// `lanes dataset buckets`: the configured buckets, the default marked.
+fn buckets_table(buckets: &Buckets) -> Output {
+    let mut text = format!("{:<16} {:<48} {}\n", "BUCKET", "LOCATION", "MODE");
+    let mut rows = Vec::new();
+    for bucket in buckets.iter() {
+        let default = bucket.name == buckets.default_name();
+        let mode = if bucket.mode == Mode::ReadWrite {
+            "read-write"
+        } else {
+            "read-only"
+        };
+        let name = if default {
+            format!("{} (default)", bucket.name)
+        } else {
+            bucket.name.clone()
+        };
+        let location = bucket.location.to_string();
+        text.push_str(&format!("{name:<16} {location:<48} {mode}\n"));
+        rows.push(
+            json!({"name": bucket.name, "location": location, "mode": mode, "default": default}),
+        );
+    }
+    Output {
+        json: json!(rows),
+        text,
+    }
+}
+
+/// One line saying what a push made and what it uploaded.
+fn push_summary(name: &str, report: &crate::dataset::repo::PushReport) -> String {
+    format!(
+        "{name}:{} {} — {} files, {}; uploaded {} new bodies ({})\n",
+        report.version,
+        if report.committed {
+            "committed"
+        } else {
+            "uncommitted"
+        },
+        report.files,
+        human(report.bytes),
+        report.bodies_uploaded,
+        human(report.bytes_uploaded)
+    )
+}
+
+/// `lanes dataset versions`: one row per version, uncommitted ones starred.
+fn versions_table(rows: &[crate::dataset::repo::VersionRow]) -> String {
+    let mut text = format!(
+        "{:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
+        "VERSION", "CREATED", "FILES", "SIZE", "TAGS", "MESSAGE"
+    );
+    for row in rows {
+        let version = if row.committed {
+            row.version.clone()
+        } else {
+            format!("{}*", row.version)
+        };
+        text.push_str(&format!(
+            "{version:<8} {:<17} {:>7} {:>11} {:<12} {}\n",
+            time(row.created_unix),
+            row.files,
+            human(row.bytes),
+            row.tags.join(","),
+            row.message
+        ));
+    }
+    if rows.iter().any(|r| !r.committed) {
+        text.push_str("* uncommitted\n");
+    }
+    text
+}
+
+/// `lanes dataset ls`: size and path of every entry, directories with `/`, links with target.
+fn listing(manifest: &crate::dataset::Manifest) -> String {
+    let mut text = String::new();
+    for entry in &manifest.entries {
+        let shown = match (&entry.kind, &entry.target) {
+            (crate::dataset::EntryKind::Dir, _) => format!("{}/", entry.path),
+            (crate::dataset::EntryKind::Symlink, Some(target)) => {
+                format!("{} -> {target}", entry.path)
+            }
+            _ => entry.path.clone(),
+        };
+        text.push_str(&format!("{:>11}  {shown}\n", human(entry.size)));
+    }
+    text
+}
+
+/// `lanes dataset pull git+…`: resolve the ref and fetch that commit's tree into `dir`.
+async fn pull_git(reference: &str, dir: std::path::PathBuf) -> anyhow::Result<Output> {
+    let Reference::Git { url, git_ref } = Reference::parse(reference)? else {
+        bail!("{reference:?} is not a Git reference");
+    };
+    let target = dir.clone();
+    let sha = tokio::task::spawn_blocking(move || {
+        let sha = crate::dataset::git::resolve(&url, &git_ref, &Default::default())?;
+        crate::dataset::git::fetch(&url, &sha, &git_ref, &target, &Default::default()).map(|()| sha)
+    })
+    .await??;
+    Ok(Output {
+        json: json!({"commit": sha, "dir": dir}),
+        text: format!("fetched commit {sha} into {}\n", dir.display()),
     })
 }
 

@@ -95,27 +95,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             committed: commit,
             entries,
         };
-        // Claim the next version number; a concurrent pusher that got there first makes us
-        // take the one after.
-        let mut next = self
-            .version_ids(name)
-            .await?
-            .last()
-            .and_then(|v| version_number(v))
-            .unwrap_or(0)
-            + 1;
-        loop {
-            manifest.version = format!("v{next}");
-            let body = serde_json::to_vec_pretty(&manifest).expect("serializable");
-            if self
-                .store
-                .put_if_absent(&format!("datasets/{name}/versions/v{next}.json"), body)
-                .await?
-            {
-                break;
-            }
-            next += 1;
-        }
+        self.claim_version(name, &mut manifest).await?;
         if let Some(tag) = tag {
             self.tag(name, &Selector::Named(manifest.version.clone()), tag)
                 .await?;
@@ -128,6 +108,30 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             bodies_uploaded: uploaded,
             bytes_uploaded,
         })
+    }
+
+    /// Writes `manifest` as the dataset's next version. The store's put-if-absent makes the
+    /// number a claim: a concurrent pusher that got there first makes this one take the next.
+    async fn claim_version(&self, name: &str, manifest: &mut Manifest) -> Result<()> {
+        let mut next = self
+            .version_ids(name)
+            .await?
+            .last()
+            .and_then(|v| version_number(v))
+            .unwrap_or(0)
+            + 1;
+        loop {
+            manifest.version = format!("v{next}");
+            let body = serde_json::to_vec_pretty(&*manifest).expect("serializable");
+            if self
+                .store
+                .put_if_absent(&format!("datasets/{name}/versions/v{next}.json"), body)
+                .await?
+            {
+                return Ok(());
+            }
+            next += 1;
+        }
     }
 }
 
