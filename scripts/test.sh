@@ -13,6 +13,7 @@ command -v xfs_quota >/dev/null 2>&1 || packages+=(xfsprogs)
 command -v mount >/dev/null 2>&1 || packages+=(mount)
 command -v losetup >/dev/null 2>&1 || packages+=(util-linux)
 command -v mkfs.btrfs >/dev/null 2>&1 || packages+=(btrfs-progs)
+command -v mkfs.ext4 >/dev/null 2>&1 || packages+=(e2fsprogs)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing ${packages[*]}"

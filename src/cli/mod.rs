@@ -374,6 +374,7 @@ fn run_profiles(
         .map(|profile| {
             let probe = match profile.lane {
                 crate::lane::LaneKind::Local => crate::lane::local::probe(data_dir),
+                crate::lane::LaneKind::FastRwo => crate::lane::block::probe(data_dir),
             };
             ProfileRow {
                 name: &profile.name,

@@ -28,6 +28,9 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::dataset::pin::Sources;
 use crate::lane::LocalLane;
+use crate::lane::block::BlockLane;
+use crate::lane::block::controller::BlockController;
+use crate::lane::block::node::BlockNode;
 use crate::lane::controller::ControllerLane;
 use crate::lane::dataset::DatasetNode;
 use crate::lane::ledger::Ledger;
@@ -268,10 +271,18 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         &options.node_id,
         options.config.local.clone(),
     )?;
+    let block = BlockLane::open(
+        &options.data_dir,
+        &options.node_id,
+        options.config.local.clone(),
+        options.config.profiles.clone(),
+    )?;
     if options.roles.controller {
         // Leftovers of creates and deletes are the controller's to finish or undo.
         lane.recover()?;
+        block.recover()?;
     }
+    let block = Arc::new(block);
     match lane.enforcement_gap() {
         Some(gap) => tracing::warn!("{gap}"),
         None => tracing::info!(
@@ -316,14 +327,18 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         ctx.clone(),
         [
             Arc::new(LocalNode::new(ctx.clone(), lane.clone())) as Arc<dyn NodeLane>,
+            Arc::new(BlockNode::new(ctx.clone(), block.clone())),
             Arc::new(DatasetNode::new(ctx)),
         ],
     );
-    let controllers = ControllerLanes::new([Arc::new(LocalController::new(
-        lane.clone(),
-        mounter.clone(),
-        options.config.mount_timeout,
-    )) as Arc<dyn ControllerLane>]);
+    let controllers = ControllerLanes::new([
+        Arc::new(LocalController::new(
+            lane.clone(),
+            mounter.clone(),
+            options.config.mount_timeout,
+        )) as Arc<dyn ControllerLane>,
+        Arc::new(BlockController::new(block, options.config.mount_timeout)),
+    ]);
     Ok(Plugin {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),

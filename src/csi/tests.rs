@@ -149,6 +149,7 @@ impl ControllerLane for FakeController {
             created_unix: 0,
             project_id: None,
             dataset: request.dataset,
+            block: None,
         };
         Ok(self
             .volumes

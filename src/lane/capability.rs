@@ -94,6 +94,32 @@ pub struct Access {
 }
 
 impl Access {
+    /// What a mount with `flags` and `mount_group` under `mode` asks; the error says which
+    /// flag or group cannot be honoured.
+    pub fn for_mount(
+        mode: AccessMode,
+        flags: &[String],
+        mount_group: &str,
+    ) -> Result<Access, String> {
+        let flags = MountFlags::parse(flags).map_err(|e| e.to_string())?;
+        let mount_group = match mount_group {
+            "" => None,
+            text => Some(text.parse::<u32>().map_err(|_| {
+                format!(
+                    "volume_mount_group {} is not a numeric group ID",
+                    crate::text::Shown(text)
+                )
+            })?),
+        };
+        let read_only = mode == AccessMode::SingleNodeReaderOnly || flags.read_only;
+        Ok(Access {
+            mode,
+            read_only,
+            flags,
+            mount_group,
+        })
+    }
+
     /// The flags a publish mounts with: the request's `readonly` or a read-only mode or flag
     /// make it read-only.
     pub fn publish_flags(&self, readonly: bool) -> MountFlags {

@@ -16,7 +16,7 @@ pub const MAX_FIELD_BYTES: usize = 128;
 /// The longest directory name a volume may have.
 const MAX_DIR_BYTES: usize = 100;
 /// Lanes known to this build.
-pub const LANES: &[&str] = &["local"];
+pub const LANES: &[&str] = &["local", "fast-rwo"];
 
 /// A parsed, validated volume ID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

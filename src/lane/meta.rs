@@ -27,6 +27,10 @@ pub struct VolumeMeta {
     /// overlay on; `None` for a plain directory volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
+    /// How a `fast-rwo` volume's image was made and what filesystem it gets by default
+    /// (the profile's settings when the volume was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<super::BlockBackend>,
 }
 
 pub const FILE: &str = "volume.json";

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows gRPC: errors are [`Error`], mapped to CSI codes in `csi::status`.
 
+pub mod block;
 pub mod btrfs;
 pub mod capability;
 pub mod capacity;
@@ -16,6 +17,7 @@ pub mod node;
 pub mod params;
 pub mod profile;
 pub mod quota;
+pub mod volumes;
 
 use std::path::PathBuf;
 
@@ -24,7 +26,7 @@ pub use id::VolumeId;
 pub use local::LocalLane;
 pub use meta::VolumeMeta;
 pub use params::CreateParams;
-pub use profile::{LaneKind, Profile, Profiles};
+pub use profile::{BlockBackend, FsType, LaneKind, Profile, Profiles, Provisioning};
 
 use crate::error::Kind;
 
@@ -55,6 +57,8 @@ pub enum Error {
     Incompatible { name: String, reason: String },
     #[error("volume {id} is still mounted at {path}; unpublish it first")]
     InUse { id: String, path: PathBuf },
+    #[error("volume {id} is still attached on this node as {device}; unstage it first")]
+    Attached { id: String, device: PathBuf },
     #[error("quota: {0}")]
     Quota(String),
     #[error("{op} did not finish within {seconds}s; the lane's storage may be hung")]
@@ -80,7 +84,7 @@ impl Error {
             Error::UnknownVolume(_) => Kind::NotFound,
             Error::CapacityOutOfRange { .. } => Kind::OutOfRange,
             Error::Incompatible { .. } => Kind::AlreadyExists,
-            Error::InUse { .. } => Kind::FailedPrecondition,
+            Error::InUse { .. } | Error::Attached { .. } => Kind::FailedPrecondition,
             Error::Quota(_) => Kind::Internal,
             Error::Timeout { .. } => Kind::DeadlineExceeded,
             Error::Io { source, .. } => crate::error::io_kind(source),

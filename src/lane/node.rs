@@ -77,11 +77,14 @@ pub enum NodeError {
     #[error("volume {volume} is not mounted at {path}")]
     NotMounted { volume: String, path: String },
     #[error(
-        "unmounted, but {0} could not be removed: it is not an empty directory, so Lanes leaves it alone"
+        "unmounted, but {0} could not be removed: it is not empty (or not what a publish made), so Lanes leaves it alone"
     )]
     TargetNotEmpty(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The call cannot succeed in the volume's present state; the message says what to do.
+    #[error("{0}")]
+    Precondition(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -99,7 +102,8 @@ impl NodeError {
             NodeError::NotStaged { .. }
             | NodeError::Foreign { .. }
             | NodeError::Conflict { .. }
-            | NodeError::TargetNotEmpty(_) => Kind::FailedPrecondition,
+            | NodeError::TargetNotEmpty(_)
+            | NodeError::Precondition(_) => Kind::FailedPrecondition,
             NodeError::Occupied { .. }
             | NodeError::Repeated { .. }
             | NodeError::DatasetChanged { .. } => Kind::AlreadyExists,
@@ -330,13 +334,13 @@ impl NodeContext {
         Ok(())
     }
 
-    /// Removes an unpublished target directory when a publish of this volume recorded it:
-    /// only when it is empty (a missing one is fine). Then forgets the publication.
+    /// Removes an unpublished target (directory, or raw block file) when a publish of this
+    /// volume created it: only when it is empty (a missing one is fine). Then forgets the publication.
     pub fn release_target(&self, record: &mut VolumeRecord, target: &RequestPath) -> Result<()> {
         let Some(publication) = record.publication(target.as_path()) else {
             return Ok(());
         };
-        if publication.created_target && target.remove_dir()? == Removed::Kept {
+        if publication.created_target && target.remove_created()? == Removed::Kept {
             return Err(NodeError::TargetNotEmpty(show(target.as_path())));
         }
         record.published.retain(|p| p.target != target.as_path());

@@ -17,14 +17,66 @@ use serde::{Deserialize, Serialize};
 pub enum LaneKind {
     /// A directory (or btrfs subvolume) per volume on the node's own disk.
     Local,
+    /// A disk image per volume on the node's own disk, attached as a loop device.
+    FastRwo,
 }
 
 impl LaneKind {
     pub fn as_str(self) -> &'static str {
         match self {
             LaneKind::Local => "local",
+            LaneKind::FastRwo => "fast-rwo",
         }
     }
+}
+
+/// Filesystems a block volume can be formatted with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    #[default]
+    Xfs,
+    Ext4,
+}
+
+impl FsType {
+    /// Parses a CSI `fs_type` (empty: none asked).
+    pub fn parse(text: &str) -> Option<FsType> {
+        match text {
+            "xfs" => Some(FsType::Xfs),
+            "ext4" => Some(FsType::Ext4),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Xfs => "xfs",
+            FsType::Ext4 => "ext4",
+        }
+    }
+}
+
+/// How a block volume's image takes its space.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// Allocated whole at creation (fallocate): the space is guaranteed.
+    #[default]
+    Thick,
+    /// Sparse: space is taken as it is written, and may run out under the volume.
+    Thin,
+}
+
+/// The `block:` settings of a `fast-rwo` profile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockBackend {
+    /// The filesystem a volume gets when the request names none.
+    #[serde(default)]
+    pub fs_type: FsType,
+    #[serde(default)]
+    pub provisioning: Provisioning,
 }
 
 /// Workloads a profile can be recommended for (`lanes profiles --for`).
@@ -60,6 +112,9 @@ pub struct RawProfile {
     pub best_for: Vec<Workload>,
     #[serde(default)]
     pub default: bool,
+    /// Settings of a `fast-rwo` profile's local block backend.
+    #[serde(default)]
+    pub block: Option<BlockBackend>,
 }
 
 /// A validated profile.
@@ -70,6 +125,9 @@ pub struct Profile {
     pub description: String,
     pub best_for: Vec<Workload>,
     pub default: bool,
+    /// The block backend's settings (`fast-rwo` profiles only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockBackend>,
 }
 
 /// The profile table.
@@ -90,6 +148,7 @@ impl Default for Profiles {
                 description: "a directory on the node's own disk, for one pod or one node".into(),
                 best_for: vec![Workload::Scratch],
                 default: true,
+                block: None,
             }],
         }
     }
@@ -111,9 +170,11 @@ impl Profiles {
             }
             let lane = match raw.lane.as_str() {
                 "local" => LaneKind::Local,
-                "shared-rwx" | "legacy-rwx" | "fast-rwo" => {
+                "fast-rwo" => LaneKind::FastRwo,
+                "shared-rwx" | "legacy-rwx" => {
                     return Err(format!(
-                        "profiles.{name}: lane {:?} is not available in this build (available: local)",
+                        "profiles.{name}: lane {:?} is not available in this build (available: \
+                         local, fast-rwo)",
                         raw.lane
                     ));
                 }
@@ -124,12 +185,23 @@ impl Profiles {
                     ));
                 }
             };
+            let block = match (lane, raw.block) {
+                (LaneKind::FastRwo, block) => Some(block.unwrap_or_default()),
+                (_, Some(_)) => {
+                    return Err(format!(
+                        "profiles.{name}: `block` settings belong to fast-rwo profiles, not {}",
+                        lane.as_str()
+                    ));
+                }
+                (_, None) => None,
+            };
             profiles.push(Profile {
                 name,
                 lane,
                 description: raw.description,
                 best_for: raw.best_for,
                 default: raw.default,
+                block,
             });
         }
         let defaults: Vec<&str> = profiles
@@ -225,6 +297,11 @@ mod tests {
                 "unknown variant",
             ),
             ("x: {lane: local, speed: fast}\n", "unknown field"),
+            ("x: {lane: local, block: {}}\n", "belong to fast-rwo"),
+            (
+                "x: {lane: fast-rwo, block: {fs_type: zfs}}\n",
+                "unknown variant",
+            ),
         ] {
             let err = raw(yaml).unwrap_err();
             assert!(err.contains(want), "{yaml}: {err}");

@@ -89,6 +89,27 @@ impl Mounter for FakeMounter {
         Ok(())
     }
 
+    fn mount_device(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> Result<()> {
+        self.lock().push(MountEntry {
+            major: 7,
+            minor: 0,
+            root: "/".into(),
+            mount_point: Self::real(target),
+            options: Self::options(flags),
+            fs_type: fs_type.into(),
+            source: device.display().to_string(),
+            super_options: data.split(',').map(str::to_owned).collect(),
+        });
+        Ok(())
+    }
+
     fn remount(&self, target: &Path, flags: MountFlags) -> Result<()> {
         let target = Self::real(target);
         let mut table = self.lock();

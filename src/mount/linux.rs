@@ -35,6 +35,19 @@ impl Mounter for LinuxMounter {
         .map_err(|e| Error::io("overlay mount", target, e.into()))
     }
 
+    fn mount_device(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> Result<()> {
+        let bits = ms_flags(flags, MsFlags::empty());
+        nix::mount::mount(Some(device), target, Some(fs_type), bits, Some(data))
+            .map_err(|e| Error::io("mount", target, e.into()))
+    }
+
     fn remount(&self, target: &Path, flags: MountFlags) -> Result<()> {
         let bits = ms_flags(flags, MsFlags::MS_BIND | MsFlags::MS_REMOUNT);
         nix::mount::mount(None::<&str>, target, None::<&str>, bits, None::<&str>)

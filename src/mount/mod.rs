@@ -147,6 +147,16 @@ pub trait Mounter: Send + Sync + 'static {
     /// Mounts an overlay of `layers.lower` (read-only) and `layers.upper` (the volume's own
     /// changes) at `target`, with `flags`.
     fn overlay(&self, layers: &Overlay, target: &Path, flags: MountFlags) -> Result<()>;
+    /// Mounts the filesystem on block device `device` (of type `fs_type`, with filesystem
+    /// options `data`) at `target`.
+    fn mount_device(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> Result<()>;
     /// Unmounts the top mount at `target`; a symlink as the last component is never followed.
     fn unmount(&self, target: &Path) -> Result<()>;
     /// The current mount table.

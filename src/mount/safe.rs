@@ -375,6 +375,63 @@ impl RequestPath {
         }
     }
 
+    /// The regular file at this path (the target of a raw block publish), created empty
+    /// (mode 0640) in its pinned parent when missing. Something already mounted there shows
+    /// as the device it is. Returns it and whether it was created.
+    pub fn make_file(&self) -> Result<(Pinned, bool)> {
+        let parent = self.open_parent()?;
+        let create = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW;
+        let created = match nix::fcntl::openat(
+            &parent,
+            self.name(),
+            create | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o640),
+        ) {
+            Ok(_) => true,
+            Err(Errno::EEXIST) => false,
+            Err(errno) => return Err(self.io("create")(errno)),
+        };
+        let fd = nix::fcntl::openat(&parent, self.name(), path_flags(), Mode::empty())
+            .map_err(self.io("open"))?;
+        let stat = nix::sys::stat::fstat(&fd).map_err(self.io("stat"))?;
+        match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFREG | SFlag::S_IFBLK => self.confirm(Pinned(fd)).map(|f| (f, created)),
+            SFlag::S_IFLNK => Err(self.symlink(&self.path)),
+            _ => Err(PathError::Malformed {
+                field: self.field,
+                path: self.shown(),
+                reason: "it exists and is neither a file nor a block device",
+            }),
+        }
+    }
+
+    /// Removes what a publish created at this path once nothing is mounted there: an empty
+    /// directory or an empty regular file (a raw block target). Anything else is left alone.
+    pub fn remove_created(&self) -> Result<Removed> {
+        let Some(parent) = self.open_parent_if_present()? else {
+            return Ok(Removed::Missing);
+        };
+        let stat = match nix::sys::stat::fstatat(&parent, self.name(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        {
+            Ok(stat) => stat,
+            Err(Errno::ENOENT) => return Ok(Removed::Missing),
+            Err(errno) => return Err(self.io("stat")(errno)),
+        };
+        let how = match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+            SFlag::S_IFDIR => nix::unistd::UnlinkatFlags::RemoveDir,
+            SFlag::S_IFREG if stat.st_size == 0 => nix::unistd::UnlinkatFlags::NoRemoveDir,
+            _ => return Ok(Removed::Kept),
+        };
+        match nix::unistd::unlinkat(&parent, self.name(), how) {
+            Ok(()) => Ok(Removed::Removed),
+            Err(Errno::ENOENT) => Ok(Removed::Missing),
+            Err(
+                Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR | Errno::EISDIR | Errno::EBUSY,
+            ) => Ok(Removed::Kept),
+            Err(errno) => Err(self.io("remove")(errno)),
+        }
+    }
+
     /// Refuses the path when any component of it is a symbolic link, whether or not the rest
     /// exists (every call checks this up front, even those that would not open the path).
     pub fn refuse_links(&self) -> Result<()> {

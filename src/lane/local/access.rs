@@ -4,8 +4,7 @@
 //! modes only, no filesystem type of its own to choose. Anything else is refused with a reason,
 //! never silently ignored.
 
-use crate::lane::capability::{Access, AccessMode, AccessType, Capability};
-use crate::mount::MountFlags;
+use crate::lane::capability::{Access, AccessType, Capability};
 
 /// Checks one capability against the local lane's rules; the error says why it cannot be
 /// served.
@@ -31,28 +30,13 @@ pub fn access(capability: &Capability) -> Result<Access, String> {
             crate::text::Shown(fs_type)
         ));
     }
-    let flags = MountFlags::parse(flags).map_err(|e| e.to_string())?;
-    let mount_group = match mount_group.as_str() {
-        "" => None,
-        text => Some(text.parse::<u32>().map_err(|_| {
-            format!(
-                "volume_mount_group {} is not a numeric group ID",
-                crate::text::Shown(text)
-            )
-        })?),
-    };
-    let read_only = capability.mode == AccessMode::SingleNodeReaderOnly || flags.read_only;
-    Ok(Access {
-        mode: capability.mode,
-        read_only,
-        flags,
-        mount_group,
-    })
+    Access::for_mount(capability.mode, flags, mount_group)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lane::capability::AccessMode;
     use AccessMode::*;
 
     fn mount(mode: AccessMode, flags: &[&str], fs: &str, group: &str) -> Capability {

@@ -1,25 +1,21 @@
 //! The `local` lane: each volume is `<data-dir>/volumes/<dir>/` holding `volume.json` and the
 //! volume's `data/` directory, on the node where the plugin runs.
 //!
-//! Rules this lane enforces:
-//! - a volume appears whole or not at all: it is built under `.tmp-*` and renamed into place;
-//!   a delete renames it to `.trash-*` first. Leftovers of a killed call are cleaned at start.
-//! - create is idempotent by name: a compatible existing volume is returned, an incompatible
-//!   one is `AlreadyExists`;
+//! Rules this lane enforces (with [`VolumeDirs`]: whole-or-nothing creates and deletes,
+//! idempotent by name, leftovers of a killed call cleaned at start):
 //! - delete touches only the volume's own directory and refuses while it is still mounted;
 //! - capacity is enforced where the filesystem allows: on btrfs with quotas, `data/` is a
 //!   subvolume whose quota group is limited to the capacity; on XFS with `prjquota`, `data/`
 //!   has a project with a hard block limit; elsewhere it is recorded and reported only.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod access;
 pub mod controller;
 pub mod node;
 
-use super::params::OnDelete;
 use super::quota::{Enforcement, Quota};
+use super::volumes::{Removed, VolumeDirs, check_compatible, now_unix};
 use super::{CreateParams, Error, Range, Result, VolumeId, VolumeMeta};
 use crate::mount::{MountEntry, Origin};
 
@@ -28,8 +24,6 @@ pub const LANE: &str = "local";
 /// The topology key whose value is the node that holds a local volume.
 pub const TOPOLOGY_KEY: &str = "topology.lanes.csi.dev/node";
 const DATA: &str = "data";
-const TEMP_PREFIX: &str = ".tmp-";
-const TRASH_PREFIX: &str = ".trash-";
 
 /// Settings of the local lane.
 #[derive(Debug, Clone)]
@@ -53,13 +47,10 @@ pub struct CreateRequest {
 /// The local lane on one node.
 #[derive(Debug)]
 pub struct LocalLane {
-    base: PathBuf,
-    retained: PathBuf,
+    volumes: VolumeDirs,
     node_id: String,
     settings: LocalSettings,
     enforcement: Enforcement,
-    /// Concurrent creates and deletes share one sync of `base`.
-    syncer: crate::fsutil::DirSyncer,
 }
 
 /// What the local lane offers on this node now, found without creating anything.
@@ -141,29 +132,14 @@ impl LocalLane {
     /// Opens (creating if needed) the lane under `data_dir`. The controller role then calls
     /// [`LocalLane::recover`].
     pub fn open(data_dir: &Path, node_id: &str, settings: LocalSettings) -> Result<LocalLane> {
-        let base = data_dir.join("volumes");
-        std::fs::create_dir_all(&base).map_err(Error::io(format!("create {}", base.display())))?;
-        let base = base
-            .canonicalize()
-            .map_err(Error::io(format!("resolve {}", base.display())))?;
-        let enforcement = Enforcement::detect(&base);
-        let lane = LocalLane {
-            retained: data_dir.join("retained"),
-            base,
+        let volumes = VolumeDirs::open(LANE, &data_dir.join("volumes"), data_dir.join("retained"))?;
+        let enforcement = Enforcement::detect(volumes.base());
+        Ok(LocalLane {
+            volumes,
             node_id: node_id.to_owned(),
             settings,
             enforcement,
-            syncer: Default::default(),
-        };
-        Ok(lane)
-    }
-
-    /// Makes the last rename in the base directory durable (one sync shared by concurrent
-    /// callers).
-    fn synced_base(&self) -> Result<()> {
-        self.syncer
-            .sync(&self.base)
-            .map_err(Error::io(format!("sync {}", self.base.display())))
+        })
     }
 
     /// Why capacity is not enforced, or `None` when it is.
@@ -211,7 +187,7 @@ impl LocalLane {
     }
 
     fn volume_dir(&self, id: &VolumeId) -> PathBuf {
-        self.base.join(id.dir())
+        self.volumes.dir(id)
     }
 
     /// The directory holding a volume's data: what gets staged and published.
@@ -221,43 +197,14 @@ impl LocalLane {
 
     /// Creates the volume, or returns the existing one with that name if it is compatible.
     pub fn create(&self, request: &CreateRequest) -> Result<VolumeMeta> {
-        let id = VolumeId::for_name(LANE, &request.name)?;
-        if let Some(existing) = self.find(&id)? {
-            return self.check_compatible(existing, request);
-        }
-        let capacity = request
-            .range
-            .resolve(self.settings.default_capacity, self.max_capacity()?)?;
-        let temp = self.base.join(format!(
-            "{TEMP_PREFIX}{}-{}",
-            id.dir(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        ));
-        let built = self.build(&temp, &id, request, capacity);
-        let meta = match built {
-            Ok(meta) => meta,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&temp);
-                return Err(e);
-            }
-        };
-        match std::fs::rename(&temp, self.volume_dir(&id)) {
-            Ok(()) => {
-                self.synced_base()?;
-                Ok(meta)
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&temp);
-                // Someone else finished the same create first: answer as a repeat would.
-                match self.find(&id)? {
-                    Some(existing) => self.check_compatible(existing, request),
-                    None => Err(Error::io(format!("rename into {}", id))(e)),
-                }
-            }
-        }
+        let compatible =
+            |existing| check_compatible(existing, &request.name, request.range, &request.params);
+        self.volumes.create(&request.name, compatible, |temp, id| {
+            let capacity = request
+                .range
+                .resolve(self.settings.default_capacity, self.max_capacity()?)?;
+            self.build(temp, id, request, capacity)
+        })
     }
 
     fn build(
@@ -269,8 +216,6 @@ impl LocalLane {
     ) -> Result<VolumeMeta> {
         let data = temp.join(DATA);
         if let Enforcement::Btrfs = self.enforcement {
-            std::fs::create_dir_all(temp)
-                .map_err(Error::io(format!("create {}", temp.display())))?;
             super::btrfs::create_subvolume(temp, DATA.as_ref())
                 .map_err(Error::io(format!("create the subvolume of {id}")))?;
             super::btrfs::set_limit(&data, capacity)
@@ -296,78 +241,28 @@ impl LocalLane {
             capacity_bytes: capacity,
             params: request.params.clone(),
             node_id: self.node_id.clone(),
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
+            created_unix: now_unix(),
             project_id,
             dataset: request.dataset.clone(),
+            block: None,
         };
         meta.store(temp)?;
         Ok(meta)
     }
 
-    fn check_compatible(
-        &self,
-        existing: VolumeMeta,
-        request: &CreateRequest,
-    ) -> Result<VolumeMeta> {
-        let incompatible = |reason: String| Error::Incompatible {
-            name: super::id::printable(&request.name),
-            reason,
-        };
-        if existing.name != request.name {
-            return Err(incompatible(format!(
-                "its directory belongs to another name ({:?})",
-                existing.name
-            )));
-        }
-        if !request.range.admits(existing.capacity_bytes)? {
-            return Err(incompatible(format!(
-                "it has {} bytes, outside the requested range",
-                existing.capacity_bytes
-            )));
-        }
-        if existing.params != request.params {
-            return Err(incompatible("it was created with other parameters".into()));
-        }
-        Ok(existing)
-    }
-
     /// The volume with this ID, or `None`.
     pub fn find(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
-        let dir = self.volume_dir(id);
-        if !dir.join(super::meta::FILE).exists() {
-            return Ok(None);
-        }
-        VolumeMeta::load(&dir).map(Some)
+        self.volumes.find(id)
     }
 
     /// The volume with this ID, or `UnknownVolume`.
     pub fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
-        self.find(id)?
-            .ok_or_else(|| Error::UnknownVolume(id.to_string()))
+        self.volumes.get(id)
     }
 
     /// All volumes, ordered by ID.
     pub fn list(&self) -> Result<Vec<VolumeMeta>> {
-        let entries = std::fs::read_dir(&self.base)
-            .map_err(Error::io(format!("list {}", self.base.display())))?;
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|name| !name.starts_with('.'))
-            .collect();
-        names.sort();
-        let mut volumes = Vec::with_capacity(names.len());
-        for name in names {
-            if let Ok(id) = VolumeId::parse(&format!("{LANE}/{name}"))
-                && let Some(meta) = self.find(&id)?
-            {
-                volumes.push(meta);
-            }
-        }
-        Ok(volumes)
+        self.volumes.list()
     }
 
     /// Deletes the volume. Deleting a volume that does not exist succeeds. Refuses with
@@ -384,28 +279,9 @@ impl LocalLane {
                 path: mount.mount_point.clone(),
             });
         }
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        match meta.params.on_delete {
-            OnDelete::Retain => {
-                std::fs::create_dir_all(&self.retained)
-                    .map_err(Error::io(format!("create {}", self.retained.display())))?;
-                let kept = self.retained.join(format!("{}-{stamp}", id.dir()));
-                std::fs::rename(&dir, &kept).map_err(Error::io(format!(
-                    "move {} to {}",
-                    id,
-                    kept.display()
-                )))?;
-                self.release(&meta)
-            }
-            OnDelete::Delete => {
-                let trash = self
-                    .base
-                    .join(format!("{TRASH_PREFIX}{}-{stamp}", id.dir()));
-                std::fs::rename(&dir, &trash).map_err(Error::io(format!("delete {id}")))?;
-                self.synced_base()?;
+        match self.volumes.remove(id, meta.params.on_delete)? {
+            Removed::Retained(_) => self.release(&meta),
+            Removed::Trashed(trash) => {
                 self.release(&meta)?;
                 remove_volume_dir(&trash)
             }
@@ -442,14 +318,15 @@ impl LocalLane {
                 .map_err(Error::io(format!("raise the quota group limit of {id}")))?;
         }
         meta.capacity_bytes = capacity;
-        meta.store(&self.volume_dir(id))?;
+        self.volumes.store(&meta, id)?;
         Ok(capacity)
     }
 
     /// Space on the filesystem that holds the lane.
     pub fn space(&self) -> Result<Space> {
-        let stat = nix::sys::statvfs::statvfs(&self.base)
-            .map_err(|e| Error::io(format!("statvfs {}", self.base.display()))(e.into()))?;
+        let base = self.volumes.base();
+        let stat = nix::sys::statvfs::statvfs(base)
+            .map_err(|e| Error::io(format!("statvfs {}", base.display()))(e.into()))?;
         let fragment = stat.fragment_size();
         Ok(Space {
             total_bytes: stat.blocks().saturating_mul(fragment),
@@ -477,22 +354,15 @@ impl LocalLane {
     /// Finishes or undoes whatever a killed create or delete left behind (`.tmp-*` and
     /// `.trash-*`). Only the role that creates and deletes may call it.
     pub fn recover(&self) -> Result<()> {
-        let entries = std::fs::read_dir(&self.base)
-            .map_err(Error::io(format!("list {}", self.base.display())))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TEMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
-                tracing::info!(path = %entry.path().display(), "removing leftover of an interrupted call");
-                if name.starts_with(TRASH_PREFIX)
-                    && let Ok(meta) = VolumeMeta::load(&entry.path())
-                {
-                    self.release(&meta)?;
-                }
-                remove_volume_dir(&entry.path())?;
+        for leftover in self.volumes.leftovers()? {
+            tracing::info!(path = %leftover.display(), "removing leftover of an interrupted call");
+            if let Ok(meta) = VolumeMeta::load(&leftover) {
+                self.release(&meta)?;
             }
+            remove_volume_dir(&leftover)?;
         }
         if let Some(quota) = self.quota() {
-            for project in quota.orphans(&self.base) {
+            for project in quota.orphans(self.volumes.base()) {
                 quota.release(project)?;
             }
         }
@@ -522,6 +392,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 mod tests {
     use super::*;
     use crate::error::Kind;
+    use crate::lane::params::OnDelete;
 
     fn lane(dir: &Path) -> LocalLane {
         let settings = LocalSettings {

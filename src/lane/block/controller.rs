@@ -1,0 +1,108 @@
+//! The controller half of the `fast-rwo` lane: volumes live on this node (its topology), and
+//! a volume whose image is attached is still in use here and cannot be deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{BlockLane, LANE, access};
+use crate::lane::capability::{Access, Capability};
+use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::local::{CreateRequest, Space, TOPOLOGY_KEY};
+use crate::lane::{Range, Result, VolumeId, VolumeMeta};
+
+/// The `fast-rwo` lane as the controller sees it.
+pub struct BlockController {
+    lane: Arc<BlockLane>,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for BlockController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockController")
+            .field("node", &self.lane.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockController {
+    pub fn new(lane: Arc<BlockLane>, deadline: Duration) -> Self {
+        BlockController { lane, deadline }
+    }
+
+    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&BlockLane) -> Result<T> + Send + 'static,
+    {
+        let lane = self.lane.clone();
+        blocking(op, self.deadline, move || f(&lane)).await
+    }
+
+    fn ours(&self) -> Segments {
+        [(TOPOLOGY_KEY.to_owned(), self.lane.node_id().to_owned())].into()
+    }
+}
+
+#[async_trait::async_trait]
+impl ControllerLane for BlockController {
+    fn kind(&self) -> &'static str {
+        LANE
+    }
+
+    fn access(&self, capability: &Capability) -> std::result::Result<Access, String> {
+        access::access(capability)
+    }
+
+    fn place(&self, requisite: &[Segments]) -> Option<Segments> {
+        let ours = self.ours();
+        let fits = |wanted: &Segments| wanted.iter().all(|(k, v)| ours.get(k) == Some(v));
+        (requisite.is_empty() || requisite.iter().any(fits)).then_some(ours)
+    }
+
+    fn topology(&self, meta: &VolumeMeta) -> Segments {
+        [(TOPOLOGY_KEY.to_owned(), meta.node_id.clone())].into()
+    }
+
+    async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
+        self.run("create", move |lane| lane.create(&request)).await
+    }
+
+    async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        let id = id.clone();
+        self.run("get", move |lane| lane.get(&id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<VolumeMeta>> {
+        self.run("list", |lane| lane.list()).await
+    }
+
+    async fn delete(&self, id: &VolumeId) -> Result<()> {
+        let id = id.clone();
+        self.run("delete", move |lane| lane.delete(&id)).await
+    }
+
+    async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)> {
+        let id = id.clone();
+        // The device and the filesystem on it grow on the node.
+        self.run("expand", move |lane| {
+            lane.expand(&id, range).map(|c| (c, true))
+        })
+        .await
+    }
+
+    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
+        if segments.is_some_and(|s| {
+            s.get(TOPOLOGY_KEY)
+                .is_some_and(|node| node != self.lane.node_id())
+        }) {
+            return Ok(None);
+        }
+        self.run("capacity", |lane| lane.space().map(Some)).await
+    }
+
+    async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
+        let id = id.clone();
+        self.run("condition", move |lane| Ok(lane.condition(&id)))
+            .await
+    }
+}

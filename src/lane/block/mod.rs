@@ -1,0 +1,273 @@
+//! The `fast-rwo` lane: each volume is a disk image `<data-dir>/block/<dir>/disk.img` on the
+//! node that holds it, attached as a loop device with direct I/O when staged, formatted (xfs
+//! or ext4) at its first stage, or handed to the pod as a raw block device.
+//!
+//! Rules this lane enforces (volume directories as [`VolumeDirs`] keeps them):
+//! - a thick image is allocated whole at creation (the space is the volume's); a thin one is
+//!   sparse;
+//! - a volume's loop device is found from its image, never remembered ([`loopdev`]);
+//! - delete refuses while the image is attached (staged somewhere on this node);
+//! - expansion grows the image; the node then grows the device and the filesystem.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+pub mod access;
+pub mod controller;
+pub mod format;
+pub mod loopdev;
+pub mod node;
+
+use super::local::{CreateRequest, LocalSettings, Space};
+use super::volumes::{Removed, VolumeDirs, check_compatible, now_unix};
+use super::{BlockBackend, Error, Profiles, Provisioning, Range, Result, VolumeId, VolumeMeta};
+
+/// The lane's name in volume IDs and profiles.
+pub const LANE: &str = "fast-rwo";
+const IMAGE: &str = "disk.img";
+
+/// The `fast-rwo` lane's volumes on one node.
+#[derive(Debug)]
+pub struct BlockLane {
+    volumes: VolumeDirs,
+    node_id: String,
+    settings: LocalSettings,
+    profiles: Profiles,
+}
+
+/// What the lane offers on this node now, found without creating anything.
+pub fn probe(data_dir: &Path) -> super::local::Probe {
+    let mut probe = super::local::probe(data_dir);
+    let loops = Path::new("/dev/loop-control").exists();
+    if probe.available && !loops {
+        probe.available = false;
+        probe.reason = Some("/dev/loop-control is missing: this node has no loop devices".into());
+    }
+    probe.backend = format!(
+        "a disk image per volume under {}, attached as a loop device",
+        data_dir.join("block").display()
+    );
+    probe.capacity_enforced = true;
+    probe.enforcement = "the volume is its own filesystem of its capacity".into();
+    probe
+}
+
+impl BlockLane {
+    /// Opens (creating if needed) the lane under `data_dir`; the controller role then calls
+    /// [`BlockLane::recover`].
+    pub fn open(
+        data_dir: &Path,
+        node_id: &str,
+        settings: LocalSettings,
+        profiles: Profiles,
+    ) -> Result<BlockLane> {
+        Ok(BlockLane {
+            volumes: VolumeDirs::open(LANE, &data_dir.join("block"), data_dir.join("retained"))?,
+            node_id: node_id.to_owned(),
+            settings,
+            profiles,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The directory of a volume (its record, image and format record).
+    pub fn volume_dir(&self, id: &VolumeId) -> PathBuf {
+        self.volumes.dir(id)
+    }
+
+    /// The volume's disk image.
+    pub fn image_path(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir(id).join(IMAGE)
+    }
+
+    /// Creates the volume, or returns the existing one with that name if it is compatible.
+    pub fn create(&self, request: &CreateRequest) -> Result<VolumeMeta> {
+        let backend = self
+            .profiles
+            .get(&request.params.profile)
+            .ok()
+            .and_then(|p| p.block)
+            .unwrap_or_default();
+        let compatible =
+            |existing| check_compatible(existing, &request.name, request.range, &request.params);
+        self.volumes.create(&request.name, compatible, |temp, id| {
+            if request.dataset.is_some() {
+                return Err(Error::InvalidParameter {
+                    key: "dataset".into(),
+                    reason: "fast-rwo volumes cannot start with a dataset yet; use a local or \
+                             dataset volume"
+                        .into(),
+                });
+            }
+            let capacity = request
+                .range
+                .resolve(self.settings.default_capacity, self.max_capacity()?)?;
+            make_image(&temp.join(IMAGE), capacity, backend.provisioning)?;
+            let meta = VolumeMeta {
+                name: request.name.clone(),
+                id: id.to_string(),
+                capacity_bytes: capacity,
+                params: request.params.clone(),
+                node_id: self.node_id.clone(),
+                created_unix: now_unix(),
+                project_id: None,
+                dataset: None,
+                block: Some(backend),
+            };
+            meta.store(temp)?;
+            Ok(meta)
+        })
+    }
+
+    /// The volume with this ID, or `UnknownVolume`.
+    pub fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        self.volumes.get(id)
+    }
+
+    /// All volumes, ordered by ID.
+    pub fn list(&self) -> Result<Vec<VolumeMeta>> {
+        self.volumes.list()
+    }
+
+    /// Deletes the volume (an unknown one is fine); refuses while its image is attached.
+    pub fn delete(&self, id: &VolumeId) -> Result<()> {
+        let Some(meta) = self.volumes.find(id)? else {
+            return Ok(());
+        };
+        let image = self.image_path(id);
+        if image.exists()
+            && let Some(device) =
+                loopdev::find(&image).map_err(Error::io(format!("look for the device of {id}")))?
+        {
+            return Err(Error::Attached {
+                id: id.to_string(),
+                device: device.path,
+            });
+        }
+        match self.volumes.remove(id, meta.params.on_delete)? {
+            Removed::Retained(_) => Ok(()),
+            Removed::Trashed(trash) => std::fs::remove_dir_all(&trash)
+                .map_err(Error::io(format!("remove {}", trash.display()))),
+        }
+    }
+
+    /// Grows the image to satisfy `range` (never shrinks); the new capacity. The node grows
+    /// the device and the filesystem on it.
+    pub fn expand(&self, id: &VolumeId, range: Range) -> Result<u64> {
+        let mut meta = self.get(id)?;
+        if range.required <= 0 && range.limit <= 0 {
+            return Err(Error::Capacity(
+                "capacity_range must set required_bytes or limit_bytes".into(),
+            ));
+        }
+        if range.admits(meta.capacity_bytes)? || (range.required as u64) < meta.capacity_bytes {
+            return Ok(meta.capacity_bytes);
+        }
+        let capacity = range.resolve(meta.capacity_bytes, self.max_capacity()?)?;
+        let provisioning = meta.block.unwrap_or_default().provisioning;
+        grow_image(&self.image_path(id), capacity, provisioning)?;
+        meta.capacity_bytes = capacity;
+        self.volumes.store(&meta, id)?;
+        Ok(capacity)
+    }
+
+    /// Space on the filesystem that holds the images.
+    pub fn space(&self) -> Result<Space> {
+        let base = self.volumes.base();
+        let stat = nix::sys::statvfs::statvfs(base)
+            .map_err(|e| Error::io(format!("statvfs {}", base.display()))(e.into()))?;
+        let fragment = stat.fragment_size();
+        Ok(Space {
+            total_bytes: stat.blocks().saturating_mul(fragment),
+            available_bytes: stat.blocks_available().saturating_mul(fragment),
+        })
+    }
+
+    fn max_capacity(&self) -> Result<u64> {
+        match self.settings.max_capacity {
+            Some(max) => Ok(max),
+            None => Ok(self.space()?.total_bytes),
+        }
+    }
+
+    /// Why the volume is unhealthy, or `None`: its image must be a file of its capacity.
+    pub fn condition(&self, id: &VolumeId) -> Option<String> {
+        let image = self.image_path(id);
+        let capacity = self.get(id).ok()?.capacity_bytes;
+        match std::fs::symlink_metadata(&image) {
+            Ok(meta) if meta.is_file() && meta.len() >= capacity => None,
+            Ok(meta) if meta.is_file() => Some(format!(
+                "{} holds {} bytes, less than the volume's {capacity}",
+                image.display(),
+                meta.len()
+            )),
+            Ok(_) => Some(format!("{} is not a regular file", image.display())),
+            Err(e) => Some(format!("{} is unreadable: {e}", image.display())),
+        }
+    }
+
+    /// Removes what killed creates and deletes left behind. Only the role that creates and
+    /// deletes may call it.
+    pub fn recover(&self) -> Result<()> {
+        for leftover in self.volumes.leftovers()? {
+            tracing::info!(path = %leftover.display(), "removing leftover of an interrupted call");
+            std::fs::remove_dir_all(&leftover)
+                .map_err(Error::io(format!("remove {}", leftover.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates the image file of `bytes`: allocated whole (thick) or sparse (thin).
+fn make_image(path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io(format!("create {}", path.display())))?;
+    size_image(&file, path, bytes, provisioning)?;
+    file.sync_all()
+        .map_err(Error::io(format!("sync {}", path.display())))
+}
+
+/// Grows an existing image to `bytes`.
+fn grow_image(path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(Error::io(format!("open {}", path.display())))?;
+    size_image(&file, path, bytes, provisioning)?;
+    file.sync_all()
+        .map_err(Error::io(format!("sync {}", path.display())))
+}
+
+fn size_image(
+    file: &std::fs::File,
+    path: &Path,
+    bytes: u64,
+    provisioning: Provisioning,
+) -> Result<()> {
+    match provisioning {
+        Provisioning::Thick => nix::fcntl::fallocate(
+            file,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            bytes as nix::libc::off_t,
+        )
+        .map_err(|e| Error::io(format!("allocate {bytes} bytes for {}", path.display()))(e.into())),
+        Provisioning::Thin => file
+            .set_len(bytes)
+            .map_err(Error::io(format!("size {}", path.display()))),
+    }
+}
+
+/// The settings a `fast-rwo` volume was made with (older records: the defaults).
+pub fn backend(meta: &VolumeMeta) -> BlockBackend {
+    meta.block.unwrap_or_default()
+}

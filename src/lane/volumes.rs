@@ -1,0 +1,236 @@
+//! Volume directories: how every node-local lane keeps its volumes on disk.
+//!
+//! Each volume is `<base>/<dir>/` holding `volume.json` and whatever the lane puts beside it
+//! (a data directory, a disk image). Rules kept here for every lane that uses it:
+//! - a volume appears whole or not at all: it is built under `.tmp-*` and renamed into place;
+//!   a delete renames it to `.trash-*` (or into `retained/`) first, and the rename is synced;
+//! - create is idempotent by name: a compatible existing volume is returned, an incompatible
+//!   one is `Incompatible` (ALREADY_EXISTS);
+//! - leftovers of a killed create or delete are found by [`VolumeDirs::leftovers`] and removed
+//!   by the lane that made them (only it knows what they hold).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::params::OnDelete;
+use super::{Error, Result, VolumeId, VolumeMeta};
+
+const TEMP_PREFIX: &str = ".tmp-";
+const TRASH_PREFIX: &str = ".trash-";
+
+/// The volume directories of one lane.
+#[derive(Debug)]
+pub struct VolumeDirs {
+    lane: &'static str,
+    base: PathBuf,
+    retained: PathBuf,
+    /// Concurrent creates and deletes share one sync of `base`.
+    syncer: crate::fsutil::DirSyncer,
+}
+
+/// What a delete did with a volume's directory.
+#[derive(Debug)]
+pub enum Removed {
+    /// Moved to `.trash-*` in the base: the lane empties it and calls [`VolumeDirs::purge`].
+    Trashed(PathBuf),
+    /// Moved under `retained/` for an admin.
+    Retained(PathBuf),
+}
+
+fn stamp() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+/// Seconds since the epoch, for a new volume's record.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl VolumeDirs {
+    /// Opens (creating if needed) `base` for `lane`'s volumes; retained volumes go to
+    /// `retained`.
+    pub fn open(lane: &'static str, base: &Path, retained: PathBuf) -> Result<VolumeDirs> {
+        std::fs::create_dir_all(base).map_err(Error::io(format!("create {}", base.display())))?;
+        let base = base
+            .canonicalize()
+            .map_err(Error::io(format!("resolve {}", base.display())))?;
+        Ok(VolumeDirs {
+            lane,
+            base,
+            retained,
+            syncer: Default::default(),
+        })
+    }
+
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The directory of a volume.
+    pub fn dir(&self, id: &VolumeId) -> PathBuf {
+        self.base.join(id.dir())
+    }
+
+    /// Makes the last rename in the base durable (one sync shared by concurrent callers).
+    fn synced(&self) -> Result<()> {
+        self.syncer
+            .sync(&self.base)
+            .map_err(Error::io(format!("sync {}", self.base.display())))
+    }
+
+    /// The volume with this ID, or `None`.
+    pub fn find(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
+        let dir = self.dir(id);
+        if !dir.join(super::meta::FILE).exists() {
+            return Ok(None);
+        }
+        VolumeMeta::load(&dir).map(Some)
+    }
+
+    /// The volume with this ID, or `UnknownVolume`.
+    pub fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        self.find(id)?
+            .ok_or_else(|| Error::UnknownVolume(id.to_string()))
+    }
+
+    /// All volumes, ordered by ID.
+    pub fn list(&self) -> Result<Vec<VolumeMeta>> {
+        let entries = std::fs::read_dir(&self.base)
+            .map_err(Error::io(format!("list {}", self.base.display())))?;
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut volumes = Vec::with_capacity(names.len());
+        for name in names {
+            if let Ok(id) = VolumeId::parse(&format!("{}/{name}", self.lane))
+                && let Some(meta) = self.find(&id)?
+            {
+                volumes.push(meta);
+            }
+        }
+        Ok(volumes)
+    }
+
+    /// Creates the volume `name` by calling `build` on a fresh temporary directory and
+    /// renaming it into place; an existing volume of that name is returned when `compatible`
+    /// accepts it. `build` writes the record ([`VolumeMeta::store`]) and returns it.
+    pub fn create(
+        &self,
+        name: &str,
+        compatible: impl Fn(VolumeMeta) -> Result<VolumeMeta>,
+        build: impl FnOnce(&Path, &VolumeId) -> Result<VolumeMeta>,
+    ) -> Result<VolumeMeta> {
+        let id = VolumeId::for_name(self.lane, name)?;
+        if let Some(existing) = self.find(&id)? {
+            return compatible(existing);
+        }
+        let temp = self
+            .base
+            .join(format!("{TEMP_PREFIX}{}-{}", id.dir(), stamp()));
+        std::fs::create_dir(&temp).map_err(Error::io(format!("create {}", temp.display())))?;
+        let meta = match build(&temp, &id) {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&temp);
+                return Err(e);
+            }
+        };
+        match std::fs::rename(&temp, self.dir(&id)) {
+            Ok(()) => {
+                self.synced()?;
+                Ok(meta)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&temp);
+                // Someone else finished the same create first: answer as a repeat would.
+                match self.find(&id)? {
+                    Some(existing) => compatible(existing),
+                    None => Err(Error::io(format!("rename into {id}"))(e)),
+                }
+            }
+        }
+    }
+
+    /// Moves the volume's directory out of the base: aside under `retained/` or to a
+    /// `.trash-*` directory the lane then empties.
+    pub fn remove(&self, id: &VolumeId, on_delete: OnDelete) -> Result<Removed> {
+        let dir = self.dir(id);
+        match on_delete {
+            OnDelete::Retain => {
+                std::fs::create_dir_all(&self.retained)
+                    .map_err(Error::io(format!("create {}", self.retained.display())))?;
+                let kept = self.retained.join(format!("{}-{}", id.dir(), stamp()));
+                std::fs::rename(&dir, &kept)
+                    .map_err(Error::io(format!("move {id} to {}", kept.display())))?;
+                Ok(Removed::Retained(kept))
+            }
+            OnDelete::Delete => {
+                let trash = self
+                    .base
+                    .join(format!("{TRASH_PREFIX}{}-{}", id.dir(), stamp()));
+                std::fs::rename(&dir, &trash).map_err(Error::io(format!("delete {id}")))?;
+                self.synced()?;
+                Ok(Removed::Trashed(trash))
+            }
+        }
+    }
+
+    /// Rewrites the record of an existing volume.
+    pub fn store(&self, meta: &VolumeMeta, id: &VolumeId) -> Result<()> {
+        meta.store(&self.dir(id))
+    }
+
+    /// Directories a killed create or delete left in the base (`.tmp-*`, `.trash-*`).
+    pub fn leftovers(&self) -> Result<Vec<PathBuf>> {
+        let entries = std::fs::read_dir(&self.base)
+            .map_err(Error::io(format!("list {}", self.base.display())))?;
+        Ok(entries
+            .flatten()
+            .filter(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with(TEMP_PREFIX) || name.starts_with(TRASH_PREFIX)
+            })
+            .map(|entry| entry.path())
+            .collect())
+    }
+}
+
+/// The rule for a repeated create: the same name, a capacity inside the requested range and
+/// the same parameters; anything else is `Incompatible`.
+pub fn check_compatible(
+    existing: VolumeMeta,
+    name: &str,
+    range: super::Range,
+    params: &super::CreateParams,
+) -> Result<VolumeMeta> {
+    let incompatible = |reason: String| Error::Incompatible {
+        name: super::id::printable(name),
+        reason,
+    };
+    if existing.name != name {
+        return Err(incompatible(format!(
+            "its directory belongs to another name ({:?})",
+            existing.name
+        )));
+    }
+    if !range.admits(existing.capacity_bytes)? {
+        return Err(incompatible(format!(
+            "it has {} bytes, outside the requested range",
+            existing.capacity_bytes
+        )));
+    }
+    if existing.params != *params {
+        return Err(incompatible("it was created with other parameters".into()));
+    }
+    Ok(existing)
+}
