@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
-use lanes::cli::csi::mount_capability;
+use lanes::cli::csi::mount_capability_of;
 use lanes::proto::*;
 use volume_capability::access_mode::Mode;
 
@@ -70,22 +70,11 @@ fn params(profile: &str) -> std::collections::HashMap<String, String> {
 }
 
 fn fs_capability(fs_type: &str) -> VolumeCapability {
-    let mut capability = mount_capability(Mode::SingleNodeWriter, &[]);
-    if let Some(volume_capability::AccessType::Mount(mount)) = &mut capability.access_type {
-        mount.fs_type = fs_type.to_owned();
-    }
-    capability
+    mount_capability_of(Mode::SingleNodeWriter, fs_type, &[])
 }
 
 fn block_capability() -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Block(
-            volume_capability::BlockVolume {},
-        )),
-        access_mode: Some(volume_capability::AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    }
+    lanes::cli::csi::block_capability(Mode::SingleNodeWriter)
 }
 
 async fn create(c: &mut lanes::cli::csi::Clients, name: &str, bytes: i64, profile: &str) -> String {

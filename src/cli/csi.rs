@@ -11,7 +11,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::proto::controller_client::ControllerClient;
 use crate::proto::identity_client::IdentityClient;
 use crate::proto::node_client::NodeClient;
-use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+use crate::proto::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
 use crate::proto::*;
 use crate::units::human;
 
@@ -32,12 +34,25 @@ pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, tonic::transport
 
 /// A mount capability with the given access mode and flags.
 pub fn mount_capability(mode: Mode, flags: &[String]) -> VolumeCapability {
+    mount_capability_of(mode, "", flags)
+}
+
+/// A mount capability asking for filesystem `fs_type` (empty: the lane's choice).
+pub fn mount_capability_of(mode: Mode, fs_type: &str, flags: &[String]) -> VolumeCapability {
     VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: String::new(),
+            fs_type: fs_type.to_owned(),
             mount_flags: flags.to_vec(),
             volume_mount_group: String::new(),
         })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// A raw block capability with the given access mode.
+pub fn block_capability(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
         access_mode: Some(AccessMode { mode: mode as i32 }),
     }
 }
@@ -61,10 +76,15 @@ impl Clients {
     }
 }
 
-/// Where `lanes csi publish` stages a volume unless told otherwise.
+/// Where `lanes csi publish` stages a volume unless told otherwise: beside the data
+/// directory (`<data-dir>-staging/<id>`), never inside it, where the plugin refuses to mount.
 pub fn default_staging(data_dir: &Path, volume_id: &str) -> PathBuf {
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lanes".into());
     data_dir
-        .join("client-staging")
+        .with_file_name(format!("{name}-staging"))
         .join(volume_id.replace('/', "_"))
 }
 
@@ -149,8 +169,14 @@ pub async fn delete_volume(c: &mut Clients, volume_id: &str) -> CallResult {
     })
 }
 
-pub async fn expand_volume(c: &mut Clients, volume_id: &str, bytes: u64) -> CallResult {
-    let response = c
+/// ControllerExpandVolume, then NodeExpandVolume at `path` when the lane asks for it.
+pub async fn expand_volume(
+    c: &mut Clients,
+    volume_id: &str,
+    bytes: u64,
+    path: Option<&Path>,
+) -> CallResult {
+    let mut response = c
         .controller
         .controller_expand_volume(ControllerExpandVolumeRequest {
             volume_id: volume_id.to_owned(),
@@ -162,11 +188,37 @@ pub async fn expand_volume(c: &mut Clients, volume_id: &str, bytes: u64) -> Call
         })
         .await?
         .into_inner();
+    let mut node_expanded = false;
+    if let (true, Some(path)) = (response.node_expansion_required, path) {
+        let grown = c
+            .node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: volume_id.to_owned(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes as i64,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        response.capacity_bytes = grown.capacity_bytes;
+        node_expanded = true;
+    }
     Ok(Report {
-        json: json!({"volume_id": volume_id, "capacity_bytes": response.capacity_bytes}),
+        json: json!({
+            "volume_id": volume_id,
+            "capacity_bytes": response.capacity_bytes,
+            "node_expansion_required": response.node_expansion_required && !node_expanded,
+        }),
         text: format!(
-            "{volume_id} is now {}\n",
-            human(response.capacity_bytes.max(0) as u64)
+            "{volume_id} is now {}{}\n",
+            human(response.capacity_bytes.max(0) as u64),
+            match (response.node_expansion_required, node_expanded) {
+                (true, false) => "; its filesystem grows when the node expands it (--path)",
+                _ => "",
+            }
         ),
     })
 }
@@ -253,11 +305,10 @@ pub async fn publish(
     target: &Path,
     staging: &Path,
     readonly: bool,
-    flags: &[String],
+    capability: VolumeCapability,
 ) -> CallResult {
     std::fs::create_dir_all(staging)
         .map_err(|e| tonic::Status::internal(format!("create {}: {e}", staging.display())))?;
-    let capability = mount_capability(Mode::SingleNodeWriter, flags);
     c.node
         .node_stage_volume(NodeStageVolumeRequest {
             volume_id: volume_id.to_owned(),

@@ -217,7 +217,14 @@ pub enum CsiCommand {
     /// Delete a volume.
     DeleteVolume { volume_id: String },
     /// Grow a volume.
-    ExpandVolume { volume_id: String, capacity: String },
+    ExpandVolume {
+        volume_id: String,
+        capacity: String,
+        /// Where the volume is published: when the lane says the node must finish the job
+        /// (a filesystem to grow), call NodeExpandVolume there, as a CO would.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
     /// List volumes.
     List,
     /// Stage a volume and publish it at TARGET.
@@ -226,12 +233,18 @@ pub enum CsiCommand {
         target: PathBuf,
         #[arg(long)]
         readonly: bool,
-        /// Staging directory [default: <data-dir>/client-staging/<id>]
+        /// Staging directory [default: <data-dir>-staging/<id>]
         #[arg(long)]
         staging: Option<PathBuf>,
         /// Mount flag such as noexec (repeatable).
         #[arg(long = "mount-flag")]
         flags: Vec<String>,
+        /// Filesystem to ask for (fast-rwo volumes: xfs or ext4; default: the profile's).
+        #[arg(long)]
+        fs_type: Option<String>,
+        /// Publish as a raw block device: TARGET becomes a device file (fast-rwo volumes).
+        #[arg(long, conflicts_with_all = ["flags", "fs_type", "dataset"])]
+        block: bool,
         /// Publish an inline (ephemeral) volume of this dataset instead of a created volume
         /// (VOLUME_ID is then any name for it).
         #[arg(long)]
@@ -607,9 +620,10 @@ async fn run_client(
         CsiCommand::ExpandVolume {
             volume_id,
             capacity,
+            path,
         } => {
             let bytes = parse_bytes(capacity).map_err(anyhow::Error::msg)?;
-            csi::expand_volume(&mut c, volume_id, bytes).await
+            csi::expand_volume(&mut c, volume_id, bytes, path.as_deref()).await
         }
         CsiCommand::List => csi::list(&mut c).await,
         CsiCommand::Publish {
@@ -618,6 +632,8 @@ async fn run_client(
             readonly,
             staging,
             flags,
+            fs_type,
+            block,
             dataset,
         } => match dataset {
             Some(dataset) => {
@@ -625,7 +641,17 @@ async fn run_client(
             }
             None => {
                 let staging = staging_for(staging, volume_id);
-                csi::publish(&mut c, volume_id, target, &staging, *readonly, flags).await
+                let capability = match block {
+                    true => csi::block_capability(
+                        crate::proto::volume_capability::access_mode::Mode::SingleNodeWriter,
+                    ),
+                    false => csi::mount_capability_of(
+                        crate::proto::volume_capability::access_mode::Mode::SingleNodeWriter,
+                        fs_type.as_deref().unwrap_or_default(),
+                        flags,
+                    ),
+                };
+                csi::publish(&mut c, volume_id, target, &staging, *readonly, capability).await
             }
         },
         CsiCommand::Unpublish {

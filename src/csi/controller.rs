@@ -151,7 +151,7 @@ impl ControllerService {
 
 #[tonic::async_trait]
 impl Controller for ControllerService {
-    #[tracing::instrument(skip_all, fields(volume.name = %Shown(&request.get_ref().name), lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.name = %Shown(&request.get_ref().name), lane = tracing::field::Empty))]
     async fn create_volume(
         &self,
         request: Request<CreateVolumeRequest>,
@@ -169,6 +169,7 @@ impl Controller for ControllerService {
                         kind.as_str()
                     ))
                 })?;
+                tracing::Span::current().record("lane", lane.kind());
                 let id = VolumeId::for_name(lane.kind(), &req.name)?;
                 Self::check(lane, &req.volume_capabilities).map_err(Status::invalid_argument)?;
                 if req.volume_content_source.is_some() {
@@ -228,7 +229,7 @@ impl Controller for ControllerService {
             .await
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id)))]
     async fn delete_volume(
         &self,
         request: Request<DeleteVolumeRequest>,
@@ -474,7 +475,7 @@ impl Controller for ControllerService {
         Err(Status::unimplemented("snapshots are not offered yet"))
     }
 
-    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id), lane = "local"))]
+    #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id)))]
     async fn controller_expand_volume(
         &self,
         request: Request<ControllerExpandVolumeRequest>,
