@@ -137,30 +137,42 @@ impl LoopDevice {
     }
 }
 
-/// The loop device bound to `image`, if any: every bound loop device is asked which device
-/// and inode its backing file has.
+/// The loop device bound to `image`, if any: sysfs names each bound device's backing file
+/// (visible even where `/dev` is not, as in an unprivileged controller); where the device node
+/// can be opened, the kernel's device and inode of the backing file must match too.
 pub fn find(image: &Path) -> std::io::Result<Option<LoopDevice>> {
     let meta = std::fs::metadata(image).map_err(io_context(format!("stat {}", image.display())))?;
-    let entries = match std::fs::read_dir("/sys/block") {
-        Ok(entries) => entries,
-        Err(e) => return Err(io_context("list /sys/block".into())(e)),
-    };
+    let image = image
+        .canonicalize()
+        .map_err(io_context(format!("resolve {}", image.display())))?;
+    let entries = std::fs::read_dir("/sys/block").map_err(io_context("list /sys/block".into()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
         // Only bound devices have a backing file.
-        if !name.starts_with("loop") || !entry.path().join("loop/backing_file").exists() {
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(backing.trim_end_matches('\n')) != image {
             continue;
         }
         let path = PathBuf::from("/dev").join(&name);
         let Ok(device) = File::open(&path) else {
-            continue;
+            let number = std::fs::read_to_string(entry.path().join("dev")).unwrap_or_default();
+            let (major, minor) = number.trim().split_once(':').unwrap_or(("7", "0"));
+            return Ok(Some(LoopDevice {
+                path,
+                number: (major.parse().unwrap_or(7), minor.parse().unwrap_or(0)),
+            }));
         };
         let mut info = LoopInfo64::zeroed();
         // SAFETY: `info` is a valid, writable loop_info64 for the kernel to fill.
-        if unsafe { loop_get_status64(device.as_raw_fd(), &mut info) }.is_err() {
-            continue;
-        }
-        if info.device == meta.dev() && info.inode == meta.ino() {
+        if unsafe { loop_get_status64(device.as_raw_fd(), &mut info) }.is_ok()
+            && info.device == meta.dev()
+            && info.inode == meta.ino()
+        {
             return LoopDevice::at(path).map(Some);
         }
     }
