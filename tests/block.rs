@@ -26,6 +26,8 @@ profiles:
   fast-ext4:
     lane: fast-rwo
     block: {fs_type: ext4, provisioning: thin}
+  local:
+    lane: local
 ";
 
 /// Loop devices bound to a file under `root`, from sysfs.
@@ -329,6 +331,7 @@ async fn a_raw_block_volume_is_a_device_at_the_target() {
         .write(true)
         .open(&target)
         .unwrap();
+    device.write_all(b"a raw header").unwrap();
     device.seek(SeekFrom::Start(4 << 20)).unwrap();
     device.write_all(b"raw bytes on a fast-rwo volume").unwrap();
     device.sync_all().unwrap();
@@ -350,6 +353,23 @@ async fn a_raw_block_volume_is_a_device_at_the_target() {
     file.seek(SeekFrom::Start(4 << 20)).unwrap();
     file.read_exact(&mut bytes).unwrap();
     assert_eq!(&bytes, b"raw bytes on a fast-rwo volume");
+    // Raw data is never formatted over.
+    assert_code(
+        stage(&mut c, &id, &staging, rwo()).await,
+        tonic::Code::FailedPrecondition,
+        "a volume used raw is not formatted",
+    );
+    c.node
+        .node_unstage_volume(unstage_request(&id, &staging))
+        .await
+        .unwrap();
+    assert!(loops_under(&plugin.data_dir).is_empty());
+    let mut head = vec![0u8; 12];
+    std::fs::File::open(&image)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(&head, b"a raw header");
     c.controller
         .delete_volume(delete_request(&id))
         .await
@@ -491,4 +511,263 @@ async fn a_kill_at_any_stage_step_then_a_retry_ends_with_one_device_and_one_moun
         .delete_volume(delete_request(&id))
         .await
         .unwrap();
+}
+
+async fn snapshot(
+    c: &mut lanes::cli::csi::Clients,
+    name: &str,
+    source: &str,
+) -> Result<Snapshot, tonic::Status> {
+    c.controller
+        .create_snapshot(CreateSnapshotRequest {
+            name: name.to_owned(),
+            source_volume_id: source.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().snapshot.unwrap())
+}
+
+async fn create_from(
+    c: &mut lanes::cli::csi::Clients,
+    name: &str,
+    bytes: i64,
+    source: volume_content_source::Type,
+) -> Result<Volume, tonic::Status> {
+    let mut request = create_request(name, bytes);
+    request.parameters = params("fast");
+    request.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(source),
+    });
+    c.controller
+        .create_volume(request)
+        .await
+        .map(|r| r.into_inner().volume.unwrap())
+}
+
+fn from_snapshot(id: &str) -> volume_content_source::Type {
+    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+        snapshot_id: id.to_owned(),
+    })
+}
+
+#[tokio::test]
+async fn snapshots_restore_and_clones_copy_and_outlive_their_source() {
+    let Some((plugin, _sweep)) = start("block snapshots") else {
+        return;
+    };
+    let mut c = plugin.clients().await;
+    let id = create(&mut c, "pvc-src", 320 * MIB, "fast").await;
+    let staging = plugin.dir("staging-src");
+    let target = plugin.dir("pod").join("src");
+    stage(&mut c, &id, &staging, rwo()).await.unwrap();
+    publish(&mut c, &id, &staging, &target, rwo())
+        .await
+        .unwrap();
+    std::fs::write(target.join("before"), b"in the snapshot").unwrap();
+
+    // Taken while mounted and written to: crash-consistent, with what was written flushed.
+    let snap = snapshot(&mut c, "snap-1", &id).await.unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.size_bytes, 320 * MIB);
+    assert_eq!(snap.source_volume_id, id);
+    assert!(snap.snapshot_id.starts_with("fast-rwo@"), "{snap:?}");
+    assert!(snap.creation_time.is_some());
+    let again = snapshot(&mut c, "snap-1", &id).await.unwrap();
+    assert_eq!(again, snap, "a repeat returns the same snapshot");
+    std::fs::write(target.join("after"), b"not in the snapshot").unwrap();
+    let other = create(&mut c, "pvc-other", 320 * MIB, "fast").await;
+    assert_code(
+        snapshot(&mut c, "snap-1", &other).await,
+        tonic::Code::AlreadyExists,
+        "the same name for another source",
+    );
+    assert_code(
+        snapshot(&mut c, "snap-x", "fast-rwo/missing").await,
+        tonic::Code::NotFound,
+        "a snapshot of a missing volume",
+    );
+
+    // Restore: the snapshot's data, not what came after; both mounted at once (xfs nouuid).
+    let restored = create_from(&mut c, "pvc-restored", 0, from_snapshot(&snap.snapshot_id))
+        .await
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 320 * MIB);
+    assert_eq!(
+        restored.content_source,
+        Some(VolumeContentSource {
+            r#type: Some(from_snapshot(&snap.snapshot_id))
+        })
+    );
+    assert_code(
+        create_from(
+            &mut c,
+            "pvc-small",
+            100 * MIB,
+            from_snapshot(&snap.snapshot_id),
+        )
+        .await,
+        tonic::Code::OutOfRange,
+        "smaller than the snapshot",
+    );
+    assert_code(
+        create_from(&mut c, "pvc-none", 0, from_snapshot("fast-rwo@nothing")).await,
+        tonic::Code::NotFound,
+        "an unknown snapshot",
+    );
+    let r_staging = plugin.dir("staging-restored");
+    let r_target = plugin.dir("pod").join("restored");
+    stage(&mut c, &restored.volume_id, &r_staging, rwo())
+        .await
+        .unwrap();
+    publish(&mut c, &restored.volume_id, &r_staging, &r_target, rwo())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(r_target.join("before")).unwrap(),
+        b"in the snapshot"
+    );
+    assert!(!r_target.join("after").exists());
+
+    // Clone of the live volume, larger: everything so far, and the filesystem grows to it.
+    let clone = create_from(
+        &mut c,
+        "pvc-clone",
+        400 * MIB,
+        volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+            volume_id: id.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(clone.capacity_bytes, 400 * MIB);
+    let c_staging = plugin.dir("staging-clone");
+    let c_target = plugin.dir("pod").join("clone");
+    stage(&mut c, &clone.volume_id, &c_staging, rwo())
+        .await
+        .unwrap();
+    publish(&mut c, &clone.volume_id, &c_staging, &c_target, rwo())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(c_target.join("after")).unwrap(),
+        b"not in the snapshot"
+    );
+    let total = total_bytes(&mut c, &clone.volume_id, &c_target).await;
+    assert!(total > 330 * MIB, "grown to the clone's capacity: {total}");
+
+    // Listing: by ID, by source, and in pages.
+    let second = snapshot(&mut c, "snap-2", &id).await.unwrap();
+    let list = |snapshot_id: &str, source: &str, max: i32, token: &str| ListSnapshotsRequest {
+        snapshot_id: snapshot_id.to_owned(),
+        source_volume_id: source.to_owned(),
+        max_entries: max,
+        starting_token: token.to_owned(),
+        ..Default::default()
+    };
+    let page = c
+        .controller
+        .list_snapshots(list("", &id, 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.entries.len(), 1);
+    let rest = c
+        .controller
+        .list_snapshots(list("", &id, 0, &page.next_token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen: Vec<String> = page
+        .entries
+        .iter()
+        .chain(&rest.entries)
+        .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+        .collect();
+    seen.sort();
+    let mut want = vec![snap.snapshot_id.clone(), second.snapshot_id.clone()];
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(rest.next_token.is_empty());
+    let one = c
+        .controller
+        .list_snapshots(list(&second.snapshot_id, "", 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.entries.len(), 1);
+
+    // The source goes; its snapshots stay valid.
+    for (vol, stg, tgt) in [
+        (&id, &staging, &target),
+        (&restored.volume_id, &r_staging, &r_target),
+        (&clone.volume_id, &c_staging, &c_target),
+    ] {
+        c.node
+            .node_unpublish_volume(unpublish_request(vol, tgt))
+            .await
+            .unwrap();
+        c.node
+            .node_unstage_volume(unstage_request(vol, stg))
+            .await
+            .unwrap();
+        c.controller
+            .delete_volume(delete_request(vol))
+            .await
+            .unwrap();
+    }
+    c.controller
+        .delete_volume(delete_request(&other))
+        .await
+        .unwrap();
+    let again = create_from(&mut c, "pvc-again", 0, from_snapshot(&snap.snapshot_id))
+        .await
+        .unwrap();
+    stage(&mut c, &again.volume_id, &r_staging, rwo())
+        .await
+        .unwrap();
+    publish(&mut c, &again.volume_id, &r_staging, &r_target, rwo())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(r_target.join("before")).unwrap(),
+        b"in the snapshot"
+    );
+    c.node
+        .node_unpublish_volume(unpublish_request(&again.volume_id, &r_target))
+        .await
+        .unwrap();
+    c.node
+        .node_unstage_volume(unstage_request(&again.volume_id, &r_staging))
+        .await
+        .unwrap();
+    c.controller
+        .delete_volume(delete_request(&again.volume_id))
+        .await
+        .unwrap();
+    for snapshot_id in [&snap.snapshot_id, &second.snapshot_id] {
+        for _ in 0..2 {
+            c.controller
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: snapshot_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let none = c
+        .controller
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.entries.is_empty());
+    assert!(loops_under(&plugin.data_dir).is_empty());
+    let local = create(&mut c, "pvc-local", MIB, "local").await;
+    assert_code(
+        snapshot(&mut c, "snap-local", &local).await,
+        tonic::Code::InvalidArgument,
+        "the local lane has no snapshots",
+    );
 }

@@ -75,6 +75,8 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
                 "StorageClass" => typed::<StorageClass>(&value),
                 "ConfigMap" => typed::<ConfigMap>(&value),
                 "Pod" => typed::<Pod>(&value),
+                // No Rust type in k8s-openapi (a CRD of external-snapshotter): its fields.
+                "VolumeSnapshotClass" => volume_snapshot_class(&value),
                 other => Err(format!("no type for kind {other:?}")),
             }
             .unwrap_or_else(|e| panic!("{}#{index} ({kind}): {e}", file.display()));
@@ -178,4 +180,28 @@ fn the_shipped_config_is_one_the_binary_accepts() {
         ["Persistent", "Ephemeral"],
         "inline dataset volumes need Ephemeral"
     );
+}
+
+/// A VolumeSnapshotClass as the snapshot CRD defines it: every field known, the required ones
+/// present, and the driver ours.
+fn volume_snapshot_class(doc: &Value) -> Result<Value, String> {
+    let known = [
+        "apiVersion",
+        "kind",
+        "metadata",
+        "driver",
+        "deletionPolicy",
+        "parameters",
+    ];
+    let object = doc.as_object().ok_or("not an object")?;
+    if let Some(unknown) = object.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("unknown field {unknown}"));
+    }
+    if doc["apiVersion"] != "snapshot.storage.k8s.io/v1" || doc["driver"] != "lanes.csi.dev" {
+        return Err("apiVersion must be snapshot.storage.k8s.io/v1, driver lanes.csi.dev".into());
+    }
+    match doc["deletionPolicy"].as_str() {
+        Some("Delete" | "Retain") => Ok(doc.clone()),
+        other => Err(format!("deletionPolicy {other:?} is not Delete or Retain")),
+    }
 }

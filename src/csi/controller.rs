@@ -18,6 +18,7 @@ use super::{Plugin, caps};
 use crate::lane::controller::{ControllerLane, Segments};
 use crate::lane::dataset::DATASET_KEY;
 use crate::lane::local::CreateRequest;
+use crate::lane::snapshot::{SnapshotId, SnapshotMeta, Source};
 use crate::lane::{CreateParams, Range, VolumeId, VolumeMeta, to_wire};
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{Rpc, rpc};
@@ -44,10 +45,46 @@ impl ControllerService {
                 .iter()
                 .map(|pin| (DATASET_KEY.to_owned(), pin.clone()))
                 .collect(),
-            content_source: None,
+            content_source: meta.content_source.as_deref().and_then(content_source),
             accessible_topology: vec![Topology {
                 segments: lane.topology(meta).into_iter().collect(),
             }],
+        }
+    }
+
+    /// The snapshot or volume a new volume on `lane` is to copy; it must be on the same lane.
+    fn source(
+        lane: &dyn ControllerLane,
+        wire: Option<&VolumeContentSource>,
+    ) -> Result<Option<Source>, Status> {
+        use volume_content_source::Type;
+        let source = match wire.and_then(|s| s.r#type.as_ref()) {
+            None => return Ok(None),
+            Some(Type::Snapshot(s)) => Source::Snapshot(SnapshotId::parse(&s.snapshot_id)?),
+            Some(Type::Volume(v)) => Source::Volume(VolumeId::parse(&v.volume_id)?),
+        };
+        if source.lane() != lane.kind() {
+            return Err(Status::invalid_argument(format!(
+                "volume_content_source {source} is on lane {}; a volume on lane {} can only be \
+                 made from that lane's snapshots and volumes",
+                source.lane(),
+                lane.kind()
+            )));
+        }
+        Ok(Some(source))
+    }
+
+    fn snapshot(meta: &SnapshotMeta) -> Snapshot {
+        Snapshot {
+            size_bytes: to_wire(meta.size_bytes),
+            snapshot_id: meta.id.clone(),
+            source_volume_id: meta.source_volume_id.clone(),
+            creation_time: Some(prost_types::Timestamp {
+                seconds: meta.created_unix.min(i64::MAX as u64) as i64,
+                nanos: 0,
+            }),
+            ready_to_use: true,
+            group_snapshot_id: String::new(),
         }
     }
 
@@ -172,12 +209,7 @@ impl Controller for ControllerService {
                 tracing::Span::current().record("lane", lane.kind());
                 let id = VolumeId::for_name(lane.kind(), &req.name)?;
                 Self::check(lane, &req.volume_capabilities).map_err(Status::invalid_argument)?;
-                if req.volume_content_source.is_some() {
-                    return Err(Status::invalid_argument(
-                        "volume_content_source is not supported: the local lane cannot clone \
-                         volumes or restore snapshots",
-                    ));
-                }
+                let source = Self::source(lane, req.volume_content_source.as_ref())?;
                 if !req.mutable_parameters.is_empty() {
                     return Err(Status::invalid_argument(
                         "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
@@ -219,6 +251,7 @@ impl Controller for ControllerService {
                     range,
                     params,
                     dataset,
+                    source,
                 };
                 let meta = lane.create(create).await?;
                 tracing::info!(volume.id = %meta.id, capacity = meta.capacity_bytes, "volume ready");
@@ -441,6 +474,9 @@ impl Controller for ControllerService {
                     rpc::Type::VolumeCondition,
                     rpc::Type::GetVolume,
                     rpc::Type::SingleNodeMultiWriter,
+                    rpc::Type::CreateDeleteSnapshot,
+                    rpc::Type::ListSnapshots,
+                    rpc::Type::CloneVolume,
                 ]
                 .into_iter()
                 .map(|kind| ControllerServiceCapability {
@@ -454,25 +490,111 @@ impl Controller for ControllerService {
             .await
     }
 
+    #[tracing::instrument(skip_all, fields(snapshot.name = %Shown(&request.get_ref().name)))]
     async fn create_snapshot(
         &self,
-        _request: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not offered yet"))
+        let req = request.into_inner();
+        self.0
+            .call("CreateSnapshot", async {
+                crate::lane::id::validate_name(&req.name)?;
+                if req.source_volume_id.is_empty() {
+                    return Err(missing("source_volume_id"));
+                }
+                let source = VolumeId::parse(&req.source_volume_id)?;
+                let lane = self.lane(&source)?;
+                let id = SnapshotId::for_name(lane.kind(), &req.name)?;
+                let _guard = self.0.guard(&id.to_string())?;
+                let meta = lane.snapshot(&req.name, &source).await?;
+                tracing::info!(snapshot.id = %meta.id, method = %meta.method, "snapshot ready");
+                Ok(CreateSnapshotResponse {
+                    snapshot: Some(Self::snapshot(&meta)),
+                })
+            })
+            .await
     }
 
+    #[tracing::instrument(skip_all, fields(snapshot.id = %Shown(&request.get_ref().snapshot_id)))]
     async fn delete_snapshot(
         &self,
-        _request: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not offered yet"))
+        let req = request.into_inner();
+        self.0
+            .call("DeleteSnapshot", async {
+                let id = match SnapshotId::parse(&req.snapshot_id) {
+                    Ok(id) => id,
+                    Err(crate::lane::Error::UnknownVolume(_)) => {
+                        return Ok(DeleteSnapshotResponse {});
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let Some(lane) = self.0.controllers.get(id.lane()) else {
+                    return Ok(DeleteSnapshotResponse {});
+                };
+                let _guard = self.0.guard(&id.to_string())?;
+                lane.delete_snapshot(&id).await?;
+                Ok(DeleteSnapshotResponse {})
+            })
+            .await
     }
 
     async fn list_snapshots(
         &self,
-        _request: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not offered yet"))
+        let req = request.into_inner();
+        self.0
+            .call("ListSnapshots", async {
+                if req.max_entries < 0 {
+                    return Err(Status::invalid_argument("max_entries must not be negative"));
+                }
+                let mut snapshots = Vec::new();
+                for lane in self.0.controllers.all() {
+                    snapshots.extend(lane.list_snapshots().await?);
+                }
+                snapshots.retain(|s| {
+                    (req.snapshot_id.is_empty() || s.id == req.snapshot_id)
+                        && (req.source_volume_id.is_empty()
+                            || s.source_volume_id == req.source_volume_id)
+                });
+                snapshots.sort_by(|a, b| a.id.cmp(&b.id));
+                let start = match req.starting_token.as_str() {
+                    "" => 0,
+                    token => {
+                        let after = token
+                            .strip_prefix(TOKEN_PREFIX)
+                            .filter(|id| SnapshotId::parse(id).is_ok())
+                            .ok_or_else(|| {
+                                Status::aborted(format!(
+                                    "starting_token {token:?} is not a token this plugin issued; \
+                                     list again from the start"
+                                ))
+                            })?;
+                        snapshots.partition_point(|s| s.id.as_str() <= after)
+                    }
+                };
+                let take = match req.max_entries {
+                    0 => snapshots.len(),
+                    n => n as usize,
+                };
+                let end = start.saturating_add(take).min(snapshots.len());
+                let next_token = match snapshots[..end].last() {
+                    Some(last) if end < snapshots.len() => format!("{TOKEN_PREFIX}{}", last.id),
+                    _ => String::new(),
+                };
+                Ok(ListSnapshotsResponse {
+                    entries: snapshots[start..end]
+                        .iter()
+                        .map(|meta| list_snapshots_response::Entry {
+                            snapshot: Some(Self::snapshot(meta)),
+                        })
+                        .collect(),
+                    next_token,
+                })
+            })
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(volume.id = %Shown(&request.get_ref().volume_id)))]
@@ -536,4 +658,21 @@ impl Controller for ControllerService {
             "ControllerModifyVolume is not offered",
         ))
     }
+}
+
+/// The wire form of a volume's recorded content source (`snapshot:<id>` or `volume:<id>`).
+fn content_source(recorded: &str) -> Option<VolumeContentSource> {
+    use volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let r#type = match recorded.split_once(':')? {
+        ("snapshot", id) => Type::Snapshot(SnapshotSource {
+            snapshot_id: id.to_owned(),
+        }),
+        ("volume", id) => Type::Volume(VolumeSource {
+            volume_id: id.to_owned(),
+        }),
+        _ => return None,
+    };
+    Some(VolumeContentSource {
+        r#type: Some(r#type),
+    })
 }

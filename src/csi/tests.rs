@@ -150,6 +150,7 @@ impl ControllerLane for FakeController {
             project_id: None,
             dataset: request.dataset,
             block: None,
+            content_source: None,
         };
         Ok(self
             .volumes
@@ -783,6 +784,7 @@ async fn the_local_node_lane_over_the_fake_mounter() {
             range: Range::default(),
             params: Default::default(),
             dataset: None,
+            source: None,
         })
         .unwrap();
     let fake = Arc::new(FakeMounter::default());

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::capability::{Access, Capability};
 use super::local::{CreateRequest, Space};
+use super::snapshot::{SnapshotId, SnapshotMeta};
 use super::{Error, Range, Result, VolumeId, VolumeMeta};
 
 /// A topology: segment key → value.
@@ -45,6 +46,24 @@ pub trait ControllerLane: Send + Sync {
     async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>>;
     /// Why the volume is unhealthy, or `None`.
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>>;
+    /// Takes snapshot `name` of volume `source` (idempotent by name; another source under
+    /// the same name is `Incompatible`).
+    async fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
+        let _ = (name, source);
+        Err(Error::Unsupported(format!(
+            "the {} lane cannot take snapshots; use a fast-rwo profile",
+            self.kind()
+        )))
+    }
+    /// Deletes a snapshot; an unknown one is fine.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let _ = id;
+        Ok(())
+    }
+    /// Every snapshot of the lane, ordered by ID.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Runs blocking lane work off the async runtime within `deadline`.

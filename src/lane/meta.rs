@@ -31,6 +31,9 @@ pub struct VolumeMeta {
     /// (the profile's settings when the volume was created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<super::BlockBackend>,
+    /// What the volume was made from: `snapshot:<snapshot id>` or `volume:<volume id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_source: Option<String>,
 }
 
 pub const FILE: &str = "volume.json";

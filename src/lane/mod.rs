@@ -17,6 +17,7 @@ pub mod node;
 pub mod params;
 pub mod profile;
 pub mod quota;
+pub mod snapshot;
 pub mod volumes;
 
 use std::path::PathBuf;
@@ -55,12 +56,21 @@ pub enum Error {
     CapacityOutOfRange { requested: u64, max: u64 },
     #[error("volume {name} already exists and is incompatible: {reason}")]
     Incompatible { name: String, reason: String },
+    #[error("snapshot {name} already exists and is incompatible: {reason}")]
+    SnapshotExists { name: String, reason: String },
+    #[error(
+        "capacity of {requested} bytes is smaller than the {source_bytes} bytes of the snapshot \
+         or volume it is made from"
+    )]
+    SmallerThanSource { requested: u64, source_bytes: u64 },
     #[error("volume {id} is still mounted at {path}; unpublish it first")]
     InUse { id: String, path: PathBuf },
     #[error("volume {id} is still attached on this node as {device}; unstage it first")]
     Attached { id: String, device: PathBuf },
     #[error("quota: {0}")]
     Quota(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{op} did not finish within {seconds}s; the lane's storage may be hung")]
     Timeout { op: &'static str, seconds: u64 },
     #[error("{context}: {source}")]
@@ -80,10 +90,11 @@ impl Error {
             | Error::InvalidVolumeId { .. }
             | Error::UnknownParameter(_)
             | Error::InvalidParameter { .. }
-            | Error::Capacity(_) => Kind::InvalidArgument,
+            | Error::Capacity(_)
+            | Error::Unsupported(_) => Kind::InvalidArgument,
             Error::UnknownVolume(_) => Kind::NotFound,
-            Error::CapacityOutOfRange { .. } => Kind::OutOfRange,
-            Error::Incompatible { .. } => Kind::AlreadyExists,
+            Error::CapacityOutOfRange { .. } | Error::SmallerThanSource { .. } => Kind::OutOfRange,
+            Error::Incompatible { .. } | Error::SnapshotExists { .. } => Kind::AlreadyExists,
             Error::InUse { .. } | Error::Attached { .. } => Kind::FailedPrecondition,
             Error::Quota(_) => Kind::Internal,
             Error::Timeout { .. } => Kind::DeadlineExceeded,

@@ -18,9 +18,37 @@ use super::{Error, Result, VolumeId, VolumeMeta};
 const TEMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 
-/// The volume directories of one lane.
+/// What a directory's record is: a volume's `volume.json`, a snapshot's `snapshot.json`.
+pub trait Record: Sized {
+    /// Reads the record in directory `dir`.
+    fn load(dir: &Path) -> Result<Self>;
+    /// The record's file name in its directory.
+    const FILE: &'static str;
+}
+
+impl Record for VolumeMeta {
+    fn load(dir: &Path) -> Result<Self> {
+        VolumeMeta::load(dir)
+    }
+    const FILE: &'static str = super::meta::FILE;
+}
+
+impl Record for super::snapshot::SnapshotMeta {
+    fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        let bytes = std::fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Io {
+            context: format!("parse {}", path.display()),
+            source: std::io::Error::other(e),
+        })
+    }
+    const FILE: &'static str = "snapshot.json";
+}
+
+/// The volume (or snapshot) directories of one lane.
 #[derive(Debug)]
-pub struct VolumeDirs {
+pub struct VolumeDirs<R = VolumeMeta> {
+    record: std::marker::PhantomData<fn() -> R>,
     lane: &'static str,
     base: PathBuf,
     retained: PathBuf,
@@ -52,15 +80,16 @@ pub fn now_unix() -> u64 {
         .as_secs()
 }
 
-impl VolumeDirs {
+impl<R: Record> VolumeDirs<R> {
     /// Opens (creating if needed) `base` for `lane`'s volumes; retained volumes go to
     /// `retained`.
-    pub fn open(lane: &'static str, base: &Path, retained: PathBuf) -> Result<VolumeDirs> {
+    pub fn open(lane: &'static str, base: &Path, retained: PathBuf) -> Result<VolumeDirs<R>> {
         std::fs::create_dir_all(base).map_err(Error::io(format!("create {}", base.display())))?;
         let base = base
             .canonicalize()
             .map_err(Error::io(format!("resolve {}", base.display())))?;
         Ok(VolumeDirs {
+            record: std::marker::PhantomData,
             lane,
             base,
             retained,
@@ -85,22 +114,22 @@ impl VolumeDirs {
     }
 
     /// The volume with this ID, or `None`.
-    pub fn find(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
+    pub fn find(&self, id: &VolumeId) -> Result<Option<R>> {
         let dir = self.dir(id);
-        if !dir.join(super::meta::FILE).exists() {
+        if !dir.join(R::FILE).exists() {
             return Ok(None);
         }
-        VolumeMeta::load(&dir).map(Some)
+        R::load(&dir).map(Some)
     }
 
     /// The volume with this ID, or `UnknownVolume`.
-    pub fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+    pub fn get(&self, id: &VolumeId) -> Result<R> {
         self.find(id)?
             .ok_or_else(|| Error::UnknownVolume(id.to_string()))
     }
 
     /// All volumes, ordered by ID.
-    pub fn list(&self) -> Result<Vec<VolumeMeta>> {
+    pub fn list(&self) -> Result<Vec<R>> {
         let entries = std::fs::read_dir(&self.base)
             .map_err(Error::io(format!("list {}", self.base.display())))?;
         let mut names: Vec<String> = entries
@@ -126,9 +155,9 @@ impl VolumeDirs {
     pub fn create(
         &self,
         name: &str,
-        compatible: impl Fn(VolumeMeta) -> Result<VolumeMeta>,
-        build: impl FnOnce(&Path, &VolumeId) -> Result<VolumeMeta>,
-    ) -> Result<VolumeMeta> {
+        compatible: impl Fn(R) -> Result<R>,
+        build: impl FnOnce(&Path, &VolumeId) -> Result<R>,
+    ) -> Result<R> {
         let id = VolumeId::for_name(self.lane, name)?;
         if let Some(existing) = self.find(&id)? {
             return compatible(existing);
@@ -184,9 +213,9 @@ impl VolumeDirs {
         }
     }
 
-    /// Rewrites the record of an existing volume.
-    pub fn store(&self, meta: &VolumeMeta, id: &VolumeId) -> Result<()> {
-        meta.store(&self.dir(id))
+    /// The lane whose directories these are.
+    pub fn lane(&self) -> &'static str {
+        self.lane
     }
 
     /// Directories a killed create or delete left in the base (`.tmp-*`, `.trash-*`).
@@ -202,6 +231,13 @@ impl VolumeDirs {
             })
             .map(|entry| entry.path())
             .collect())
+    }
+}
+
+impl VolumeDirs<VolumeMeta> {
+    /// Rewrites the record of an existing volume.
+    pub fn store(&self, meta: &VolumeMeta, id: &VolumeId) -> Result<()> {
+        meta.store(&self.dir(id))
     }
 }
 

@@ -8,6 +8,7 @@ use super::{BlockLane, LANE, access};
 use crate::lane::capability::{Access, Capability};
 use crate::lane::controller::{ControllerLane, Segments, blocking};
 use crate::lane::local::{CreateRequest, Space, TOPOLOGY_KEY};
+use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
 use crate::lane::{Range, Result, VolumeId, VolumeMeta};
 
 /// The `fast-rwo` lane as the controller sees it.
@@ -103,6 +104,23 @@ impl ControllerLane for BlockController {
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
         let id = id.clone();
         self.run("condition", move |lane| Ok(lane.condition(&id)))
+            .await
+    }
+
+    async fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
+        let (name, source) = (name.to_owned(), source.clone());
+        self.run("snapshot", move |lane| lane.snapshot(&name, &source))
+            .await
+    }
+
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let id = id.clone();
+        self.run("delete snapshot", move |lane| lane.delete_snapshot(&id))
+            .await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
+        self.run("list snapshots", |lane| lane.list_snapshots())
             .await
     }
 }

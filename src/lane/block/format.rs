@@ -1,9 +1,10 @@
 //! Filesystems on block volumes: made once, grown when the volume grows.
 //!
-//! Rule: a volume is formatted only while `formatted.json` is absent from its directory, and
-//! that record is written only after mkfs has finished. A volume reaches a pod only after its
-//! record exists, so formatting again after a crash can never destroy data, and a formatted
-//! volume is never formatted again.
+//! Rules: a volume is formatted only while `formatted.json` is absent from its directory, and
+//! that record is written only after mkfs has finished, so a formatted volume is never
+//! formatted again. A device whose first MiB holds anything is not formatted either (a volume
+//! used as a raw block device, or restored from one), unless `formatting` says a killed mkfs
+//! of Lanes' own wrote it: then the retry formats again, which loses nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +15,10 @@ use crate::fsutil::{Durability, atomic_write};
 use crate::lane::FsType;
 
 const RECORD: &str = "formatted.json";
+/// Written before mkfs starts, removed after the record: a crash in between is ours.
+const INTENT: &str = "formatting";
+/// How much of the device's head is looked at for earlier contents.
+const HEAD_BYTES: usize = 1 << 20;
 
 /// The filesystem a volume carries, and the size it was last grown to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +39,11 @@ pub enum Error {
         device: String,
         output: String,
     },
+    #[error(
+        "the volume holds data Lanes did not format (it was used as a raw block device); \
+         Lanes will not format it: publish it with volumeMode Block, or wipe it first"
+    )]
+    HasData,
     #[error(
         "the volume is already formatted as {has}; it cannot be staged as {asked} (ask for \
          {has}, or leave fsType unset)"
@@ -84,6 +94,11 @@ pub fn ensure(
         }
         return Ok(done);
     }
+    let intent = volume_dir.join(INTENT);
+    if !intent.exists() && !head_is_empty(device)? {
+        return Err(Error::HasData);
+    }
+    atomic_write(&intent, asked.as_str().as_bytes(), Durability::Synced)?;
     // No discard: it would punch holes into a thick image and make it thin.
     match asked {
         FsType::Xfs => run("mkfs.xfs", &["-f", "-q", "-K"], device)?,
@@ -98,7 +113,18 @@ pub fn ensure(
         bytes: device_bytes,
     };
     record(volume_dir, done)?;
+    std::fs::remove_file(&intent)?;
     Ok(done)
+}
+
+/// True when the first MiB of `device` is all zeros (nothing was ever written there).
+fn head_is_empty(device: &Path) -> Result<bool, Error> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(HEAD_BYTES);
+    std::fs::File::open(device)?
+        .take(HEAD_BYTES as u64)
+        .read_to_end(&mut head)?;
+    Ok(head.iter().all(|&b| b == 0))
 }
 
 /// Mount options a filesystem of `fs_type` gets: xfs volumes restored from a snapshot share

@@ -9,18 +9,19 @@
 //! - delete refuses while the image is attached (staged somewhere on this node);
 //! - expansion grows the image; the node then grows the device and the filesystem.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub mod access;
 pub mod controller;
 pub mod format;
+pub mod image;
 pub mod loopdev;
 pub mod node;
 
 use super::local::{CreateRequest, LocalSettings, Space};
+use super::snapshot::{SnapshotId, SnapshotMeta, Source};
 use super::volumes::{Removed, VolumeDirs, check_compatible, now_unix};
-use super::{BlockBackend, Error, Profiles, Provisioning, Range, Result, VolumeId, VolumeMeta};
+use super::{BlockBackend, Error, Profiles, Range, Result, VolumeId, VolumeMeta};
 
 /// The lane's name in volume IDs and profiles.
 pub const LANE: &str = "fast-rwo";
@@ -30,6 +31,7 @@ const IMAGE: &str = "disk.img";
 #[derive(Debug)]
 pub struct BlockLane {
     volumes: VolumeDirs,
+    snapshots: VolumeDirs<SnapshotMeta>,
     node_id: String,
     settings: LocalSettings,
     profiles: Profiles,
@@ -63,6 +65,11 @@ impl BlockLane {
     ) -> Result<BlockLane> {
         Ok(BlockLane {
             volumes: VolumeDirs::open(LANE, &data_dir.join("block"), data_dir.join("retained"))?,
+            snapshots: VolumeDirs::open(
+                LANE,
+                &data_dir.join("snapshots").join(LANE),
+                data_dir.join("retained"),
+            )?,
             node_id: node_id.to_owned(),
             settings,
             profiles,
@@ -91,8 +98,16 @@ impl BlockLane {
             .ok()
             .and_then(|p| p.block)
             .unwrap_or_default();
-        let compatible =
-            |existing| check_compatible(existing, &request.name, request.range, &request.params);
+        let wanted = request.source.as_ref().map(ToString::to_string);
+        let compatible = |existing: VolumeMeta| {
+            if existing.content_source != wanted {
+                return Err(Error::Incompatible {
+                    name: super::id::printable(&request.name),
+                    reason: "it was created from another source".into(),
+                });
+            }
+            check_compatible(existing, &request.name, request.range, &request.params)
+        };
         self.volumes.create(&request.name, compatible, |temp, id| {
             if request.dataset.is_some() {
                 return Err(Error::InvalidParameter {
@@ -102,10 +117,20 @@ impl BlockLane {
                         .into(),
                 });
             }
-            let capacity = request
-                .range
-                .resolve(self.settings.default_capacity, self.max_capacity()?)?;
-            make_image(&temp.join(IMAGE), capacity, backend.provisioning)?;
+            let (capacity, content_source) = match &request.source {
+                None => {
+                    let capacity = request
+                        .range
+                        .resolve(self.settings.default_capacity, self.max_capacity()?)?;
+                    image::make(&temp.join(IMAGE), capacity, backend.provisioning)?;
+                    (capacity, None)
+                }
+                Some(source) => {
+                    let capacity = self.copy_source(source, request, temp)?;
+                    image::grow(&temp.join(IMAGE), capacity, backend.provisioning)?;
+                    (capacity, Some(source.to_string()))
+                }
+            };
             let meta = VolumeMeta {
                 name: request.name.clone(),
                 id: id.to_string(),
@@ -116,6 +141,7 @@ impl BlockLane {
                 project_id: None,
                 dataset: None,
                 block: Some(backend),
+                content_source,
             };
             meta.store(temp)?;
             Ok(meta)
@@ -130,6 +156,110 @@ impl BlockLane {
     /// All volumes, ordered by ID.
     pub fn list(&self) -> Result<Vec<VolumeMeta>> {
         self.volumes.list()
+    }
+
+    /// Copies the source's image (and its filesystem record) into `temp`; the capacity the
+    /// new volume gets: the request's, which must hold the source, or the source's size.
+    fn copy_source(&self, source: &Source, request: &CreateRequest, temp: &Path) -> Result<u64> {
+        let (dir, size) = match source {
+            Source::Snapshot(id) => {
+                let snapshot = self.snapshots.get(&id.as_volume_id())?;
+                (self.snapshots.dir(&id.as_volume_id()), snapshot.size_bytes)
+            }
+            Source::Volume(id) => {
+                let volume = self.volumes.get(id)?;
+                self.flush(id);
+                (self.volume_dir(id), volume.capacity_bytes)
+            }
+        };
+        let capacity = if request.range.required <= 0 && request.range.limit <= 0 {
+            size
+        } else {
+            request.range.resolve(size, self.max_capacity()?)?
+        };
+        if capacity < size {
+            return Err(Error::SmallerThanSource {
+                requested: capacity,
+                source_bytes: size,
+            });
+        }
+        image::copy(&dir.join(IMAGE), &temp.join(IMAGE))?;
+        copy_format_record(&dir, temp)?;
+        Ok(capacity)
+    }
+
+    /// Writes what a mounted filesystem of the volume holds in memory to its image, where
+    /// this process can see the mount (best effort: a snapshot is crash-consistent anyway).
+    fn flush(&self, id: &VolumeId) {
+        let image = self.image_path(id);
+        let Ok(Some(device)) = loopdev::find(&image) else {
+            return;
+        };
+        let Ok(table) = crate::mount::mountinfo::read() else {
+            return;
+        };
+        if let Some(mount) = table.iter().find(|e| (e.major, e.minor) == device.number)
+            && let Ok(dir) = std::fs::File::open(&mount.mount_point)
+        {
+            let _ = nix::unistd::syncfs(&dir);
+        }
+    }
+
+    /// Takes snapshot `name` of `source`: a copy of its image (reflink where the filesystem
+    /// allows), independent of the volume from then on.
+    pub fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
+        let compatible = |existing: SnapshotMeta| {
+            if existing.source_volume_id != source.to_string() {
+                return Err(Error::SnapshotExists {
+                    name: super::id::printable(name),
+                    reason: format!("it is a snapshot of {}", existing.source_volume_id),
+                });
+            }
+            Ok(existing)
+        };
+        self.snapshots.create(name, compatible, |temp, id| {
+            let volume = self.volumes.get(source)?;
+            self.flush(source);
+            let dir = self.volume_dir(source);
+            let method = image::copy(&dir.join(IMAGE), &temp.join(IMAGE))?;
+            copy_format_record(&dir, temp)?;
+            let meta = SnapshotMeta {
+                name: name.to_owned(),
+                id: SnapshotId::parse(&format!("{LANE}@{}", id.dir()))?.to_string(),
+                source_volume_id: source.to_string(),
+                size_bytes: volume.capacity_bytes,
+                created_unix: now_unix(),
+                method: method.as_str().to_owned(),
+            };
+            let body = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Io {
+                context: "encode the snapshot record".into(),
+                source: std::io::Error::other(e),
+            })?;
+            let path = temp.join(<SnapshotMeta as super::volumes::Record>::FILE);
+            crate::fsutil::atomic_write(&path, &body, crate::fsutil::Durability::Synced)
+                .map_err(Error::io(format!("write {}", path.display())))?;
+            Ok(meta)
+        })
+    }
+
+    /// Deletes a snapshot; an unknown one is fine. Volumes restored from it keep their data.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let id = id.as_volume_id();
+        if self.snapshots.find(&id)?.is_none() {
+            return Ok(());
+        }
+        match self
+            .snapshots
+            .remove(&id, super::params::OnDelete::Delete)?
+        {
+            Removed::Trashed(trash) | Removed::Retained(trash) => std::fs::remove_dir_all(&trash)
+                .map_err(Error::io(format!("remove {}", trash.display()))),
+        }
+    }
+
+    /// Every snapshot, ordered by ID.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
+        self.snapshots.list()
     }
 
     /// Deletes the volume (an unknown one is fine); refuses while its image is attached.
@@ -168,7 +298,7 @@ impl BlockLane {
         }
         let capacity = range.resolve(meta.capacity_bytes, self.max_capacity()?)?;
         let provisioning = meta.block.unwrap_or_default().provisioning;
-        grow_image(&self.image_path(id), capacity, provisioning)?;
+        image::grow(&self.image_path(id), capacity, provisioning)?;
         meta.capacity_bytes = capacity;
         self.volumes.store(&meta, id)?;
         Ok(capacity)
@@ -212,7 +342,9 @@ impl BlockLane {
     /// Removes what killed creates and deletes left behind. Only the role that creates and
     /// deletes may call it.
     pub fn recover(&self) -> Result<()> {
-        for leftover in self.volumes.leftovers()? {
+        let mut leftovers = self.volumes.leftovers()?;
+        leftovers.extend(self.snapshots.leftovers()?);
+        for leftover in leftovers {
             tracing::info!(path = %leftover.display(), "removing leftover of an interrupted call");
             std::fs::remove_dir_all(&leftover)
                 .map_err(Error::io(format!("remove {}", leftover.display())))?;
@@ -221,50 +353,18 @@ impl BlockLane {
     }
 }
 
-/// Creates the image file of `bytes`: allocated whole (thick) or sparse (thin).
-fn make_image(path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io(format!("create {}", path.display())))?;
-    size_image(&file, path, bytes, provisioning)?;
-    file.sync_all()
-        .map_err(Error::io(format!("sync {}", path.display())))
-}
-
-/// Grows an existing image to `bytes`.
-fn grow_image(path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(path)
-        .map_err(Error::io(format!("open {}", path.display())))?;
-    size_image(&file, path, bytes, provisioning)?;
-    file.sync_all()
-        .map_err(Error::io(format!("sync {}", path.display())))
-}
-
-fn size_image(
-    file: &std::fs::File,
-    path: &Path,
-    bytes: u64,
-    provisioning: Provisioning,
-) -> Result<()> {
-    match provisioning {
-        Provisioning::Thick => nix::fcntl::fallocate(
-            file,
-            nix::fcntl::FallocateFlags::empty(),
-            0,
-            bytes as nix::libc::off_t,
-        )
-        .map_err(|e| Error::io(format!("allocate {bytes} bytes for {}", path.display()))(e.into())),
-        Provisioning::Thin => file
-            .set_len(bytes)
-            .map_err(Error::io(format!("size {}", path.display()))),
+/// Copies a volume's filesystem record, so a copy of a formatted image is never formatted.
+fn copy_format_record(from: &Path, to: &Path) -> Result<()> {
+    if let Some(formatted) = format::formatted(from).map_err(|e| Error::Io {
+        context: format!("read the format record in {}", from.display()),
+        source: std::io::Error::other(e.to_string()),
+    })? {
+        format::record(to, formatted).map_err(|e| Error::Io {
+            context: format!("write the format record in {}", to.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     }
+    Ok(())
 }
 
 /// The settings a `fast-rwo` volume was made with (older records: the defaults).

@@ -67,6 +67,7 @@ impl Mounts {
 fn format_error(e: format::Error) -> NodeError {
     match e {
         format::Error::OtherFs { .. } => NodeError::Invalid(e.to_string()),
+        format::Error::HasData => NodeError::Precondition(e.to_string()),
         format::Error::Io(e) => NodeError::Internal(e.to_string()),
         format::Error::Tool { .. } => NodeError::Internal(e.to_string()),
     }

@@ -42,6 +42,8 @@ pub struct CreateRequest {
     pub params: CreateParams,
     /// The pinned dataset the volume starts with (from `params.dataset`, resolved).
     pub dataset: Option<String>,
+    /// The snapshot or volume the new volume starts as a copy of.
+    pub source: Option<crate::lane::snapshot::Source>,
 }
 
 /// The local lane on one node.
@@ -200,6 +202,13 @@ impl LocalLane {
         let compatible =
             |existing| check_compatible(existing, &request.name, request.range, &request.params);
         self.volumes.create(&request.name, compatible, |temp, id| {
+            if request.source.is_some() {
+                return Err(Error::Unsupported(
+                    "local volumes cannot be cloned or restored from a snapshot; use a fast-rwo \
+                     profile"
+                        .into(),
+                ));
+            }
             let capacity = request
                 .range
                 .resolve(self.settings.default_capacity, self.max_capacity()?)?;
@@ -245,6 +254,7 @@ impl LocalLane {
             project_id,
             dataset: request.dataset.clone(),
             block: None,
+            content_source: None,
         };
         meta.store(temp)?;
         Ok(meta)
@@ -413,6 +423,7 @@ mod tests {
                 ..Default::default()
             },
             dataset: None,
+            source: None,
         }
     }
 
