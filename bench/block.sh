@@ -38,16 +38,25 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now_ms() { date +%s%3N; }
 
-# Provision + first publish of a 10 GiB xfs volume (create, fallocate, attach, mkfs, mount).
+# Provision + first publish of a 10 GiB xfs volume (create, fallocate, attach, mkfs, mount);
+# then a snapshot of it holding 512 MiB of data, taken while mounted.
 provision=()
+snapshot=()
 for i in $(seq "$runs"); do
   start=$(now_ms)
   $L create-volume "big$i" --capacity 10Gi >/dev/null
   $L publish "fast-rwo/big$i" "$work/pods/big$i" >/dev/null
   provision+=($(( $(now_ms) - start )))
+  dd if=/dev/urandom of="$work/pods/big$i/data" bs=1M count=512 oflag=direct status=none
+  start=$(now_ms)
+  $L snapshot "fast-rwo/big$i" "snap$i" >/dev/null
+  snapshot+=($(( $(now_ms) - start )))
+  $L delete-snapshot "fast-rwo@snap$i" >/dev/null
   $L unpublish "fast-rwo/big$i" "$work/pods/big$i" >/dev/null
   $L delete-volume "fast-rwo/big$i" >/dev/null
 done
+reflink=no
+cp --reflink=always "$work/config.yaml" "$work/reflink-probe" 2>/dev/null && reflink=yes
 
 # fio on the volume and on the host filesystem, alternating, same job files.
 $L create-volume fio --capacity "$((size * 2))Mi" >/dev/null
@@ -81,3 +90,5 @@ for case in write read rand; do
 done
 printf '%-44s %10s ms\n' "10 GiB xfs volume: create + first publish" \
   "$(printf '%s\n' "${provision[@]}" | median)"
+printf '%-44s %10s ms   (reflink on the data dir: %s)\n' "snapshot of it, 512 MiB written" \
+  "$(printf '%s\n' "${snapshot[@]}" | median)" "$reflink"

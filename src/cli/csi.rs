@@ -128,8 +128,10 @@ pub async fn create_volume(
     name: &str,
     capacity: Option<u64>,
     parameters: HashMap<String, String>,
+    source: Option<VolumeContentSource>,
 ) -> CallResult {
     let request = CreateVolumeRequest {
+        volume_content_source: source,
         name: name.to_owned(),
         capacity_range: capacity.map(|bytes| CapacityRange {
             required_bytes: bytes as i64,
@@ -153,6 +155,106 @@ pub async fn create_volume(
             volume.volume_id,
             human(volume.capacity_bytes.max(0) as u64)
         ),
+    })
+}
+
+/// A content source naming a snapshot or a volume (at most one is given).
+pub fn content_source(snapshot: Option<&str>, volume: Option<&str>) -> Option<VolumeContentSource> {
+    use volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let r#type = match (snapshot, volume) {
+        (Some(id), _) => Type::Snapshot(SnapshotSource {
+            snapshot_id: id.to_owned(),
+        }),
+        (None, Some(id)) => Type::Volume(VolumeSource {
+            volume_id: id.to_owned(),
+        }),
+        (None, None) => return None,
+    };
+    Some(VolumeContentSource {
+        r#type: Some(r#type),
+    })
+}
+
+/// Takes snapshot `name` of a volume.
+pub async fn snapshot(c: &mut Clients, volume_id: &str, name: &str) -> CallResult {
+    let snapshot = c
+        .controller
+        .create_snapshot(CreateSnapshotRequest {
+            name: name.to_owned(),
+            source_volume_id: volume_id.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .snapshot
+        .unwrap_or_default();
+    Ok(Report {
+        json: snapshot_json(&snapshot),
+        text: format!(
+            "snapshot {} of {} ({})\n",
+            snapshot.snapshot_id,
+            snapshot.source_volume_id,
+            human(snapshot.size_bytes.max(0) as u64)
+        ),
+    })
+}
+
+fn snapshot_json(snapshot: &Snapshot) -> Value {
+    json!({
+        "snapshot_id": snapshot.snapshot_id,
+        "source_volume_id": snapshot.source_volume_id,
+        "size_bytes": snapshot.size_bytes,
+        "created_unix": snapshot.creation_time.as_ref().map(|t| t.seconds),
+        "ready_to_use": snapshot.ready_to_use,
+    })
+}
+
+pub async fn delete_snapshot(c: &mut Clients, snapshot_id: &str) -> CallResult {
+    c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(Report {
+        json: json!({"deleted": snapshot_id}),
+        text: format!("deleted snapshot {snapshot_id}\n"),
+    })
+}
+
+/// Every snapshot (of `volume`, when given), following the pages.
+pub async fn snapshots(c: &mut Clients, volume: Option<&str>) -> CallResult {
+    let mut entries = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .controller
+            .list_snapshots(ListSnapshotsRequest {
+                max_entries: 100,
+                starting_token: token.clone(),
+                source_volume_id: volume.unwrap_or_default().to_owned(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        entries.extend(page.entries.into_iter().filter_map(|e| e.snapshot));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut text = format!("{:<40} {:<40} {:>10}\n", "SNAPSHOT", "SOURCE", "SIZE");
+    for s in &entries {
+        text.push_str(&format!(
+            "{:<40} {:<40} {:>10}\n",
+            s.snapshot_id,
+            s.source_volume_id,
+            human(s.size_bytes.max(0) as u64)
+        ));
+    }
+    Ok(Report {
+        json: Value::Array(entries.iter().map(snapshot_json).collect()),
+        text,
     })
 }
 

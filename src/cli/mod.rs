@@ -213,9 +213,24 @@ pub enum CsiCommand {
         /// StorageClass-style parameter KEY=VALUE (repeatable).
         #[arg(long = "param")]
         params: Vec<String>,
+        /// Start as a copy of this snapshot (a fast-rwo snapshot ID).
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Start as a copy (clone) of this volume.
+        #[arg(long)]
+        from_volume: Option<String>,
     },
     /// Delete a volume.
     DeleteVolume { volume_id: String },
+    /// Take a snapshot NAME of a volume.
+    Snapshot { volume_id: String, name: String },
+    /// Delete a snapshot.
+    DeleteSnapshot { snapshot_id: String },
+    /// List snapshots (of one volume with --volume).
+    Snapshots {
+        #[arg(long)]
+        volume: Option<String>,
+    },
     /// Grow a volume.
     ExpandVolume {
         volume_id: String,
@@ -608,15 +623,23 @@ async fn run_client(
             name,
             capacity,
             params,
+            from_snapshot,
+            from_volume,
         } => {
             let capacity = capacity
                 .as_deref()
                 .map(parse_bytes)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            csi::create_volume(&mut c, name, capacity, parse_params(params)?).await
+            let source = csi::content_source(from_snapshot.as_deref(), from_volume.as_deref());
+            csi::create_volume(&mut c, name, capacity, parse_params(params)?, source).await
         }
         CsiCommand::DeleteVolume { volume_id } => csi::delete_volume(&mut c, volume_id).await,
+        CsiCommand::Snapshot { volume_id, name } => csi::snapshot(&mut c, volume_id, name).await,
+        CsiCommand::DeleteSnapshot { snapshot_id } => {
+            csi::delete_snapshot(&mut c, snapshot_id).await
+        }
+        CsiCommand::Snapshots { volume } => csi::snapshots(&mut c, volume.as_deref()).await,
         CsiCommand::ExpandVolume {
             volume_id,
             capacity,
