@@ -19,7 +19,7 @@ cleanup() {
   for m in $(awk -v w="$work" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  for d in $(losetup -j "$data/block" 2>/dev/null | cut -d: -f1); do losetup -d "$d" || true; done
+  for d in $(losetup -a | grep -F "$work/" | cut -d: -f1); do losetup -d "$d" || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -27,13 +27,13 @@ cat > "$work/config.yaml" <<'YAML'
 profiles:
   fast: {lane: fast-rwo, default: true, block: {fs_type: xfs, provisioning: thick}}
 YAML
-LANES_LOG=warn target/release/lanes standalone --config "$work/config.yaml" --data-dir "$data" \
-  --node-id bench --endpoint "$work/csi.sock" &
+LANES_LOG=error target/release/lanes standalone --config "$work/config.yaml" --data-dir "$data" \
+  --node-id bench &
 pid=$!
-for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.05; done
+for _ in $(seq 100); do [ -S "$data/csi.sock" ] && break; sleep 0.05; done
 mkdir -p "$work/pods" "$work/host"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r);" \
-  "images on $(stat -f -c %T "$work") ($(df --output=source "$work" | tail -1))"
+  "images on $(df --output=fstype "$work" | tail -1) ($(df --output=source "$work" | tail -1))"
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now_ms() { date +%s%3N; }

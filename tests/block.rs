@@ -771,3 +771,71 @@ async fn snapshots_restore_and_clones_copy_and_outlive_their_source() {
         "the local lane has no snapshots",
     );
 }
+
+#[test]
+fn a_copy_on_xfs_with_reflink_shares_blocks() {
+    if !privileged("block reflink") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("lanes-reflink-")
+        .tempdir()
+        .unwrap();
+    let image = dir.path().join("xfs.img");
+    let mount = dir.path().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(400 << 20)
+        .unwrap();
+    let run = |program: &str, args: &[&std::ffi::OsStr]| {
+        let status = std::process::Command::new(program)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{program} {args:?}");
+    };
+    run(
+        "mkfs.xfs",
+        &[
+            "-q".as_ref(),
+            "-m".as_ref(),
+            "reflink=1".as_ref(),
+            image.as_os_str(),
+        ],
+    );
+    run(
+        "mount",
+        &[
+            "-o".as_ref(),
+            "loop".as_ref(),
+            image.as_os_str(),
+            mount.as_os_str(),
+        ],
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let from = mount.join("a.img");
+    std::fs::write(&from, vec![9u8; 64 << 20]).unwrap();
+    let free = |path: &Path| {
+        let stat = nix::sys::statvfs::statvfs(path).unwrap();
+        stat.blocks_free() * stat.fragment_size()
+    };
+    nix::unistd::sync();
+    let before = free(&mount);
+    let to = mount.join("b.img");
+    let how = lanes::lane::block::image::copy(&from, &to).unwrap();
+    nix::unistd::sync();
+    assert_eq!(how, lanes::lane::block::image::Copied::Reflink);
+    assert_eq!(std::fs::read(&to).unwrap(), vec![9u8; 64 << 20]);
+    let used = before - free(&mount);
+    assert!(
+        used < 8 << 20,
+        "a reflink shares its blocks: {used} bytes used"
+    );
+}

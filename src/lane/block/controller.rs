@@ -11,6 +11,11 @@ use crate::lane::local::{CreateRequest, Space, TOPOLOGY_KEY};
 use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
 use crate::lane::{Range, Result, VolumeId, VolumeMeta};
 
+/// How long a snapshot or a volume made from one may take: without reflink it copies every
+/// written extent of the image (the CO's sidecars wait up to their `--timeout`, then retry,
+/// and a retry while the copy runs is ABORTED by the volume's guard).
+const COPY_DEADLINE: Duration = Duration::from_secs(600);
+
 /// The `fast-rwo` lane as the controller sees it.
 pub struct BlockController {
     lane: Arc<BlockLane>,
@@ -35,8 +40,16 @@ impl BlockController {
         T: Send + 'static,
         F: FnOnce(&BlockLane) -> Result<T> + Send + 'static,
     {
+        self.run_within(op, self.deadline, f).await
+    }
+
+    async fn run_within<T, F>(&self, op: &'static str, deadline: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&BlockLane) -> Result<T> + Send + 'static,
+    {
         let lane = self.lane.clone();
-        blocking(op, self.deadline, move || f(&lane)).await
+        blocking(op, deadline, move || f(&lane)).await
     }
 
     fn ours(&self) -> Segments {
@@ -65,7 +78,12 @@ impl ControllerLane for BlockController {
     }
 
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
-        self.run("create", move |lane| lane.create(&request)).await
+        let deadline = match request.source {
+            Some(_) => COPY_DEADLINE,
+            None => self.deadline,
+        };
+        self.run_within("create", deadline, move |lane| lane.create(&request))
+            .await
     }
 
     async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
@@ -109,8 +127,10 @@ impl ControllerLane for BlockController {
 
     async fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
         let (name, source) = (name.to_owned(), source.clone());
-        self.run("snapshot", move |lane| lane.snapshot(&name, &source))
-            .await
+        self.run_within("snapshot", COPY_DEADLINE, move |lane| {
+            lane.snapshot(&name, &source)
+        })
+        .await
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {

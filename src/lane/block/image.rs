@@ -99,10 +99,15 @@ pub fn copy(from: &Path, to: &Path) -> Result<Copied> {
     Ok(how)
 }
 
-/// Copies the data extents of `source` into `target` and gives it the same length.
+/// Copies the data extents of `source` into `target` and gives it the same length. Reads go
+/// without readahead: pages read ahead into an allocated-but-unwritten range would make the
+/// kernel report that range as data, and the copy would cascade through the whole image.
+/// Zero chunks are not written (they stay holes in the copy).
 fn copy_extents(source: &File, target: &File) -> std::io::Result<()> {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
     use nix::unistd::{Whence, lseek};
     let len = source.metadata()?.len();
+    posix_fadvise(source, 0, 0, PosixFadviseAdvice::POSIX_FADV_RANDOM)?;
     let mut buffer = vec![0u8; 1 << 20];
     let mut at: u64 = 0;
     while at < len {
@@ -119,11 +124,15 @@ fn copy_extents(source: &File, target: &File) -> std::io::Result<()> {
             if read == 0 {
                 break;
             }
-            target.write_all_at(&buffer[..read], offset)?;
+            if buffer[..read].iter().any(|&b| b != 0) {
+                target.write_all_at(&buffer[..read], offset)?;
+            }
             offset += read as u64;
         }
         at = hole;
     }
+    // What was read is not worth keeping in memory.
+    posix_fadvise(source, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
     target.set_len(len)
 }
 
