@@ -305,7 +305,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cache(args) => return run_cache(args, cli.config.as_deref(), &cli.data_dir),
         Command::Profiles(args) => {
-            return run_profiles(args, cli.config.as_deref(), &cli.data_dir);
+            return run_profiles(args, cli.config.as_deref(), &cli.data_dir).await;
         }
     };
     let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;
@@ -390,36 +390,40 @@ struct ProfileRow<'a> {
     recommended: Option<bool>,
 }
 
-fn run_profiles(
+async fn run_profiles(
     args: ProfilesArgs,
     config: Option<&std::path::Path>,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let config = Config::load(config, data_dir)?;
+    let kube = crate::kubeapi::Kube::default();
+    let mut probes = Vec::new();
+    for profile in config.profiles.iter() {
+        probes.push(match (&profile.longhorn, profile.lane) {
+            (Some(longhorn), _) => crate::lane::longhorn::probe(&kube, longhorn).await,
+            (None, crate::lane::LaneKind::Local) => crate::lane::local::probe(data_dir),
+            (None, crate::lane::LaneKind::FastRwo) => crate::lane::block::probe(data_dir),
+        });
+    }
     let mut rows: Vec<ProfileRow> = config
         .profiles
         .iter()
-        .map(|profile| {
-            let probe = match profile.lane {
-                crate::lane::LaneKind::Local => crate::lane::local::probe(data_dir),
-                crate::lane::LaneKind::FastRwo => crate::lane::block::probe(data_dir),
-            };
-            ProfileRow {
-                name: &profile.name,
-                lane: profile.lane.as_str(),
-                description: &profile.description,
-                default: profile.default,
-                backend: probe.backend,
-                available: probe.available,
-                reason: probe.reason,
-                capacity_enforced: probe.capacity_enforced,
-                enforcement: probe.enforcement,
-                free_bytes: probe.free_bytes,
-                recommended_for: profile.best_for.iter().map(|w| w.to_string()).collect(),
-                recommended: args
-                    .workload
-                    .map(|w| profile.best_for.contains(&w) && probe.available),
-            }
+        .zip(probes)
+        .map(|(profile, probe)| ProfileRow {
+            name: &profile.name,
+            lane: profile.lane.as_str(),
+            description: &profile.description,
+            default: profile.default,
+            backend: probe.backend,
+            available: probe.available,
+            reason: probe.reason,
+            capacity_enforced: probe.capacity_enforced,
+            enforcement: probe.enforcement,
+            free_bytes: probe.free_bytes,
+            recommended_for: profile.best_for.iter().map(|w| w.to_string()).collect(),
+            recommended: args
+                .workload
+                .map(|w| profile.best_for.contains(&w) && probe.available),
         })
         .collect();
     if args.workload.is_some() {

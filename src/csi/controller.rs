@@ -74,6 +74,23 @@ impl ControllerService {
         Ok(Some(source))
     }
 
+    /// GetCapacity of a profile Longhorn serves: the most one schedulable Longhorn disk can
+    /// take now (UNAVAILABLE when the Kubernetes API or Longhorn cannot be read).
+    async fn longhorn_capacity(
+        &self,
+        backend: &crate::lane::longhorn::LonghornBackend,
+    ) -> Result<GetCapacityResponse, Status> {
+        let client = self.0.kube.client().await.map_err(Status::unavailable)?;
+        let health = crate::lane::longhorn::health(client, backend)
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(GetCapacityResponse {
+            available_capacity: to_wire(health.largest_free),
+            maximum_volume_size: Some(to_wire(health.largest_free)),
+            minimum_volume_size: None,
+        })
+    }
+
     fn snapshot(meta: &SnapshotMeta) -> Snapshot {
         Snapshot {
             size_bytes: to_wire(meta.size_bytes),
@@ -198,7 +215,15 @@ impl Controller for ControllerService {
             .call("CreateVolume", async {
                 crate::lane::id::validate_name(&req.name)?;
                 let mut params = CreateParams::parse(&req.parameters, &self.0.profiles)?;
-                let kind = self.0.profiles.get(&params.profile).map_err(Status::invalid_argument)?.lane;
+                let profile = self.0.profiles.get(&params.profile).map_err(Status::invalid_argument)?;
+                if let Some(longhorn) = &profile.longhorn {
+                    return Err(Status::invalid_argument(format!(
+                        "profile {} is served by Longhorn's own driver: create the PVC with \
+                         StorageClass {}",
+                        profile.name, longhorn.storage_class
+                    )));
+                }
+                let kind = profile.lane;
                 let lane = self.0.controllers.get(kind.as_str()).ok_or_else(|| {
                     Status::invalid_argument(format!(
                         "profile {} is on lane {}, which this controller does not serve",
@@ -428,12 +453,15 @@ impl Controller for ControllerService {
             .call("GetCapacity", async {
                 // Capacity per profile: the lane of the profile the parameters name.
                 let params = CreateParams::parse(&req.parameters, &self.0.profiles)?;
-                let kind = self
+                let profile = self
                     .0
                     .profiles
                     .get(&params.profile)
-                    .map_err(Status::invalid_argument)?
-                    .lane;
+                    .map_err(Status::invalid_argument)?;
+                if let Some(longhorn) = &profile.longhorn {
+                    return self.longhorn_capacity(longhorn).await;
+                }
+                let kind = profile.lane;
                 let Some(lane) = self.0.controllers.get(kind.as_str()) else {
                     return Ok(GetCapacityResponse::default());
                 };

@@ -12,6 +12,7 @@ pub mod dataset;
 pub mod id;
 pub mod ledger;
 pub mod local;
+pub mod longhorn;
 pub mod meta;
 pub mod node;
 pub mod params;

@@ -115,6 +115,9 @@ pub struct RawProfile {
     /// Settings of a `fast-rwo` profile's local block backend.
     #[serde(default)]
     pub block: Option<BlockBackend>,
+    /// A `fast-rwo` profile served by Longhorn's own driver instead.
+    #[serde(default)]
+    pub longhorn: Option<super::longhorn::LonghornBackend>,
 }
 
 /// A validated profile.
@@ -125,9 +128,12 @@ pub struct Profile {
     pub description: String,
     pub best_for: Vec<Workload>,
     pub default: bool,
-    /// The block backend's settings (`fast-rwo` profiles only).
+    /// The block backend's settings (`fast-rwo` profiles on the local block backend).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockBackend>,
+    /// Longhorn's StorageClass, for a `fast-rwo` profile Longhorn serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longhorn: Option<super::longhorn::LonghornBackend>,
 }
 
 /// The profile table.
@@ -149,6 +155,7 @@ impl Default for Profiles {
                 best_for: vec![Workload::Scratch],
                 default: true,
                 block: None,
+                longhorn: None,
             }],
         }
     }
@@ -185,15 +192,23 @@ impl Profiles {
                     ));
                 }
             };
-            let block = match (lane, raw.block) {
-                (LaneKind::FastRwo, block) => Some(block.unwrap_or_default()),
-                (_, Some(_)) => {
+            let (block, longhorn) = match (lane, raw.block, raw.longhorn) {
+                (LaneKind::FastRwo, Some(_), Some(_)) => {
                     return Err(format!(
-                        "profiles.{name}: `block` settings belong to fast-rwo profiles, not {}",
+                        "profiles.{name}: a profile is either `block` (Lanes' own disk images) \
+                         or `longhorn`, not both"
+                    ));
+                }
+                (LaneKind::FastRwo, None, Some(longhorn)) => (None, Some(longhorn)),
+                (LaneKind::FastRwo, block, None) => (Some(block.unwrap_or_default()), None),
+                (_, None, None) => (None, None),
+                (_, _, _) => {
+                    return Err(format!(
+                        "profiles.{name}: `block` and `longhorn` settings belong to fast-rwo \
+                         profiles, not {}",
                         lane.as_str()
                     ));
                 }
-                (_, None) => None,
             };
             profiles.push(Profile {
                 name,
@@ -202,6 +217,7 @@ impl Profiles {
                 best_for: raw.best_for,
                 default: raw.default,
                 block,
+                longhorn,
             });
         }
         let defaults: Vec<&str> = profiles
@@ -301,6 +317,14 @@ mod tests {
             (
                 "x: {lane: fast-rwo, block: {fs_type: zfs}}\n",
                 "unknown variant",
+            ),
+            (
+                "x: {lane: fast-rwo, block: {}, longhorn: {storage_class: longhorn}}\n",
+                "not both",
+            ),
+            (
+                "x: {lane: local, longhorn: {storage_class: l}}\n",
+                "belong to fast-rwo",
             ),
         ] {
             let err = raw(yaml).unwrap_err();

@@ -2,6 +2,7 @@
 //! to it through the generated gRPC clients.
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod moto;
 
 use std::path::{Path, PathBuf};
