@@ -6,13 +6,15 @@
 # Needs root (loop devices, mounts) and fio (installed with apt-get when missing).
 #
 #   bench/block.sh [RUNS] [SIZE_MIB]      (defaults 3 and 1024)
+#   LANES_BENCH_DIR=/mnt/xfs bench/block.sh   (work under another filesystem, e.g. xfs with
+#                                             reflink, where snapshots are O(1))
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 size=${2:-1024}
 command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio >/dev/null; }
 cargo build --release --locked --quiet
-work=$(mktemp -d /var/tmp/lanes-bench-block.XXXXXX)
+work=$(mktemp -d "${LANES_BENCH_DIR:-/var/tmp}/lanes-bench-block.XXXXXX")
 data="$work/data"
 L="target/release/lanes --data-dir $data csi"
 cleanup() {

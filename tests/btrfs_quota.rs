@@ -218,6 +218,84 @@ async fn a_write_past_capacity_fails_and_expansion_lifts_the_limit() {
     assert_eq!(total, 100 * MIB);
     assert!(used >= 70 * MIB, "{used}");
 
+    // Snapshots are read-only btrfs snapshots (O(1)); restores and clones are writable ones
+    // with their own quota group.
+    let snapshot = c
+        .controller
+        .create_snapshot(CreateSnapshotRequest {
+            name: "snap-b".into(),
+            source_volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snapshot.snapshot_id.starts_with("local@"), "{snapshot:?}");
+    std::fs::write(target.join("later"), "after the snapshot").unwrap();
+    let from = |name: &str, source: volume_content_source::Type| {
+        let mut request = create_request(name, 0);
+        request.capacity_range = None;
+        request.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(source),
+        });
+        request
+    };
+    let restored = c
+        .controller
+        .create_volume(from(
+            "pvc-restored",
+            volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.snapshot_id.clone(),
+            }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 100 * MIB);
+    let restored_data = data_dir.join("volumes/pvc-restored/data");
+    assert!(restored_data.join("ten").exists());
+    assert!(!restored_data.join("later").exists());
+    let err = write_mib(&restored_data.join("big2"), 120).expect_err("the copy has its own limit");
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(nix::libc::EDQUOT | nix::libc::ENOSPC)
+        ),
+        "{err}"
+    );
+    let clone = c
+        .controller
+        .create_volume(from(
+            "pvc-clone",
+            volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: id.clone(),
+            }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(data_dir.join("volumes/pvc-clone/data/later").exists());
+    for volume in [&restored.volume_id, &clone.volume_id] {
+        c.controller
+            .delete_volume(delete_request(volume))
+            .await
+            .unwrap();
+    }
+    c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snapshot.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!data_dir.join("snapshots/local/snap-b").exists());
+
     c.node
         .node_unpublish_volume(unpublish_request(&id, &target))
         .await

@@ -67,7 +67,20 @@ struct SearchArgs {
     buf: [u8; 3992],
 }
 
+/// `struct btrfs_ioctl_vol_args_v2`, for snapshots.
+#[repr(C)]
+struct VolArgsV2 {
+    fd: i64,
+    transid: u64,
+    flags: u64,
+    unused: [u64; 4],
+    name: [u8; 4040],
+}
+
+const SUBVOL_RDONLY: u64 = 1 << 1;
+
 nix::ioctl_write_ptr!(subvol_create, MAGIC, 14, VolArgs);
+nix::ioctl_write_ptr!(snap_create_v2, MAGIC, 23, VolArgsV2);
 nix::ioctl_write_ptr!(snap_destroy, MAGIC, 15, VolArgs);
 nix::ioctl_readwrite!(tree_search, MAGIC, 17, SearchArgs);
 nix::ioctl_readwrite!(ino_lookup, MAGIC, 18, InoLookupArgs);
@@ -133,6 +146,34 @@ pub fn create_subvolume(parent: &Path, name: &OsStr) -> std::io::Result<()> {
     // SAFETY: `args` is a valid, initialised btrfs_ioctl_vol_args the kernel only reads, and
     // `dir` is an open directory for the duration of the call.
     unsafe { subvol_create(dir.as_raw_fd(), &args) }?;
+    Ok(())
+}
+
+/// Makes `name` in `parent` a snapshot of the subvolume at `source` (read-only when asked):
+/// O(1), sharing every extent with its source until either side writes.
+pub fn snapshot_subvolume(
+    source: &Path,
+    parent: &Path,
+    name: &OsStr,
+    read_only: bool,
+) -> std::io::Result<()> {
+    let from = open_subvolume(source)?;
+    let dir = open_dir(parent)?;
+    let short = vol_args(name)?;
+    if name.as_bytes().len() >= 4040 {
+        return Err(std::io::Error::other("not a subvolume name"));
+    }
+    let mut args = VolArgsV2 {
+        fd: from.as_raw_fd() as i64,
+        transid: 0,
+        flags: if read_only { SUBVOL_RDONLY } else { 0 },
+        unused: [0; 4],
+        name: [0; 4040],
+    };
+    args.name[..name.as_bytes().len()].copy_from_slice(&short.name[..name.as_bytes().len()]);
+    // SAFETY: `args` is a valid btrfs_ioctl_vol_args_v2 the kernel only reads; `from` and
+    // `dir` are open for the duration of the call.
+    unsafe { snap_create_v2(dir.as_raw_fd(), &args) }?;
     Ok(())
 }
 

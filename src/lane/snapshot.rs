@@ -111,6 +111,17 @@ pub struct SnapshotMeta {
     pub method: String,
 }
 
+/// Writes a snapshot's record into its directory, durably.
+pub fn store(meta: &SnapshotMeta, dir: &std::path::Path) -> Result<(), Error> {
+    let body = serde_json::to_vec_pretty(meta).map_err(|e| Error::Io {
+        context: "encode the snapshot record".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let path = dir.join(<SnapshotMeta as super::volumes::Record>::FILE);
+    crate::fsutil::atomic_write(&path, &body, crate::fsutil::Durability::Synced)
+        .map_err(Error::io(format!("write {}", path.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,13 +231,7 @@ impl BlockLane {
                 created_unix: now_unix(),
                 method: method.as_str().to_owned(),
             };
-            let body = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Io {
-                context: "encode the snapshot record".into(),
-                source: std::io::Error::other(e),
-            })?;
-            let path = temp.join(<SnapshotMeta as super::volumes::Record>::FILE);
-            crate::fsutil::atomic_write(&path, &body, crate::fsutil::Durability::Synced)
-                .map_err(Error::io(format!("write {}", path.display())))?;
+            super::snapshot::store(&meta, temp)?;
             Ok(meta)
         })
     }

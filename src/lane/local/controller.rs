@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::{CreateRequest, LANE, LocalLane, Space, TOPOLOGY_KEY, access};
 use crate::lane::capability::{Access, Capability};
 use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
 use crate::lane::{Error, Range, Result, VolumeId, VolumeMeta};
 use crate::mount::Mounter;
 
@@ -117,6 +118,23 @@ impl ControllerLane for LocalController {
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
         let id = id.clone();
         self.run("condition", move |lane| Ok(lane.condition(&id)))
+            .await
+    }
+
+    async fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
+        let (name, source) = (name.to_owned(), source.clone());
+        self.run("snapshot", move |lane| lane.snapshot(&name, &source))
+            .await
+    }
+
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let id = id.clone();
+        self.run("delete snapshot", move |lane| lane.delete_snapshot(&id))
+            .await
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
+        self.run("list snapshots", |lane| lane.list_snapshots())
             .await
     }
 }

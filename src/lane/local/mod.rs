@@ -15,6 +15,7 @@ pub mod controller;
 pub mod node;
 
 use super::quota::{Enforcement, Quota};
+use super::snapshot::{SnapshotId, SnapshotMeta, Source};
 use super::volumes::{Removed, VolumeDirs, check_compatible, now_unix};
 use super::{CreateParams, Error, Range, Result, VolumeId, VolumeMeta};
 use crate::mount::{MountEntry, Origin};
@@ -50,6 +51,7 @@ pub struct CreateRequest {
 #[derive(Debug)]
 pub struct LocalLane {
     volumes: VolumeDirs,
+    snapshots: VolumeDirs<SnapshotMeta>,
     node_id: String,
     settings: LocalSettings,
     enforcement: Enforcement,
@@ -137,6 +139,11 @@ impl LocalLane {
         let volumes = VolumeDirs::open(LANE, &data_dir.join("volumes"), data_dir.join("retained"))?;
         let enforcement = Enforcement::detect(volumes.base());
         Ok(LocalLane {
+            snapshots: VolumeDirs::open(
+                LANE,
+                &data_dir.join("snapshots").join(LANE),
+                data_dir.join("retained"),
+            )?,
             volumes,
             node_id: node_id.to_owned(),
             settings,
@@ -202,18 +209,127 @@ impl LocalLane {
         let compatible =
             |existing| check_compatible(existing, &request.name, request.range, &request.params);
         self.volumes.create(&request.name, compatible, |temp, id| {
-            if request.source.is_some() {
-                return Err(Error::Unsupported(
-                    "local volumes cannot be cloned or restored from a snapshot; use a fast-rwo \
-                     profile"
-                        .into(),
-                ));
+            if let Some(source) = &request.source {
+                return self.build_from(temp, id, request, source);
             }
             let capacity = request
                 .range
                 .resolve(self.settings.default_capacity, self.max_capacity()?)?;
             self.build(temp, id, request, capacity)
         })
+    }
+
+    /// Why this lane cannot snapshot or clone here, or `None` on btrfs with quotas.
+    fn no_snapshots(&self) -> Option<Error> {
+        match self.enforcement {
+            Enforcement::Btrfs => None,
+            _ => Some(Error::Unsupported(
+                "local volumes can be snapshotted and cloned only where <data-dir>/volumes is on \
+                 btrfs with quotas; use a fast-rwo profile"
+                    .into(),
+            )),
+        }
+    }
+
+    /// A volume whose data is a writable btrfs snapshot of a snapshot's or a volume's data,
+    /// limited to its capacity (at least the source's).
+    fn build_from(
+        &self,
+        temp: &Path,
+        id: &VolumeId,
+        request: &CreateRequest,
+        source: &Source,
+    ) -> Result<VolumeMeta> {
+        if let Some(why) = self.no_snapshots() {
+            return Err(why);
+        }
+        let (data, size) = match source {
+            Source::Snapshot(snapshot) => {
+                let key = snapshot.as_volume_id();
+                let meta = self.snapshots.get(&key)?;
+                (self.snapshots.dir(&key).join(DATA), meta.size_bytes)
+            }
+            Source::Volume(volume) => (self.data_path(volume), self.get(volume)?.capacity_bytes),
+        };
+        let capacity = if request.range.required <= 0 && request.range.limit <= 0 {
+            size
+        } else {
+            request.range.resolve(size, self.max_capacity()?)?
+        };
+        if capacity < size {
+            return Err(Error::SmallerThanSource {
+                requested: capacity,
+                source_bytes: size,
+            });
+        }
+        super::btrfs::snapshot_subvolume(&data, temp, DATA.as_ref(), false)
+            .map_err(Error::io(format!("snapshot {source} into {id}")))?;
+        super::btrfs::set_limit(&temp.join(DATA), capacity)
+            .map_err(Error::io(format!("limit the quota group of {id}")))?;
+        let meta = VolumeMeta {
+            name: request.name.clone(),
+            id: id.to_string(),
+            capacity_bytes: capacity,
+            params: request.params.clone(),
+            node_id: self.node_id.clone(),
+            created_unix: now_unix(),
+            project_id: None,
+            dataset: None,
+            block: None,
+            content_source: Some(source.to_string()),
+        };
+        meta.store(temp)?;
+        Ok(meta)
+    }
+
+    /// Takes snapshot `name` of `source`: a read-only btrfs snapshot of its data (O(1)).
+    pub fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
+        if let Some(why) = self.no_snapshots() {
+            return Err(why);
+        }
+        let compatible = |existing: SnapshotMeta| {
+            if existing.source_volume_id != source.to_string() {
+                return Err(Error::SnapshotExists {
+                    name: super::id::printable(name),
+                    reason: format!("it is a snapshot of {}", existing.source_volume_id),
+                });
+            }
+            Ok(existing)
+        };
+        self.snapshots.create(name, compatible, |temp, id| {
+            let volume = self.get(source)?;
+            super::btrfs::snapshot_subvolume(&self.data_path(source), temp, DATA.as_ref(), true)
+                .map_err(Error::io(format!("snapshot {source}")))?;
+            let meta = SnapshotMeta {
+                name: name.to_owned(),
+                id: SnapshotId::parse(&format!("{LANE}@{}", id.dir()))?.to_string(),
+                source_volume_id: source.to_string(),
+                size_bytes: volume.capacity_bytes,
+                created_unix: now_unix(),
+                method: "btrfs snapshot".into(),
+            };
+            super::snapshot::store(&meta, temp)?;
+            Ok(meta)
+        })
+    }
+
+    /// Deletes a snapshot; an unknown one is fine.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let key = id.as_volume_id();
+        if self.snapshots.find(&key)?.is_none() {
+            return Ok(());
+        }
+        match self
+            .snapshots
+            .remove(&key, super::params::OnDelete::Delete)?
+        {
+            Removed::Trashed(dir) | Removed::Retained(dir) => remove_volume_dir(&dir),
+        }
+    }
+
+    /// Every snapshot, ordered by ID.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
+        self.snapshots.list()
     }
 
     fn build(
@@ -364,7 +480,9 @@ impl LocalLane {
     /// Finishes or undoes whatever a killed create or delete left behind (`.tmp-*` and
     /// `.trash-*`). Only the role that creates and deletes may call it.
     pub fn recover(&self) -> Result<()> {
-        for leftover in self.volumes.leftovers()? {
+        let mut leftovers = self.volumes.leftovers()?;
+        leftovers.extend(self.snapshots.leftovers()?);
+        for leftover in leftovers {
             tracing::info!(path = %leftover.display(), "removing leftover of an interrupted call");
             if let Ok(meta) = VolumeMeta::load(&leftover) {
                 self.release(&meta)?;
