@@ -792,34 +792,15 @@ async fn kube_api_with_pvc(dir: &Path, annotation: &str) -> PathBuf {
         },
         ..Default::default()
     };
-    let body = serde_json::to_string(&pvc).unwrap();
-    let app = axum::Router::new().route(
-        "/api/v1/namespaces/team-a/persistentvolumeclaims/claim-1",
-        axum::routing::get(move || {
-            let body = body.clone();
-            async move { ([("content-type", "application/json")], body) }
-        }),
-    )
-    .fallback(|| async {
-        let status = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"not found"}"#;
-        (
-            axum::http::StatusCode::NOT_FOUND,
-            [("content-type", "application/json")],
-            status,
-        )
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: mock\n  cluster: {{server: \"http://127.0.0.1:{port}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: mock, user: u}}\ncurrent-context: c\n"
-        ),
-    )
-    .unwrap();
-    kubeconfig
+    let objects = common::kube::Objects::default();
+    objects.put(
+        "/api/v1/namespaces/team-a/persistentvolumeclaims",
+        serde_json::to_value(&pvc).unwrap(),
+    );
+    // The stand-in serves until the test's runtime ends; its kubeconfig lives in `dir`.
+    common::kube::KubeStandIn::start(dir, objects)
+        .await
+        .kubeconfig
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -223,6 +223,23 @@ impl NodeContext {
         Ok(mount::blocking(op, path, self.mount_timeout, move || f(mounter.as_ref())).await?)
     }
 
+    /// Runs blocking lane work (`what`, for the error) off the runtime under the deadline; a
+    /// disk that does not answer in time is UNAVAILABLE.
+    pub async fn blocking<T, F>(&self, what: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        match tokio::time::timeout(self.mount_timeout, tokio::task::spawn_blocking(f)).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(NodeError::Internal(format!("{what} task failed: {e}"))),
+            Err(_) => Err(NodeError::Unavailable(format!(
+                "{what} did not finish within {}s; the node's disk may be hung",
+                self.mount_timeout.as_secs()
+            ))),
+        }
+    }
+
     /// The mount-table entries at or above each of `paths`.
     pub async fn table(&self, paths: Vec<PathBuf>) -> Result<Vec<MountEntry>> {
         let first = paths.first().cloned().unwrap_or_default();

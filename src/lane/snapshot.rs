@@ -111,6 +111,40 @@ pub struct SnapshotMeta {
     pub method: String,
 }
 
+/// The rule for a repeated CreateSnapshot: the same name must name the same source.
+pub fn same_source(
+    name: &str,
+    source: &VolumeId,
+) -> impl Fn(SnapshotMeta) -> Result<SnapshotMeta, Error> {
+    let (name, source) = (name.to_owned(), source.to_string());
+    move |existing| {
+        if existing.source_volume_id != source {
+            return Err(Error::SnapshotExists {
+                name: super::id::printable(&name),
+                reason: format!("it is a snapshot of {}", existing.source_volume_id),
+            });
+        }
+        Ok(existing)
+    }
+}
+
+/// The capacity of a volume made from a source of `size` bytes: the source's size when the
+/// request names none, else the request's, which must hold the source.
+pub fn capacity_from(range: super::Range, size: u64, max: u64) -> Result<u64, Error> {
+    let capacity = if range.required <= 0 && range.limit <= 0 {
+        size
+    } else {
+        range.resolve(size, max)?
+    };
+    if capacity < size {
+        return Err(Error::SmallerThanSource {
+            requested: capacity,
+            source_bytes: size,
+        });
+    }
+    Ok(capacity)
+}
+
 /// Writes a snapshot's record into its directory, durably.
 pub fn store(meta: &SnapshotMeta, dir: &std::path::Path) -> Result<(), Error> {
     let body = serde_json::to_vec_pretty(meta).map_err(|e| Error::Io {

@@ -213,6 +213,25 @@ impl<R: Record> VolumeDirs<R> {
         }
     }
 
+    /// Space on the filesystem that holds the directories.
+    pub fn space(&self) -> Result<super::local::Space> {
+        let stat = nix::sys::statvfs::statvfs(&self.base)
+            .map_err(|e| Error::io(format!("statvfs {}", self.base.display()))(e.into()))?;
+        let fragment = stat.fragment_size();
+        Ok(super::local::Space {
+            total_bytes: stat.blocks().saturating_mul(fragment),
+            available_bytes: stat.blocks_available().saturating_mul(fragment),
+        })
+    }
+
+    /// The largest volume: `configured`, or the size of the filesystem under the base.
+    pub fn max_capacity(&self, configured: Option<u64>) -> Result<u64> {
+        match configured {
+            Some(max) => Ok(max),
+            None => Ok(self.space()?.total_bytes),
+        }
+    }
+
     /// The lane whose directories these are.
     pub fn lane(&self) -> &'static str {
         self.lane

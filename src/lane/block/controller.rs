@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::{BlockLane, LANE, access};
 use crate::lane::capability::{Access, Capability};
 use crate::lane::controller::{ControllerLane, Segments, blocking};
-use crate::lane::local::{CreateRequest, Space, TOPOLOGY_KEY};
+use crate::lane::local::{CreateRequest, Space, elsewhere, node_segments, place_on};
 use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
 use crate::lane::{Range, Result, VolumeId, VolumeMeta};
 
@@ -51,10 +51,6 @@ impl BlockController {
         let lane = self.lane.clone();
         blocking(op, deadline, move || f(&lane)).await
     }
-
-    fn ours(&self) -> Segments {
-        [(TOPOLOGY_KEY.to_owned(), self.lane.node_id().to_owned())].into()
-    }
 }
 
 #[async_trait::async_trait]
@@ -68,13 +64,11 @@ impl ControllerLane for BlockController {
     }
 
     fn place(&self, requisite: &[Segments]) -> Option<Segments> {
-        let ours = self.ours();
-        let fits = |wanted: &Segments| wanted.iter().all(|(k, v)| ours.get(k) == Some(v));
-        (requisite.is_empty() || requisite.iter().any(fits)).then_some(ours)
+        place_on(self.lane.node_id(), requisite)
     }
 
     fn topology(&self, meta: &VolumeMeta) -> Segments {
-        [(TOPOLOGY_KEY.to_owned(), meta.node_id.clone())].into()
+        node_segments(&meta.node_id)
     }
 
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
@@ -110,10 +104,7 @@ impl ControllerLane for BlockController {
     }
 
     async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
-        if segments.is_some_and(|s| {
-            s.get(TOPOLOGY_KEY)
-                .is_some_and(|node| node != self.lane.node_id())
-        }) {
+        if elsewhere(segments, self.lane.node_id()) {
             return Ok(None);
         }
         self.run("capacity", |lane| lane.space().map(Some)).await

@@ -172,17 +172,7 @@ impl BlockLane {
                 (self.volume_dir(id), volume.capacity_bytes)
             }
         };
-        let capacity = if request.range.required <= 0 && request.range.limit <= 0 {
-            size
-        } else {
-            request.range.resolve(size, self.max_capacity()?)?
-        };
-        if capacity < size {
-            return Err(Error::SmallerThanSource {
-                requested: capacity,
-                source_bytes: size,
-            });
-        }
+        let capacity = super::snapshot::capacity_from(request.range, size, self.max_capacity()?)?;
         image::copy(&dir.join(IMAGE), &temp.join(IMAGE))?;
         copy_format_record(&dir, temp)?;
         Ok(capacity)
@@ -208,15 +198,7 @@ impl BlockLane {
     /// Takes snapshot `name` of `source`: a copy of its image (reflink where the filesystem
     /// allows), independent of the volume from then on.
     pub fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
-        let compatible = |existing: SnapshotMeta| {
-            if existing.source_volume_id != source.to_string() {
-                return Err(Error::SnapshotExists {
-                    name: super::id::printable(name),
-                    reason: format!("it is a snapshot of {}", existing.source_volume_id),
-                });
-            }
-            Ok(existing)
-        };
+        let compatible = super::snapshot::same_source(name, source);
         self.snapshots.create(name, compatible, |temp, id| {
             let volume = self.volumes.get(source)?;
             self.flush(source);
@@ -298,23 +280,13 @@ impl BlockLane {
         Ok(capacity)
     }
 
-    /// Space on the filesystem that holds the images.
+    /// Space on the filesystem that holds the volumes.
     pub fn space(&self) -> Result<Space> {
-        let base = self.volumes.base();
-        let stat = nix::sys::statvfs::statvfs(base)
-            .map_err(|e| Error::io(format!("statvfs {}", base.display()))(e.into()))?;
-        let fragment = stat.fragment_size();
-        Ok(Space {
-            total_bytes: stat.blocks().saturating_mul(fragment),
-            available_bytes: stat.blocks_available().saturating_mul(fragment),
-        })
+        self.volumes.space()
     }
 
     fn max_capacity(&self) -> Result<u64> {
-        match self.settings.max_capacity {
-            Some(max) => Ok(max),
-            None => Ok(self.space()?.total_bytes),
-        }
+        self.volumes.max_capacity(self.settings.max_capacity)
     }
 
     /// Why the volume is unhealthy, or `None`: its image must be a file of its capacity.

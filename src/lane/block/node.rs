@@ -85,15 +85,7 @@ impl BlockNode {
         F: FnOnce(&BlockLane) -> Result<T> + Send + 'static,
     {
         let lane = self.lane.clone();
-        let task = tokio::task::spawn_blocking(move || f(&lane));
-        match tokio::time::timeout(self.ctx.mount_timeout, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(NodeError::Internal(format!("{what} task failed: {e}"))),
-            Err(_) => Err(NodeError::Unavailable(format!(
-                "{what} did not finish within {}s; the node's disk may be hung",
-                self.ctx.mount_timeout.as_secs()
-            ))),
-        }
+        self.ctx.blocking(what, move || f(&lane)).await
     }
 
     async fn volume(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta)> {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CreateRequest, LANE, LocalLane, Space, TOPOLOGY_KEY, access};
+use super::{CreateRequest, LANE, LocalLane, Space, access, elsewhere, node_segments, place_on};
 use crate::lane::capability::{Access, Capability};
 use crate::lane::controller::{ControllerLane, Segments, blocking};
 use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
@@ -44,10 +44,6 @@ impl LocalController {
         let lane = self.lane.clone();
         blocking(op, self.deadline, move || f(&lane)).await
     }
-
-    fn ours(&self) -> Segments {
-        [(TOPOLOGY_KEY.to_owned(), self.lane.node_id().to_owned())].into()
-    }
 }
 
 #[async_trait::async_trait]
@@ -61,13 +57,11 @@ impl ControllerLane for LocalController {
     }
 
     fn place(&self, requisite: &[Segments]) -> Option<Segments> {
-        let ours = self.ours();
-        let fits = |wanted: &Segments| wanted.iter().all(|(k, v)| ours.get(k) == Some(v));
-        (requisite.is_empty() || requisite.iter().any(fits)).then_some(ours)
+        place_on(self.lane.node_id(), requisite)
     }
 
     fn topology(&self, meta: &VolumeMeta) -> Segments {
-        [(TOPOLOGY_KEY.to_owned(), meta.node_id.clone())].into()
+        node_segments(&meta.node_id)
     }
 
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
@@ -106,10 +100,7 @@ impl ControllerLane for LocalController {
     }
 
     async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
-        if segments.is_some_and(|s| {
-            s.get(TOPOLOGY_KEY)
-                .is_some_and(|node| node != self.lane.node_id())
-        }) {
+        if elsewhere(segments, self.lane.node_id()) {
             return Ok(None);
         }
         self.run("capacity", |lane| lane.space().map(Some)).await

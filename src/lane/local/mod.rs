@@ -125,6 +125,29 @@ fn fs_name(magic: i64) -> &'static str {
     }
 }
 
+/// The topology of a volume on `node`.
+pub fn node_segments(node: &str) -> crate::lane::controller::Segments {
+    [(TOPOLOGY_KEY.to_owned(), node.to_owned())].into()
+}
+
+/// Where a node-local lane on `node` puts a new volume: this node, when the CO's requisite
+/// topologies (empty: anywhere) allow it.
+pub fn place_on(
+    node: &str,
+    requisite: &[crate::lane::controller::Segments],
+) -> Option<crate::lane::controller::Segments> {
+    let ours = node_segments(node);
+    let fits = |wanted: &crate::lane::controller::Segments| {
+        wanted.iter().all(|(k, v)| ours.get(k) == Some(v))
+    };
+    (requisite.is_empty() || requisite.iter().any(fits)).then_some(ours)
+}
+
+/// True when GetCapacity asks about another node than `node`.
+pub fn elsewhere(segments: Option<&crate::lane::controller::Segments>, node: &str) -> bool {
+    segments.is_some_and(|s| s.get(TOPOLOGY_KEY).is_some_and(|n| n != node))
+}
+
 /// Space figures of the lane's backing filesystem.
 #[derive(Debug, Clone, Copy)]
 pub struct Space {
@@ -251,17 +274,7 @@ impl LocalLane {
             }
             Source::Volume(volume) => (self.data_path(volume), self.get(volume)?.capacity_bytes),
         };
-        let capacity = if request.range.required <= 0 && request.range.limit <= 0 {
-            size
-        } else {
-            request.range.resolve(size, self.max_capacity()?)?
-        };
-        if capacity < size {
-            return Err(Error::SmallerThanSource {
-                requested: capacity,
-                source_bytes: size,
-            });
-        }
+        let capacity = super::snapshot::capacity_from(request.range, size, self.max_capacity()?)?;
         super::btrfs::snapshot_subvolume(&data, temp, DATA.as_ref(), false)
             .map_err(Error::io(format!("snapshot {source} into {id}")))?;
         super::btrfs::set_limit(&temp.join(DATA), capacity)
@@ -287,15 +300,7 @@ impl LocalLane {
         if let Some(why) = self.no_snapshots() {
             return Err(why);
         }
-        let compatible = |existing: SnapshotMeta| {
-            if existing.source_volume_id != source.to_string() {
-                return Err(Error::SnapshotExists {
-                    name: super::id::printable(name),
-                    reason: format!("it is a snapshot of {}", existing.source_volume_id),
-                });
-            }
-            Ok(existing)
-        };
+        let compatible = super::snapshot::same_source(name, source);
         self.snapshots.create(name, compatible, |temp, id| {
             let volume = self.get(source)?;
             super::btrfs::snapshot_subvolume(&self.data_path(source), temp, DATA.as_ref(), true)
@@ -448,23 +453,13 @@ impl LocalLane {
         Ok(capacity)
     }
 
-    /// Space on the filesystem that holds the lane.
+    /// Space on the filesystem that holds the volumes.
     pub fn space(&self) -> Result<Space> {
-        let base = self.volumes.base();
-        let stat = nix::sys::statvfs::statvfs(base)
-            .map_err(|e| Error::io(format!("statvfs {}", base.display()))(e.into()))?;
-        let fragment = stat.fragment_size();
-        Ok(Space {
-            total_bytes: stat.blocks().saturating_mul(fragment),
-            available_bytes: stat.blocks_available().saturating_mul(fragment),
-        })
+        self.volumes.space()
     }
 
     fn max_capacity(&self) -> Result<u64> {
-        match self.settings.max_capacity {
-            Some(max) => Ok(max),
-            None => Ok(self.space()?.total_bytes),
-        }
+        self.volumes.max_capacity(self.settings.max_capacity)
     }
 
     /// Why the volume is unhealthy, or `None`: its data directory must exist and be a directory.

@@ -43,15 +43,9 @@ impl LocalNode {
         F: FnOnce(&LocalLane) -> crate::lane::Result<T> + Send + 'static,
     {
         let lane = self.lane.clone();
-        let task = tokio::task::spawn_blocking(move || f(&lane));
-        match tokio::time::timeout(self.ctx.mount_timeout, task).await {
-            Ok(Ok(result)) => Ok(result?),
-            Ok(Err(e)) => Err(NodeError::Internal(format!("lane task failed: {e}"))),
-            Err(_) => Err(NodeError::Unavailable(format!(
-                "the local lane did not answer within {}s; its disk may be hung",
-                self.ctx.mount_timeout.as_secs()
-            ))),
-        }
+        self.ctx
+            .blocking("the local lane", move || Ok(f(&lane)?))
+            .await
     }
 
     fn id(volume_id: &str) -> Result<VolumeId> {
