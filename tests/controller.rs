@@ -52,7 +52,7 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
 }
 
 #[tokio::test]
-async fn controller_capabilities_do_not_advertise_snapshots() {
+async fn controller_capabilities_include_snapshots_and_clones() {
     let plugin = Plugin::start();
     let mut c = plugin.clients().await;
     let caps = c
@@ -78,16 +78,51 @@ async fn controller_capabilities_do_not_advertise_snapshots() {
         Type::ExpandVolume,
         Type::GetVolume,
         Type::VolumeCondition,
+        Type::CreateDeleteSnapshot,
+        Type::ListSnapshots,
+        Type::CloneVolume,
     ] {
         assert!(kinds.contains(&(wanted as i32)), "{wanted:?} missing");
     }
-    assert!(!kinds.contains(&(Type::CreateDeleteSnapshot as i32)));
+    assert!(!kinds.contains(&(Type::PublishUnpublishVolume as i32)));
+    // Bad snapshot requests say what is wrong.
+    for (request, code) in [
+        (CreateSnapshotRequest::default(), Code::InvalidArgument),
+        (
+            CreateSnapshotRequest {
+                name: "snap".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            CreateSnapshotRequest {
+                name: "snap".into(),
+                source_volume_id: "local/missing".into(),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+    ] {
+        assert_code(
+            c.controller.create_snapshot(request).await,
+            code,
+            "snapshot",
+        );
+    }
+    c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: "local@never-was".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_code(
         c.controller
-            .create_snapshot(CreateSnapshotRequest::default())
+            .delete_snapshot(DeleteSnapshotRequest::default())
             .await,
-        Code::Unimplemented,
-        "snapshot",
+        Code::InvalidArgument,
+        "no snapshot ID",
     );
 }
 

@@ -1,7 +1,14 @@
 //! A Kubernetes API stand-in for tests (no kube-apiserver can be installed here): real HTTP on
-//! loopback, serving GET and LIST of the objects a test puts in it, each with a
-//! resourceVersion, and 404 Status for anything else; plus a kubeconfig that points at it.
-//! Watches, writes and status updates are added when a test needs them.
+//! loopback that kube-rs clients and controllers talk to through an ordinary kubeconfig.
+//!
+//! It keeps objects by collection path (`/api/v1/namespaces/<ns>/<plural>` or
+//! `/apis/<group>/<version>/namespaces/<ns>/<plural>`) and serves what clients do with them:
+//! GET one, LIST (with the collection's resourceVersion), WATCH (`?watch=true`: every event
+//! after the given resourceVersion, then new ones as they happen, one JSON line each), POST
+//! (create; 409 if it exists), PATCH (merge or apply: the body is merged in; apply creates),
+//! PATCH of the `status` subresource (only `status` changes), and DELETE. Every change bumps
+//! one resourceVersion counter, as the API server's etcd revision does. Not modelled:
+//! label/field selectors, optimistic concurrency on writes, admission.
 
 #![allow(dead_code)]
 
@@ -9,50 +16,278 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use axum::body::Body;
+use axum::http::{Method, StatusCode, Uri};
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 
-/// Objects by collection path (`/apis/<group>/<version>/namespaces/<ns>/<plural>`).
-#[derive(Default, Clone)]
-pub struct Objects(Arc<Mutex<BTreeMap<String, Vec<Value>>>>);
+/// One change: its resourceVersion, collection, kind of event and the object after it.
+#[derive(Clone, Debug)]
+struct Event {
+    version: u64,
+    collection: String,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    collections: BTreeMap<String, Vec<Value>>,
+    events: Vec<Event>,
+}
+
+/// The objects the stand-in serves.
+#[derive(Clone)]
+pub struct Objects {
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Event>,
+}
+
+impl Default for Objects {
+    fn default() -> Self {
+        Objects {
+            state: Arc::default(),
+            changes: broadcast::channel(1024).0,
+        }
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "reason": reason, "code": code, "message": message}),
+    )
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
+}
 
 impl Objects {
-    /// Adds `object` (with `metadata.name`) to the collection at `collection`.
-    pub fn put(&self, collection: &str, mut object: Value) {
-        let mut all = self.0.lock().unwrap();
-        let version = all.values().map(Vec::len).sum::<usize>() + 1;
-        object["metadata"]["resourceVersion"] = json!(version.to_string());
-        let items = all.entry(collection.to_owned()).or_default();
+    /// Adds or replaces `object` (by `metadata.name`) in `collection`.
+    pub fn put(&self, collection: &str, object: Value) {
+        let mut state = self.state.lock().unwrap();
         let name = object["metadata"]["name"].clone();
-        items.retain(|o| o["metadata"]["name"] != name);
-        items.push(object);
+        let existed = state
+            .collections
+            .get(collection)
+            .is_some_and(|items| items.iter().any(|o| o["metadata"]["name"] == name));
+        self.record(
+            &mut state,
+            collection,
+            if existed { "MODIFIED" } else { "ADDED" },
+            object,
+        );
     }
 
-    fn answer(&self, path: &str) -> (u16, Value) {
-        let all = self.0.lock().unwrap();
-        if let Some(items) = all.get(path) {
-            let kind = items
-                .first()
-                .and_then(|o| o["kind"].as_str())
-                .unwrap_or("Object");
-            return (
+    /// Makes `collection` exist with no items.
+    pub fn empty(&self, collection: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .collections
+            .entry(collection.to_owned())
+            .or_default();
+    }
+
+    /// The object `name` in `collection`, as stored now.
+    pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
+        let state = self.state.lock().unwrap();
+        state
+            .collections
+            .get(collection)?
+            .iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .cloned()
+    }
+
+    /// Stores `object` with a new resourceVersion and tells watchers.
+    fn record(&self, state: &mut State, collection: &str, kind: &'static str, mut object: Value) {
+        state.version += 1;
+        let version = state.version;
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{version}"));
+        }
+        let items = state.collections.entry(collection.to_owned()).or_default();
+        let name = object["metadata"]["name"].clone();
+        items.retain(|o| o["metadata"]["name"] != name);
+        if kind != "DELETED" {
+            items.push(object.clone());
+        }
+        let event = Event {
+            version,
+            collection: collection.to_owned(),
+            kind,
+            object,
+        };
+        state.events.push(event.clone());
+        let _ = self.changes.send(event);
+    }
+
+    fn list(&self, collection: &str) -> (u16, Value) {
+        let state = self.state.lock().unwrap();
+        match state.collections.get(collection) {
+            Some(items) => (
                 200,
-                json!({"apiVersion": "v1", "kind": format!("{kind}List"),
-                       "metadata": {"resourceVersion": all.values().map(Vec::len).sum::<usize>().to_string()},
+                json!({"apiVersion": "v1", "kind": "List",
+                       "metadata": {"resourceVersion": state.version.to_string()},
                        "items": items}),
-            );
+            ),
+            None => status(404, "NotFound", format!("{collection} not found")),
         }
-        if let Some((collection, name)) = path.rsplit_once('/')
-            && let Some(found) = all
-                .get(collection)
-                .and_then(|items| items.iter().find(|o| o["metadata"]["name"] == name))
-        {
-            return (200, found.clone());
+    }
+
+    /// Answers one request: `path` split into collection and name, `subresource` if any.
+    fn answer(&self, method: &Method, path: &str, body: &[u8]) -> (u16, Value) {
+        let parsed: Value = serde_json::from_slice(body)
+            .or_else(|_| serde_yaml_ng::from_slice(body))
+            .unwrap_or(Value::Null);
+        let collection_exists = self.state.lock().unwrap().collections.contains_key(path);
+        if collection_exists || (*method == Method::POST) {
+            return match *method {
+                Method::GET => self.list(path),
+                Method::POST => self.create(path, parsed),
+                _ => status(405, "MethodNotAllowed", format!("{method} {path}")),
+            };
         }
-        (
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                   "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
-        )
+        let (rest, subresource) = match path.strip_suffix("/status") {
+            Some(rest) => (rest, Some("status")),
+            None => (path, None),
+        };
+        let Some((collection, name)) = rest.rsplit_once('/') else {
+            return status(404, "NotFound", format!("{path} not found"));
+        };
+        match *method {
+            Method::GET => match self.get(collection, name) {
+                Some(object) => (200, object),
+                None => status(404, "NotFound", format!("{path} not found")),
+            },
+            Method::PATCH | Method::PUT => self.patch(collection, name, subresource, parsed),
+            Method::DELETE => {
+                let mut state = self.state.lock().unwrap();
+                let found = state
+                    .collections
+                    .get(collection)
+                    .and_then(|items| items.iter().find(|o| o["metadata"]["name"] == name))
+                    .cloned();
+                match found {
+                    Some(object) => {
+                        self.record(&mut state, collection, "DELETED", object.clone());
+                        (200, object)
+                    }
+                    None => status(404, "NotFound", format!("{path} not found")),
+                }
+            }
+            _ => status(405, "MethodNotAllowed", format!("{method} {path}")),
+        }
+    }
+
+    fn create(&self, collection: &str, object: Value) -> (u16, Value) {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if name.is_empty() {
+            return status(422, "Invalid", "metadata.name is required".into());
+        }
+        if self.get(collection, &name).is_some() {
+            return status(409, "AlreadyExists", format!("{name} already exists"));
+        }
+        let mut state = self.state.lock().unwrap();
+        self.record(&mut state, collection, "ADDED", object);
+        (201, self.get_locked(&state, collection, &name))
+    }
+
+    fn patch(
+        &self,
+        collection: &str,
+        name: &str,
+        subresource: Option<&str>,
+        patch: Value,
+    ) -> (u16, Value) {
+        let mut state = self.state.lock().unwrap();
+        let existing = state
+            .collections
+            .get(collection)
+            .and_then(|items| items.iter().find(|o| o["metadata"]["name"] == name))
+            .cloned();
+        let (mut object, kind) = match existing {
+            Some(object) => (object, "MODIFIED"),
+            // Server-side apply creates what is not there; a status patch cannot.
+            None if subresource.is_none() => (json!({"metadata": {"name": name}}), "ADDED"),
+            None => return status(404, "NotFound", format!("{collection}/{name} not found")),
+        };
+        match subresource {
+            Some("status") => merge(&mut object["status"], &patch["status"]),
+            _ => {
+                let mut patch = patch;
+                // Status is only written through its subresource, as the API server does for
+                // types that have one.
+                if let Some(map) = patch.as_object_mut() {
+                    map.remove("status");
+                }
+                merge(&mut object, &patch);
+            }
+        }
+        self.record(&mut state, collection, kind, object);
+        (200, self.get_locked(&state, collection, name))
+    }
+
+    fn get_locked(&self, state: &State, collection: &str, name: &str) -> Value {
+        state.collections[collection]
+            .iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// A watch of `collection` from after `since`: the backlog, then live events.
+    fn watch(&self, collection: String, since: u64) -> Body {
+        let mut live = self.changes.subscribe();
+        let backlog: Vec<Event> = self
+            .state
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .filter(|e| e.version > since && e.collection == collection)
+            .cloned()
+            .collect();
+        let (lines, out) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+        tokio::spawn(async move {
+            let line = |e: &Event| format!("{}\n", json!({"type": e.kind, "object": e.object}));
+            let mut last = since;
+            for event in &backlog {
+                last = event.version;
+                if lines.send(Ok(line(event))).await.is_err() {
+                    return;
+                }
+            }
+            while let Ok(event) = live.recv().await {
+                if event.collection == collection
+                    && event.version > last
+                    && lines.send(Ok(line(&event))).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out))
     }
 }
 
@@ -60,49 +295,68 @@ impl Objects {
 pub struct KubeStandIn {
     pub objects: Objects,
     pub kubeconfig: PathBuf,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
 }
 
 impl KubeStandIn {
-    /// Serves `objects` on a free loopback port; the kubeconfig goes into `dir`. Lists of a
-    /// collection with nothing in it are 404 unless the test puts an empty list there with
-    /// [`KubeStandIn::empty`].
+    /// Serves `objects` on a free loopback port; the kubeconfig goes into `dir`.
     pub async fn start(dir: &Path, objects: Objects) -> KubeStandIn {
         let served = objects.clone();
-        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-            let served = served.clone();
-            async move {
-                let (status, body) = served.answer(uri.path());
-                (
-                    axum::http::StatusCode::from_u16(status).unwrap(),
-                    [("content-type", "application/json")],
-                    body.to_string(),
-                )
-            }
-        });
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, body: axum::body::Bytes| {
+                let served = served.clone();
+                async move {
+                    let query = uri.query().unwrap_or_default();
+                    let param = |key: &str| {
+                        query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                            .map(str::to_owned)
+                    };
+                    if method == Method::GET && param("watch").as_deref() == Some("true") {
+                        let since = param("resourceVersion")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        let body = served.watch(uri.path().to_owned(), since);
+                        return (StatusCode::OK, [("content-type", "application/json")], body);
+                    }
+                    let (code, value) = served.answer(&method, uri.path(), &body);
+                    (
+                        StatusCode::from_u16(code).unwrap(),
+                        [("content-type", "application/json")],
+                        Body::from(value.to_string()),
+                    )
+                }
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { axum::serve(listener, app).await });
+        let url = format!("http://127.0.0.1:{port}");
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(
             &kubeconfig,
             format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster: {{server: \"http://127.0.0.1:{port}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: standin, user: u}}\ncurrent-context: c\n"
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster: {{server: \"{url}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: standin, user: u, namespace: default}}\ncurrent-context: c\n"
             ),
         )
         .unwrap();
         KubeStandIn {
             objects,
             kubeconfig,
+            url,
         }
     }
 
     /// Makes `collection` exist with no items.
     pub fn empty(&self, collection: &str) {
-        self.objects
-            .0
-            .lock()
-            .unwrap()
-            .entry(collection.to_owned())
-            .or_default();
+        self.objects.empty(collection);
+    }
+
+    /// A kube-rs client for this stand-in.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(self.url.parse().unwrap());
+        kube::Client::try_from(config).unwrap()
     }
 }

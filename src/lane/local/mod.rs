@@ -297,6 +297,7 @@ impl LocalLane {
 
     /// Takes snapshot `name` of `source`: a read-only btrfs snapshot of its data (O(1)).
     pub fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
+        self.get(source)?;
         if let Some(why) = self.no_snapshots() {
             return Err(why);
         }
