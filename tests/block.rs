@@ -839,3 +839,94 @@ fn a_copy_on_xfs_with_reflink_shares_blocks() {
         "a reflink shares its blocks: {used} bytes used"
     );
 }
+
+#[tokio::test]
+async fn a_kill_while_copying_leaves_nothing_and_the_retry_succeeds() {
+    let Some((mut plugin, _sweep)) = start("block kill copy") else {
+        return;
+    };
+    let mut c = plugin.clients().await;
+    let id = create(&mut c, "pvc-copied", 320 * MIB, "fast").await;
+    let staging = plugin.dir("staging");
+    let target = plugin.dir("pod").join("v");
+    stage(&mut c, &id, &staging, rwo()).await.unwrap();
+    publish(&mut c, &id, &staging, &target, rwo())
+        .await
+        .unwrap();
+    std::fs::write(target.join("kept"), b"copied").unwrap();
+    c.node
+        .node_unpublish_volume(unpublish_request(&id, &target))
+        .await
+        .unwrap();
+    c.node
+        .node_unstage_volume(unstage_request(&id, &staging))
+        .await
+        .unwrap();
+    let leftovers = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let snapshots = plugin.data_dir.join("snapshots/fast-rwo");
+    let volumes = plugin.data_dir.join("block");
+
+    plugin.restart_with(Some("snapshot.after-copy"));
+    let mut c = plugin.clients().await;
+    assert!(
+        snapshot(&mut c, "snap-k", &id).await.is_err(),
+        "killed mid-copy"
+    );
+    plugin.wait_dead();
+    plugin.restart();
+    let mut c = plugin.clients().await;
+    assert!(
+        leftovers(&snapshots).is_empty(),
+        "{:?}",
+        leftovers(&snapshots)
+    );
+    let listed = c
+        .controller
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "no half-made snapshot is listed");
+    let snap = snapshot(&mut c, "snap-k", &id).await.unwrap();
+
+    plugin.restart_with(Some("create.after-copy"));
+    let mut c = plugin.clients().await;
+    assert!(
+        create_from(&mut c, "pvc-k", 0, from_snapshot(&snap.snapshot_id))
+            .await
+            .is_err()
+    );
+    plugin.wait_dead();
+    plugin.restart();
+    let mut c = plugin.clients().await;
+    assert!(leftovers(&volumes).is_empty(), "{:?}", leftovers(&volumes));
+    let restored = create_from(&mut c, "pvc-k", 0, from_snapshot(&snap.snapshot_id))
+        .await
+        .unwrap();
+    stage(&mut c, &restored.volume_id, &staging, rwo())
+        .await
+        .unwrap();
+    publish(&mut c, &restored.volume_id, &staging, &target, rwo())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"copied");
+    c.node
+        .node_unpublish_volume(unpublish_request(&restored.volume_id, &target))
+        .await
+        .unwrap();
+    c.node
+        .node_unstage_volume(unstage_request(&restored.volume_id, &staging))
+        .await
+        .unwrap();
+    assert!(loops_under(&plugin.data_dir).is_empty());
+}

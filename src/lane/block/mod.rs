@@ -32,6 +32,7 @@ const IMAGE: &str = "disk.img";
 pub struct BlockLane {
     volumes: VolumeDirs,
     snapshots: VolumeDirs<SnapshotMeta>,
+    failpoint: crate::failpoint::Failpoint,
     node_id: String,
     settings: LocalSettings,
     profiles: Profiles,
@@ -64,6 +65,7 @@ impl BlockLane {
         profiles: Profiles,
     ) -> Result<BlockLane> {
         Ok(BlockLane {
+            failpoint: crate::failpoint::Failpoint::from_env(),
             volumes: VolumeDirs::open(LANE, &data_dir.join("block"), data_dir.join("retained"))?,
             snapshots: VolumeDirs::open(
                 LANE,
@@ -127,6 +129,7 @@ impl BlockLane {
                 }
                 Some(source) => {
                     let capacity = self.copy_source(source, request, temp)?;
+                    self.failpoint.hit("create.after-copy");
                     image::grow(&temp.join(IMAGE), capacity, backend.provisioning)?;
                     (capacity, Some(source.to_string()))
                 }
@@ -204,6 +207,7 @@ impl BlockLane {
             self.flush(source);
             let dir = self.volume_dir(source);
             let method = image::copy(&dir.join(IMAGE), &temp.join(IMAGE))?;
+            self.failpoint.hit("snapshot.after-copy");
             copy_format_record(&dir, temp)?;
             let meta = SnapshotMeta {
                 name: name.to_owned(),
