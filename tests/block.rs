@@ -240,11 +240,23 @@ async fn an_xfs_volume_keeps_its_data_grows_online_and_leaks_nothing() {
     );
     node_expand(&mut c, &id, &target).await.unwrap();
 
+    // Unstaged while still published (a CO out of order): the device stays attached for the
+    // publication, and goes with it.
+    c.node
+        .node_unstage_volume(unstage_request(&id, &staging))
+        .await
+        .unwrap();
+    assert_eq!(loops_under(&plugin.data_dir).len(), 1);
+    assert!(target.join("weights.bin").exists());
     c.node
         .node_unpublish_volume(unpublish_request(&id, &target))
         .await
         .unwrap();
     assert!(!target.exists(), "the target Lanes made is removed");
+    assert!(
+        loops_under(&plugin.data_dir).is_empty(),
+        "detached with the last user"
+    );
     c.node
         .node_unstage_volume(unstage_request(&id, &staging))
         .await

@@ -310,15 +310,17 @@ impl NodeLane for BlockNode {
 
     async fn unstage(&self, volume_id: &str, staging: &RequestPath) -> Result<()> {
         let id = VolumeId::parse(volume_id)?;
-        let mounts = self.mounts(&id, vec![staging.as_path().to_owned()]).await?;
+        let mut record = self.ctx.ledger.load(volume_id)?;
+        let mut paths = vec![staging.as_path().to_owned()];
+        paths.extend(record.published.iter().map(|p| p.target.clone()));
+        let mounts = self.mounts(&id, paths).await?;
         let what = format!("volume {}", Shown(volume_id));
         self.ctx
             .unmount_ours(&what, staging, &mounts.table, |e| mounts.ours(e))
             .await?;
         self.ctx.failpoint.hit("unstage.after-unmount");
-        let mut record = self.ctx.ledger.load(volume_id)?;
-        let live = |path: &Path| mounts.live(path);
-        record.published.retain(|p| live(&p.target));
+        // Publications still mounted keep the device attached (the CO unpublishes first).
+        record.published.retain(|p| mounts.live(&p.target));
         if record.staging(staging.as_path()).is_some() {
             record.staged.retain(|s| s.path != staging.as_path());
             self.ctx.ledger.store(&record)?;
@@ -446,6 +448,8 @@ impl NodeLane for BlockNode {
             .await?;
         self.ctx.failpoint.hit("unpublish.after-unmount");
         self.ctx.release_target(&mut record, target)?;
+        // The last user of a device left staged-less (unstaged while still published).
+        self.detach_if_idle(&id, &record).await?;
         Ok(Unpublished::Kept)
     }
 
