@@ -942,3 +942,78 @@ async fn a_kill_while_copying_leaves_nothing_and_the_retry_succeeds() {
         .unwrap();
     assert!(loops_under(&plugin.data_dir).is_empty());
 }
+
+#[tokio::test]
+async fn the_controller_answers_for_fast_rwo_volumes() {
+    let Some((plugin, _sweep)) = start("block controller") else {
+        return;
+    };
+    let mut c = plugin.clients().await;
+    let id = create(&mut c, "pvc-ctl", 64 * MIB, "fast-ext4").await;
+    let validate = |capability: VolumeCapability| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.clone(),
+        volume_capabilities: vec![capability],
+        ..Default::default()
+    };
+    for (capability, confirmed) in [
+        (block_capability(), true),
+        (fs_capability("ext4"), true),
+        (fs_capability("btrfs"), false),
+        (
+            mount_capability_of(Mode::MultiNodeMultiWriter, "", &[]),
+            false,
+        ),
+    ] {
+        let answer = c
+            .controller
+            .validate_volume_capabilities(validate(capability.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.confirmed.is_some(),
+            confirmed,
+            "{capability:?}: {answer:?}"
+        );
+    }
+    let capacity = |node: &str| GetCapacityRequest {
+        parameters: params("fast"),
+        accessible_topology: Some(Topology {
+            segments: [("topology.lanes.csi.dev/node".to_owned(), node.to_owned())].into(),
+        }),
+        ..Default::default()
+    };
+    let here = c
+        .controller
+        .get_capacity(capacity("test-node"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 0);
+    let elsewhere = c
+        .controller
+        .get_capacity(capacity("other-node"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        elsewhere.available_capacity, 0,
+        "node-local: nothing on another node"
+    );
+    let listed = c
+        .controller
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .any(|e| e.volume.as_ref().unwrap().volume_id == id)
+    );
+    c.controller
+        .delete_volume(delete_request(&id))
+        .await
+        .unwrap();
+}
