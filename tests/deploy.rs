@@ -205,3 +205,66 @@ fn volume_snapshot_class(doc: &Value) -> Result<Value, String> {
         other => Err(format!("deletionPolicy {other:?} is not Delete or Retain")),
     }
 }
+
+/// Every external program the code runs, found in the source as `Command::new("…")` or as the
+/// program a helper is given (`run("…", …)`), with the Debian package that has it.
+fn programs_run_by_the_code() -> Vec<(String, &'static str)> {
+    let package = |program: &str| match program {
+        "xfs_quota" | "mkfs.xfs" | "xfs_growfs" => "xfsprogs",
+        "mkfs.ext4" | "e2fsck" | "resize2fs" => "e2fsprogs",
+        "git" => "git",
+        other => panic!("add {other:?} and its Debian package to this test and the Dockerfile"),
+    };
+    let mut found = Vec::new();
+    let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            // `run("…")` names a program only where `run` is the helper that executes one.
+            let runs_programs = text.contains("fn run(program: &'static str");
+            for marker in ["Command::new(\"", "run(\"", "run(\n            \""] {
+                if marker != "Command::new(\"" && !runs_programs {
+                    continue;
+                }
+                for (at, _) in text.match_indices(marker) {
+                    let rest = &text[at + marker.len()..];
+                    let name = &rest[..rest.find('"').unwrap()];
+                    if !found.iter().any(|(n, _)| n == name) {
+                        found.push((name.to_owned(), package(name)));
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_image_has_every_program_the_code_runs() {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let runtime = dockerfile
+        .split("FROM debian:")
+        .nth(1)
+        .expect("a debian runtime stage");
+    let programs = programs_run_by_the_code();
+    for wanted in ["git", "mkfs.xfs", "mkfs.ext4", "resize2fs", "xfs_quota"] {
+        assert!(
+            programs.iter().any(|(p, _)| p == wanted),
+            "the scan missed {wanted}: {programs:?}"
+        );
+    }
+    for (program, package) in &programs {
+        assert!(
+            runtime.split_whitespace().any(|word| word == *package),
+            "the runtime image runs {program} but does not install {package}"
+        );
+    }
+    // git+ssh:// sources need ssh beside git.
+    assert!(runtime.split_whitespace().any(|w| w == "openssh-client"));
+}
