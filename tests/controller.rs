@@ -20,7 +20,10 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
         .unwrap()
         .into_inner();
     assert_eq!(info.name, "lanes.csi.dev");
-    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    // Semver with the commit as build metadata: 0.1.0+<commit>.
+    let (version, commit) = info.vendor_version.split_once('+').unwrap();
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    assert!(!commit.is_empty());
     let caps = c
         .identity
         .get_plugin_capabilities(GetPluginCapabilitiesRequest {})

@@ -25,7 +25,7 @@ use csi::{Clients, Report};
 #[derive(Debug, Parser)]
 #[command(
     name = "lanes",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LANES_COMMIT"), ")"),
     about = "Kubernetes CSI storage for ML platforms"
 )]
 pub struct Cli {

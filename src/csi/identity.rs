@@ -36,7 +36,8 @@ impl Identity for IdentityService {
             .call("GetPluginInfo", async {
                 Ok(GetPluginInfoResponse {
                     name: self.0.driver_name.clone(),
-                    vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    vendor_version: concat!(env!("CARGO_PKG_VERSION"), "+", env!("LANES_COMMIT"))
+                        .to_owned(),
                     manifest: Default::default(),
                 })
             })
