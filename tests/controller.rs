@@ -784,3 +784,55 @@ async fn a_stale_socket_is_replaced_and_other_files_are_not() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a socket"));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
 }
+
+/// `lanes csi …` against the plugin, run in `cwd`: (success, stdout, stderr).
+fn cli(plugin: &Plugin, cwd: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lanes"))
+        .current_dir(cwd)
+        .arg("--data-dir")
+        .arg(&plugin.data_dir)
+        .arg("csi")
+        .arg("--endpoint")
+        .arg(&plugin.socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_csi_client_says_what_happened_in_words() {
+    if !privileged("csi client") {
+        return;
+    }
+    let plugin = Plugin::start();
+    let root = plugin.root.path();
+    let (ok, _, err) = cli(&plugin, root, &["create-volume", "zero", "--capacity", "0"]);
+    assert!(!ok && err.contains("is zero"), "{err}");
+    let (ok, out, _) = cli(&plugin, root, &["delete-volume", "local/never-made"]);
+    assert!(
+        ok && out.contains("does not exist; nothing to delete"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(
+        &plugin,
+        root,
+        &["create-volume", "words", "--capacity", "1Mi"],
+    );
+    assert!(ok, "{out}{err}");
+    // A relative target is taken from the working directory.
+    std::fs::create_dir_all(root.join("pod")).unwrap();
+    let (ok, out, err) = cli(&plugin, root, &["publish", "local/words", "pod/v"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(mounts_at(&root.join("pod/v")).len(), 1);
+    let (ok, out, _) = cli(&plugin, root, &["unpublish", "local/words", "pod/v"]);
+    assert!(ok && out.starts_with("unpublished"), "{out}");
+    let (ok, out, _) = cli(&plugin, root, &["unpublish", "local/words", "pod/v"]);
+    assert!(ok && out.contains("nothing was mounted"), "{out}");
+    let (ok, out, _) = cli(&plugin, root, &["delete-volume", "local/words"]);
+    assert!(ok && out.starts_with("deleted"), "{out}");
+}

@@ -258,7 +258,20 @@ pub async fn snapshots(c: &mut Clients, volume: Option<&str>) -> CallResult {
     })
 }
 
+/// DeleteVolume; a volume that does not exist is said so (the CSI answer is still OK).
 pub async fn delete_volume(c: &mut Clients, volume_id: &str) -> CallResult {
+    let existed = match c
+        .controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: volume_id.to_owned(),
+        })
+        .await
+    {
+        Ok(_) => true,
+        Err(status) if status.code() == tonic::Code::NotFound => false,
+        // Let DeleteVolume say what is wrong with the ID.
+        Err(_) => true,
+    };
     c.controller
         .delete_volume(DeleteVolumeRequest {
             volume_id: volume_id.to_owned(),
@@ -266,8 +279,11 @@ pub async fn delete_volume(c: &mut Clients, volume_id: &str) -> CallResult {
         })
         .await?;
     Ok(Report {
-        json: json!({"deleted": volume_id}),
-        text: format!("deleted {volume_id}\n"),
+        json: json!({"deleted": volume_id, "existed": existed}),
+        text: match existed {
+            true => format!("deleted {volume_id}\n"),
+            false => format!("{volume_id} does not exist; nothing to delete\n"),
+        },
     })
 }
 
@@ -446,6 +462,9 @@ pub async fn unpublish(
     target: &Path,
     staging: &Path,
 ) -> CallResult {
+    let mounted = crate::mount::mountinfo::read()
+        .map(|table| table.iter().any(|e| e.mount_point == target))
+        .unwrap_or(true);
     c.node
         .node_unpublish_volume(NodeUnpublishVolumeRequest {
             volume_id: volume_id.to_owned(),
@@ -462,8 +481,14 @@ pub async fn unpublish(
             .await?;
     }
     Ok(Report {
-        json: json!({"volume_id": volume_id, "target_path": target}),
-        text: format!("unpublished {volume_id} from {}\n", target.display()),
+        json: json!({"volume_id": volume_id, "target_path": target, "was_published": mounted}),
+        text: match mounted {
+            true => format!("unpublished {volume_id} from {}\n", target.display()),
+            false => format!(
+                "nothing was mounted at {}; {volume_id} is not published there (unstaged)\n",
+                target.display()
+            ),
+        },
     })
 }
 

@@ -577,6 +577,20 @@ async fn run_copy(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A size for a volume: a Kubernetes quantity, more than zero.
+fn positive_bytes(text: &str) -> anyhow::Result<u64> {
+    match parse_bytes(text).map_err(anyhow::Error::msg)? {
+        0 => bail!("capacity {text:?} is zero; give a size such as 10Gi"),
+        bytes => Ok(bytes),
+    }
+}
+
+/// A path from the command line made absolute against the working directory (the plugin
+/// takes absolute paths only).
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("make {} absolute", path.display()))
+}
+
 fn parse_params(pairs: &[String]) -> anyhow::Result<HashMap<String, String>> {
     pairs
         .iter()
@@ -630,11 +644,7 @@ async fn run_client(
             from_snapshot,
             from_volume,
         } => {
-            let capacity = capacity
-                .as_deref()
-                .map(parse_bytes)
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
+            let capacity = capacity.as_deref().map(positive_bytes).transpose()?;
             let source = csi::content_source(from_snapshot.as_deref(), from_volume.as_deref());
             csi::create_volume(&mut c, name, capacity, parse_params(params)?, source).await
         }
@@ -649,7 +659,8 @@ async fn run_client(
             capacity,
             path,
         } => {
-            let bytes = parse_bytes(capacity).map_err(anyhow::Error::msg)?;
+            let bytes = positive_bytes(capacity)?;
+            let path = path.as_deref().map(absolute).transpose()?;
             csi::expand_volume(&mut c, volume_id, bytes, path.as_deref()).await
         }
         CsiCommand::List => csi::list(&mut c).await,
@@ -664,7 +675,8 @@ async fn run_client(
             dataset,
         } => match dataset {
             Some(dataset) => {
-                csi::publish_inline(&mut c, volume_id, target, dataset, *readonly, flags).await
+                let target = absolute(target)?;
+                csi::publish_inline(&mut c, volume_id, &target, dataset, *readonly, flags).await
             }
             None => {
                 let staging = staging_for(staging, volume_id);
@@ -678,7 +690,8 @@ async fn run_client(
                         flags,
                     ),
                 };
-                csi::publish(&mut c, volume_id, target, &staging, *readonly, capability).await
+                let (target, staging) = (absolute(target)?, absolute(&staging)?);
+                csi::publish(&mut c, volume_id, &target, &staging, *readonly, capability).await
             }
         },
         CsiCommand::Unpublish {
@@ -686,10 +699,12 @@ async fn run_client(
             target,
             staging,
         } => {
-            let staging = staging_for(staging, volume_id);
-            csi::unpublish(&mut c, volume_id, target, &staging).await
+            let staging = absolute(&staging_for(staging, volume_id))?;
+            csi::unpublish(&mut c, volume_id, &absolute(target)?, &staging).await
         }
-        CsiCommand::Stats { volume_id, path } => csi::stats(&mut c, volume_id, path).await,
+        CsiCommand::Stats { volume_id, path } => {
+            csi::stats(&mut c, volume_id, &absolute(path)?).await
+        }
         CsiCommand::Bench { .. } => unreachable!("handled above"),
     };
     match report {
