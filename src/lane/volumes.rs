@@ -232,6 +232,17 @@ impl<R: Record> VolumeDirs<R> {
         }
     }
 
+    /// Deletes the directory of `id` (an unknown one is fine): renamed to `.trash-*` and
+    /// synced, then emptied by `destroy` (which knows what the lane put in it).
+    pub fn delete(&self, id: &VolumeId, destroy: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        if self.find(id)?.is_none() {
+            return Ok(());
+        }
+        match self.remove(id, OnDelete::Delete)? {
+            Removed::Trashed(dir) | Removed::Retained(dir) => destroy(&dir),
+        }
+    }
+
     /// The lane whose directories these are.
     pub fn lane(&self) -> &'static str {
         self.lane

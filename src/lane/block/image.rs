@@ -44,10 +44,7 @@ fn create(path: &Path) -> Result<File> {
 
 /// Creates the image file of `bytes`: allocated whole (thick) or sparse (thin).
 pub fn make(path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
-    let file = create(path)?;
-    size(&file, path, bytes, provisioning)?;
-    file.sync_all()
-        .map_err(Error::io(format!("sync {}", path.display())))
+    size(&create(path)?, path, bytes, provisioning)
 }
 
 /// Grows an existing image to `bytes`.
@@ -57,11 +54,10 @@ pub fn grow(path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(path)
         .map_err(Error::io(format!("open {}", path.display())))?;
-    size(&file, path, bytes, provisioning)?;
-    file.sync_all()
-        .map_err(Error::io(format!("sync {}", path.display())))
+    size(&file, path, bytes, provisioning)
 }
 
+/// Gives `file` `bytes`, allocated or sparse, and syncs it.
 fn size(file: &File, path: &Path, bytes: u64, provisioning: Provisioning) -> Result<()> {
     match provisioning {
         Provisioning::Thick => nix::fcntl::fallocate(
@@ -74,7 +70,9 @@ fn size(file: &File, path: &Path, bytes: u64, provisioning: Provisioning) -> Res
         Provisioning::Thin => file
             .set_len(bytes)
             .map_err(Error::io(format!("size {}", path.display()))),
-    }
+    }?;
+    file.sync_all()
+        .map_err(Error::io(format!("sync {}", path.display())))
 }
 
 /// Copies image `from` to a new file `to` (reflink where possible), synced.

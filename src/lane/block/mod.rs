@@ -202,7 +202,7 @@ impl BlockLane {
     /// allows), independent of the volume from then on.
     pub fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
         let compatible = super::snapshot::same_source(name, source);
-        self.snapshots.create(name, compatible, |temp, id| {
+        self.snapshots.create(name, compatible, |temp, _| {
             let volume = self.volumes.get(source)?;
             self.flush(source);
             let dir = self.volume_dir(source);
@@ -211,7 +211,7 @@ impl BlockLane {
             copy_format_record(&dir, temp)?;
             let meta = SnapshotMeta {
                 name: name.to_owned(),
-                id: SnapshotId::parse(&format!("{LANE}@{}", id.dir()))?.to_string(),
+                id: SnapshotId::for_name(LANE, name)?.to_string(),
                 source_volume_id: source.to_string(),
                 size_bytes: volume.capacity_bytes,
                 created_unix: now_unix(),
@@ -224,17 +224,9 @@ impl BlockLane {
 
     /// Deletes a snapshot; an unknown one is fine. Volumes restored from it keep their data.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let id = id.as_volume_id();
-        if self.snapshots.find(&id)?.is_none() {
-            return Ok(());
-        }
-        match self
-            .snapshots
-            .remove(&id, super::params::OnDelete::Delete)?
-        {
-            Removed::Trashed(trash) | Removed::Retained(trash) => std::fs::remove_dir_all(&trash)
-                .map_err(Error::io(format!("remove {}", trash.display()))),
-        }
+        self.snapshots.delete(&id.as_volume_id(), |trash| {
+            std::fs::remove_dir_all(trash).map_err(Error::io(format!("remove {}", trash.display())))
+        })
     }
 
     /// Every snapshot, ordered by ID.

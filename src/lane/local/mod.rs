@@ -302,13 +302,13 @@ impl LocalLane {
             return Err(why);
         }
         let compatible = super::snapshot::same_source(name, source);
-        self.snapshots.create(name, compatible, |temp, id| {
+        self.snapshots.create(name, compatible, |temp, _| {
             let volume = self.get(source)?;
             super::btrfs::snapshot_subvolume(&self.data_path(source), temp, DATA.as_ref(), true)
                 .map_err(Error::io(format!("snapshot {source}")))?;
             let meta = SnapshotMeta {
                 name: name.to_owned(),
-                id: SnapshotId::parse(&format!("{LANE}@{}", id.dir()))?.to_string(),
+                id: SnapshotId::for_name(LANE, name)?.to_string(),
                 source_volume_id: source.to_string(),
                 size_bytes: volume.capacity_bytes,
                 created_unix: now_unix(),
@@ -321,16 +321,7 @@ impl LocalLane {
 
     /// Deletes a snapshot; an unknown one is fine.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let key = id.as_volume_id();
-        if self.snapshots.find(&key)?.is_none() {
-            return Ok(());
-        }
-        match self
-            .snapshots
-            .remove(&key, super::params::OnDelete::Delete)?
-        {
-            Removed::Trashed(dir) | Removed::Retained(dir) => remove_volume_dir(&dir),
-        }
+        self.snapshots.delete(&id.as_volume_id(), remove_volume_dir)
     }
 
     /// Every snapshot, ordered by ID.
