@@ -27,6 +27,8 @@ struct Setup {
     enforces_capacity: bool,
     /// The size of the contract's volume, in bytes.
     unit: i64,
+    /// Volumes live on one node and say which (shared lanes' volumes are reachable anywhere).
+    node_local: bool,
 }
 
 const MIB: i64 = 1 << 20;
@@ -96,9 +98,10 @@ async fn contract(setup: Setup) {
         .unwrap();
     assert_eq!(volume, again, "{name}: a repeat returns the same volume");
     assert!(volume.capacity_bytes >= unit, "{name}");
-    assert!(
+    assert_eq!(
         !volume.accessible_topology.is_empty(),
-        "{name}: a volume says where it lives"
+        setup.node_local,
+        "{name}: a node-local volume says where it lives"
     );
     let bigger = with_profile(create_request("pvc-contract", 2 * unit), setup.profile);
     assert_code(
@@ -261,10 +264,12 @@ async fn contract(setup: Setup) {
         name,
     );
     let root = plugin.root.path().canonicalize().unwrap();
+    // A shared file system's one mount per node stays (it serves every volume of it).
+    let lasting = plugin.data_dir.join("juicefs");
     let stray: Vec<_> = lanes::mount::mountinfo::read()
         .unwrap()
         .into_iter()
-        .filter(|e| e.mount_point.starts_with(&root))
+        .filter(|e| e.mount_point.starts_with(&root) && !e.mount_point.starts_with(&lasting))
         .collect();
     assert!(stray.is_empty(), "{name}: stray mounts {stray:?}");
 }
@@ -281,6 +286,7 @@ async fn the_local_lane_on_a_plain_directory() {
         profile: "scratch",
         enforces_capacity: false,
         unit: 32 * MIB,
+        node_local: true,
     })
     .await;
 }
@@ -362,6 +368,7 @@ async fn the_local_lane_on_btrfs_with_quotas() {
         profile: "local",
         enforces_capacity: true,
         unit: 32 * MIB,
+        node_local: true,
     })
     .await;
 }
@@ -379,6 +386,40 @@ async fn the_fast_rwo_lane_with_xfs() {
         profile: "fast",
         enforces_capacity: true,
         unit: 320 * MIB,
+        node_local: true,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_shared_rwx_lane_on_juicefs() {
+    let test = "lane contract: shared-rwx";
+    if !privileged(test) {
+        return;
+    }
+    let Some(juicefs) = juicefs_binary(test) else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("lanes-jfs-")
+        .tempdir()
+        .unwrap();
+    let config = format!(
+        "profiles:\n  shared:\n    lane: shared-rwx\n    default: true\n    juicefs:\n      \
+         meta_url: sqlite3://{meta}\n      storage: file\n      bucket: {bucket}/\n      \
+         format: true\n      heartbeat_seconds: 2\n      binary: {juicefs}\n",
+        meta = dir.path().join("meta.db").display(),
+        bucket = dir.path().join("objects").display(),
+        juicefs = juicefs.display(),
+    );
+    contract(Setup {
+        name: "shared-rwx (JuiceFS, sqlite3 + local objects)",
+        config,
+        data_dir: None,
+        profile: "shared",
+        enforces_capacity: true,
+        unit: 64 * MIB,
+        node_local: false,
     })
     .await;
 }

@@ -403,6 +403,10 @@ async fn run_profiles(
             (Some(longhorn), _) => crate::lane::longhorn::probe(&kube, longhorn).await,
             (None, crate::lane::LaneKind::Local) => crate::lane::local::probe(data_dir),
             (None, crate::lane::LaneKind::FastRwo) => crate::lane::block::probe(data_dir),
+            (None, crate::lane::LaneKind::SharedRwx) => match &profile.juicefs {
+                Some(juicefs) => crate::lane::juicefs::probe(data_dir, &profile.name, juicefs),
+                None => crate::lane::local::probe(data_dir),
+            },
         });
     }
     let mut rows: Vec<ProfileRow> = config

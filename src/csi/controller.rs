@@ -46,9 +46,14 @@ impl ControllerService {
                 .map(|pin| (DATASET_KEY.to_owned(), pin.clone()))
                 .collect(),
             content_source: meta.content_source.as_deref().and_then(content_source),
-            accessible_topology: vec![Topology {
-                segments: lane.topology(meta).into_iter().collect(),
-            }],
+            // No segments: reachable from every node (the spec's empty list).
+            accessible_topology: Some(lane.topology(meta))
+                .filter(|segments| !segments.is_empty())
+                .map(|segments| Topology {
+                    segments: segments.into_iter().collect(),
+                })
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -232,7 +237,7 @@ impl Controller for ControllerService {
                     ))
                 })?;
                 tracing::Span::current().record("lane", lane.kind());
-                let id = VolumeId::for_name(lane.kind(), &req.name)?;
+                let id = lane.volume_id(&params.profile, &req.name)?;
                 Self::check(lane, &req.volume_capabilities).map_err(Status::invalid_argument)?;
                 let source = Self::source(lane, req.volume_content_source.as_ref())?;
                 if !req.mutable_parameters.is_empty() {

@@ -33,6 +33,9 @@ use crate::lane::block::controller::BlockController;
 use crate::lane::block::node::BlockNode;
 use crate::lane::controller::ControllerLane;
 use crate::lane::dataset::DatasetNode;
+use crate::lane::juicefs::JuiceFsLane;
+use crate::lane::juicefs::controller::JuiceFsController;
+use crate::lane::juicefs::node::JuiceFsNode;
 use crate::lane::ledger::Ledger;
 use crate::lane::local::controller::LocalController;
 use crate::lane::local::node::LocalNode;
@@ -263,6 +266,9 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// How often the node checks that the JuiceFS mounts its volumes use still answer.
+const JUICEFS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The plugin's shared state: the lanes (controller and node halves), the dataset cache (node
 /// role), and what the edge needs.
 fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
@@ -283,6 +289,11 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         block.recover()?;
     }
     let block = Arc::new(block);
+    let juicefs = Arc::new(JuiceFsLane::new(
+        &options.data_dir,
+        &options.config.profiles,
+        options.config.local.clone(),
+    ));
     match lane.enforcement_gap() {
         Some(gap) => tracing::warn!("{gap}"),
         None => tracing::info!(
@@ -323,11 +334,16 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         data_dir: options.data_dir.clone(),
         cache,
     });
+    let juicefs_node = Arc::new(JuiceFsNode::new(ctx.clone(), juicefs.clone()));
+    if options.roles.node && !juicefs.is_empty() {
+        tokio::spawn(juicefs_node.clone().watch(JUICEFS_CHECK));
+    }
     let lanes = NodeLanes::new(
         ctx.clone(),
         [
             Arc::new(LocalNode::new(ctx.clone(), lane.clone())) as Arc<dyn NodeLane>,
             Arc::new(BlockNode::new(ctx.clone(), block.clone())),
+            juicefs_node,
             Arc::new(DatasetNode::new(ctx)),
         ],
     );
@@ -338,6 +354,10 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
             options.config.mount_timeout,
         )) as Arc<dyn ControllerLane>,
         Arc::new(BlockController::new(block, options.config.mount_timeout)),
+        Arc::new(JuiceFsController::new(
+            juicefs,
+            options.config.mount_timeout,
+        )),
     ]);
     Ok(Plugin {
         driver_name: options.driver_name.clone(),

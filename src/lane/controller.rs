@@ -31,6 +31,11 @@ pub trait ControllerLane: Send + Sync {
     fn place(&self, requisite: &[Segments]) -> Option<Segments>;
     /// The topology of an existing volume.
     fn topology(&self, meta: &VolumeMeta) -> Segments;
+    /// The ID a volume called `name` gets under `profile` (the same for every repeat).
+    fn volume_id(&self, profile: &str, name: &str) -> Result<VolumeId> {
+        let _ = profile;
+        VolumeId::for_name(self.kind(), name)
+    }
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta>;
     /// The volume, or `UnknownVolume`.
     async fn get(&self, id: &VolumeId) -> Result<VolumeMeta>;

@@ -1,6 +1,7 @@
 //! Volume IDs and on-disk names.
 //!
-//! A volume ID is `<lane>/<dir>`: self-describing, so no database is needed to find a volume,
+//! A volume ID is `<lane>/<dir>`, or `<lane>/<fs>/<dir>` on a lane with several file systems
+//! (`shared-rwx`: `<fs>` is the profile naming the file system): self-describing, so no database is needed to find a volume,
 //! and parsed strictly before it ever becomes a path. `<dir>` is the CO's volume name when that
 //! name is already a safe directory name, and otherwise `_` plus a SHA-256 prefix of the name,
 //! so any name the CSI spec allows maps to one safe directory and back (via the metadata).
@@ -16,12 +17,15 @@ pub const MAX_FIELD_BYTES: usize = 128;
 /// The longest directory name a volume may have.
 const MAX_DIR_BYTES: usize = 100;
 /// Lanes known to this build.
-pub const LANES: &[&str] = &["local", "fast-rwo"];
+pub const LANES: &[&str] = &["local", "fast-rwo", "shared-rwx"];
+/// Lanes whose IDs name a file system (a profile) before the directory.
+const FS_LANES: &[&str] = &["shared-rwx"];
 
 /// A parsed, validated volume ID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct VolumeId {
     lane: String,
+    fs: Option<String>,
     dir: String,
 }
 
@@ -32,14 +36,30 @@ impl VolumeId {
         let dir = if is_safe_dir(name) {
             name.to_owned()
         } else {
-            let digest = Sha256::digest(name.as_bytes());
-            let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
-            format!("_{hex}")
+            hashed(name)
         };
         Ok(VolumeId {
             lane: lane.to_owned(),
+            fs: None,
             dir,
         })
+    }
+
+    /// The ID for a new volume `name` in file system (profile) `fs` of `lane`; a name that
+    /// would make the ID longer than the spec allows gets the hashed directory form.
+    pub fn in_fs(lane: &str, fs: &str, name: &str) -> Result<VolumeId, Error> {
+        let mut id = VolumeId::for_name(lane, name)?;
+        if !is_dns_label(fs) {
+            return Err(Error::InvalidParameter {
+                key: "profile".into(),
+                reason: format!("{} is not a DNS label", printable(fs)),
+            });
+        }
+        if lane.len() + fs.len() + id.dir.len() + 2 > MAX_FIELD_BYTES {
+            id.dir = hashed(name);
+        }
+        id.fs = Some(fs.to_owned());
+        Ok(id)
     }
 
     /// Parses an ID from a request. Malformed IDs are `InvalidVolumeId`; well-formed IDs of a
@@ -64,6 +84,20 @@ impl VolumeId {
         if !LANES.contains(&lane) {
             return Err(Error::UnknownVolume(id.to_owned()));
         }
+        let (fs, dir) = match dir.split_once('/') {
+            Some((fs, dir)) if FS_LANES.contains(&lane) => {
+                if !is_dns_label(fs) {
+                    return Err(invalid("the file system part must be a profile name"));
+                }
+                (Some(fs.to_owned()), dir)
+            }
+            None if FS_LANES.contains(&lane) => {
+                return Err(invalid(
+                    "a shared-rwx ID is shared-rwx/<profile>/<directory>",
+                ));
+            }
+            _ => (None, dir),
+        };
         if !is_volume_dir(dir) {
             return Err(invalid(
                 "the part after the lane must be 1-100 of [A-Za-z0-9._-], not starting with '.' or '-'",
@@ -71,12 +105,18 @@ impl VolumeId {
         }
         Ok(VolumeId {
             lane: lane.to_owned(),
+            fs,
             dir: dir.to_owned(),
         })
     }
 
     pub fn lane(&self) -> &str {
         &self.lane
+    }
+
+    /// The file system (profile) the volume is in, on lanes that have several.
+    pub fn fs(&self) -> Option<&str> {
+        self.fs.as_deref()
     }
 
     /// The directory name of the volume under its lane's base; always a single safe component.
@@ -87,7 +127,10 @@ impl VolumeId {
 
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.lane, self.dir)
+        match &self.fs {
+            Some(fs) => write!(f, "{}/{fs}/{}", self.lane, self.dir),
+            None => write!(f, "{}/{}", self.lane, self.dir),
+        }
     }
 }
 
@@ -109,6 +152,25 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
         return Err(invalid("it contains control characters"));
     }
     Ok(())
+}
+
+/// `_` and the first 40 hex digits of the name's SHA-256.
+fn hashed(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("_{hex}")
+}
+
+/// A DNS label (profile names are): 1-63 of a-z, 0-9 and '-', not starting or ending in '-'.
+pub fn is_dns_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
 }
 
 /// A name usable as-is: `[A-Za-z0-9][A-Za-z0-9._-]*`, no `..`, at most 100 bytes.

@@ -224,6 +224,30 @@ impl Ledger {
         result.map_err(|source| Error { path, source })
     }
 
+    /// Every record kept (damaged ones are skipped).
+    pub fn all(&self) -> Result<Vec<VolumeRecord>, Error> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| Error {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            if entry.path().extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(entry.path()) else {
+                continue;
+            };
+            let first = serde_json::Deserializer::from_slice(&bytes)
+                .into_iter::<VolumeRecord>()
+                .next();
+            if let Some(Ok(record)) = first {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
     /// Forgets `volume_id` entirely.
     pub fn remove(&self, volume_id: &str) -> Result<(), Error> {
         let path = self.path(volume_id);

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows gRPC: errors are [`Error`], mapped to CSI codes in `csi::status`.
 
+pub mod bind;
 pub mod block;
 pub mod btrfs;
 pub mod capability;
@@ -10,6 +11,7 @@ pub mod capacity;
 pub mod controller;
 pub mod dataset;
 pub mod id;
+pub mod juicefs;
 pub mod ledger;
 pub mod local;
 pub mod longhorn;

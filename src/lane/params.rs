@@ -19,6 +19,9 @@ pub enum OnDelete {
     Delete,
     /// Move the data aside under `<data-dir>/retained/` for an admin to deal with.
     Retain,
+    /// Like retain, named `archived-<dir>-<time>` (on shared-rwx: beside the volumes, in the
+    /// file system, where its users can still reach it).
+    Archive,
 }
 
 /// Parameters a volume is created with.
@@ -48,10 +51,11 @@ impl CreateParams {
                     params.on_delete = match value.as_str() {
                         "delete" => OnDelete::Delete,
                         "retain" => OnDelete::Retain,
+                        "archive" => OnDelete::Archive,
                         other => {
                             return Err(Error::InvalidParameter {
                                 key: key.clone(),
-                                reason: format!("{other:?} is not one of: delete, retain"),
+                                reason: format!("{other:?} is not one of: delete, retain, archive"),
                             });
                         }
                     }
@@ -93,6 +97,7 @@ impl CreateParams {
         let on_delete = match self.on_delete {
             OnDelete::Delete => "delete",
             OnDelete::Retain => "retain",
+            OnDelete::Archive => "archive",
         };
         let mut map = BTreeMap::from([
             ("profile".to_owned(), self.profile.clone()),
@@ -155,7 +160,7 @@ mod tests {
             },
             Case {
                 desc: "bad value",
-                raw: &[("onDelete", "archive")],
+                raw: &[("onDelete", "shred")],
                 want: Err(Kind::InvalidArgument),
             },
             Case {

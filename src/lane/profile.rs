@@ -19,6 +19,8 @@ pub enum LaneKind {
     Local,
     /// A disk image per volume on the node's own disk, attached as a loop device.
     FastRwo,
+    /// A subdirectory per volume of a shared JuiceFS file system, with a quota.
+    SharedRwx,
 }
 
 impl LaneKind {
@@ -26,6 +28,7 @@ impl LaneKind {
         match self {
             LaneKind::Local => "local",
             LaneKind::FastRwo => "fast-rwo",
+            LaneKind::SharedRwx => "shared-rwx",
         }
     }
 }
@@ -118,6 +121,9 @@ pub struct RawProfile {
     /// A `fast-rwo` profile served by Longhorn's own driver instead.
     #[serde(default)]
     pub longhorn: Option<super::longhorn::LonghornBackend>,
+    /// The JuiceFS file system of a `shared-rwx` profile.
+    #[serde(default)]
+    pub juicefs: Option<super::juicefs::RawJuiceFs>,
 }
 
 /// A validated profile.
@@ -134,6 +140,9 @@ pub struct Profile {
     /// Longhorn's StorageClass, for a `fast-rwo` profile Longhorn serves.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub longhorn: Option<super::longhorn::LonghornBackend>,
+    /// The JuiceFS file system of a `shared-rwx` profile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub juicefs: Option<super::juicefs::JuiceFs>,
 }
 
 /// The profile table.
@@ -156,6 +165,7 @@ impl Default for Profiles {
                 default: true,
                 block: None,
                 longhorn: None,
+                juicefs: None,
             }],
         }
     }
@@ -178,10 +188,11 @@ impl Profiles {
             let lane = match raw.lane.as_str() {
                 "local" => LaneKind::Local,
                 "fast-rwo" => LaneKind::FastRwo,
-                "shared-rwx" | "legacy-rwx" => {
+                "shared-rwx" => LaneKind::SharedRwx,
+                "legacy-rwx" => {
                     return Err(format!(
                         "profiles.{name}: lane {:?} is not available in this build (available: \
-                         local, fast-rwo)",
+                         local, fast-rwo, shared-rwx)",
                         raw.lane
                     ));
                 }
@@ -210,6 +221,25 @@ impl Profiles {
                     ));
                 }
             };
+            let juicefs = match (lane, raw.juicefs) {
+                (LaneKind::SharedRwx, Some(raw)) => Some(
+                    super::juicefs::JuiceFs::from_raw(raw)
+                        .map_err(|e| format!("profiles.{name}.juicefs: {e}"))?,
+                ),
+                (LaneKind::SharedRwx, None) => {
+                    return Err(format!(
+                        "profiles.{name}: a shared-rwx profile needs `juicefs:` (its file \
+                         system's meta_url, storage and bucket)"
+                    ));
+                }
+                (_, None) => None,
+                (_, Some(_)) => {
+                    return Err(format!(
+                        "profiles.{name}: `juicefs` settings belong to shared-rwx profiles, not {}",
+                        lane.as_str()
+                    ));
+                }
+            };
             profiles.push(Profile {
                 name,
                 lane,
@@ -218,6 +248,7 @@ impl Profiles {
                 default: raw.default,
                 block,
                 longhorn,
+                juicefs,
             });
         }
         let defaults: Vec<&str> = profiles
@@ -264,16 +295,7 @@ impl Profiles {
     }
 }
 
-fn is_dns_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
-}
+use super::id::is_dns_label;
 
 #[cfg(test)]
 mod tests {
@@ -306,7 +328,12 @@ mod tests {
                 "only one",
             ),
             ("Bad_Name: {lane: local}\n", "not a valid name"),
-            ("juice: {lane: shared-rwx}\n", "not available in this build"),
+            ("nfs: {lane: legacy-rwx}\n", "not available in this build"),
+            ("juice: {lane: shared-rwx}\n", "needs `juicefs:`"),
+            (
+                "x: {lane: local, juicefs: {meta_url: 'redis://h/1'}}\n",
+                "belong to shared-rwx",
+            ),
             ("x: {lane: ramdisk}\n", "not a lane"),
             (
                 "x: {lane: local, best_for: [everything]}\n",

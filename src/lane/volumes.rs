@@ -50,6 +50,8 @@ impl Record for super::snapshot::SnapshotMeta {
 pub struct VolumeDirs<R = VolumeMeta> {
     record: std::marker::PhantomData<fn() -> R>,
     lane: &'static str,
+    /// The file system (profile) of the volumes, on lanes whose IDs name one.
+    fs: Option<String>,
     base: PathBuf,
     retained: PathBuf,
     /// Concurrent creates and deletes share one sync of `base`.
@@ -91,10 +93,31 @@ impl<R: Record> VolumeDirs<R> {
         Ok(VolumeDirs {
             record: std::marker::PhantomData,
             lane,
+            fs: None,
             base,
             retained,
             syncer: Default::default(),
         })
+    }
+
+    /// Opens `base` for the volumes of file system `fs` of `lane` (IDs `<lane>/<fs>/<dir>`).
+    pub fn open_in(
+        lane: &'static str,
+        fs: &str,
+        base: &Path,
+        retained: PathBuf,
+    ) -> Result<VolumeDirs<R>> {
+        let mut dirs = Self::open(lane, base, retained)?;
+        dirs.fs = Some(fs.to_owned());
+        Ok(dirs)
+    }
+
+    /// The ID the volume called `name` has here.
+    fn id_for(&self, name: &str) -> Result<VolumeId> {
+        match &self.fs {
+            Some(fs) => VolumeId::in_fs(self.lane, fs, name),
+            None => VolumeId::for_name(self.lane, name),
+        }
     }
 
     pub fn base(&self) -> &Path {
@@ -140,7 +163,11 @@ impl<R: Record> VolumeDirs<R> {
         names.sort();
         let mut volumes = Vec::with_capacity(names.len());
         for name in names {
-            if let Ok(id) = VolumeId::parse(&format!("{}/{name}", self.lane))
+            let id = match &self.fs {
+                Some(fs) => format!("{}/{fs}/{name}", self.lane),
+                None => format!("{}/{name}", self.lane),
+            };
+            if let Ok(id) = VolumeId::parse(&id)
                 && let Some(meta) = self.find(&id)?
             {
                 volumes.push(meta);
@@ -158,7 +185,7 @@ impl<R: Record> VolumeDirs<R> {
         compatible: impl Fn(R) -> Result<R>,
         build: impl FnOnce(&Path, &VolumeId) -> Result<R>,
     ) -> Result<R> {
-        let id = VolumeId::for_name(self.lane, name)?;
+        let id = self.id_for(name)?;
         if let Some(existing) = self.find(&id)? {
             return compatible(existing);
         }
@@ -194,10 +221,16 @@ impl<R: Record> VolumeDirs<R> {
     pub fn remove(&self, id: &VolumeId, on_delete: OnDelete) -> Result<Removed> {
         let dir = self.dir(id);
         match on_delete {
-            OnDelete::Retain => {
+            OnDelete::Retain | OnDelete::Archive => {
                 std::fs::create_dir_all(&self.retained)
                     .map_err(Error::io(format!("create {}", self.retained.display())))?;
-                let kept = self.retained.join(format!("{}-{}", id.dir(), stamp()));
+                let kind = match on_delete {
+                    OnDelete::Archive => "archived-",
+                    _ => "",
+                };
+                let kept = self
+                    .retained
+                    .join(format!("{kind}{}-{}", id.dir(), stamp()));
                 std::fs::rename(&dir, &kept)
                     .map_err(Error::io(format!("move {id} to {}", kept.display())))?;
                 Ok(Removed::Retained(kept))

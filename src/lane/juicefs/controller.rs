@@ -1,0 +1,95 @@
+//! The controller half of the `shared-rwx` lane: volumes are reachable from every node (no
+//! topology), IDs name the profile's file system, and every call runs under the deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{JuiceFsLane, LANE, node::access};
+use crate::lane::capability::{Access, Capability};
+use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::local::{CreateRequest, Space};
+use crate::lane::{Range, Result, VolumeId, VolumeMeta};
+
+/// The `shared-rwx` lane as the controller sees it.
+#[derive(Debug)]
+pub struct JuiceFsController {
+    lane: Arc<JuiceFsLane>,
+    deadline: Duration,
+}
+
+impl JuiceFsController {
+    pub fn new(lane: Arc<JuiceFsLane>, deadline: Duration) -> Self {
+        JuiceFsController { lane, deadline }
+    }
+
+    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&JuiceFsLane) -> Result<T> + Send + 'static,
+    {
+        let lane = self.lane.clone();
+        blocking(op, self.deadline, move || f(&lane)).await
+    }
+}
+
+#[async_trait::async_trait]
+impl ControllerLane for JuiceFsController {
+    fn kind(&self) -> &'static str {
+        LANE
+    }
+
+    fn access(&self, capability: &Capability) -> std::result::Result<Access, String> {
+        access(capability)
+    }
+
+    fn place(&self, _requisite: &[Segments]) -> Option<Segments> {
+        // Every node reaches the file system: any requisite topology is met.
+        Some(Segments::new())
+    }
+
+    fn topology(&self, _meta: &VolumeMeta) -> Segments {
+        Segments::new()
+    }
+
+    fn volume_id(&self, profile: &str, name: &str) -> Result<VolumeId> {
+        VolumeId::in_fs(LANE, profile, name)
+    }
+
+    async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
+        self.run("create", move |lane| lane.create(&request)).await
+    }
+
+    async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        let id = id.clone();
+        self.run("get", move |lane| lane.get(&id)).await
+    }
+
+    async fn list(&self) -> Result<Vec<VolumeMeta>> {
+        self.run("list", |lane| lane.list()).await
+    }
+
+    async fn delete(&self, id: &VolumeId) -> Result<()> {
+        let id = id.clone();
+        self.run("delete", move |lane| lane.delete(&id)).await
+    }
+
+    async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)> {
+        let id = id.clone();
+        // The quota is raised here; each node's NodeExpandVolume waits until its mount
+        // enforces the new limit (mounts reload quotas on their heartbeat).
+        self.run("expand", move |lane| {
+            lane.expand(&id, range).map(|c| (c, true))
+        })
+        .await
+    }
+
+    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
+        let _ = segments;
+        self.run("capacity", |lane| lane.space(None)).await
+    }
+
+    async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
+        let id = id.clone();
+        self.run("condition", move |lane| lane.condition(&id)).await
+    }
+}

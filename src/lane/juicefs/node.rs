@@ -1,0 +1,331 @@
+//! The node half of the `shared-rwx` lane: stage binds the volume's directory of the file
+//! system's one mount at the staging path, publish binds the staging path at the target.
+//!
+//! Rules, beyond those of every bind lane ([`crate::lane::bind`]):
+//! - a stage waits (bounded by the heartbeat) until the mount enforces the volume's quota: a
+//!   running mount loads quotas set after it started only on its heartbeat;
+//! - when the FUSE process dies every bind of it answers ENOTCONN: each call and a periodic
+//!   check ([`JuiceFsNode::watch`]) mount the file system again and re-bind every staging
+//!   and target path the ledger holds, with the flags each had, so pods (that mount with
+//!   `HostToContainer` propagation) recover without being restarted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::fs::{FileSystem, detach};
+use super::{JuiceFsLane, LANE};
+use crate::lane::bind;
+use crate::lane::capability::{Access, AccessType, Capability};
+use crate::lane::ledger::VolumeRecord;
+use crate::lane::node::{
+    NodeContext, NodeError, NodeLane, Publish, Result, Stage, Stats, Unpublished,
+};
+use crate::lane::{VolumeId, VolumeMeta};
+use crate::mount::safe::RequestPath;
+use crate::mount::{Atime, MountEntry, MountFlags, mountinfo};
+use crate::text::Shown;
+
+/// Which capabilities the lane serves: mount access in every access mode.
+pub fn access(capability: &Capability) -> std::result::Result<Access, String> {
+    let AccessType::Mount {
+        fs_type,
+        flags,
+        mount_group,
+    } = &capability.access_type
+    else {
+        return Err(
+            "block access is not supported: shared-rwx volumes are directories of a JuiceFS \
+             file system"
+                .into(),
+        );
+    };
+    if !fs_type.is_empty() && fs_type != "juicefs" {
+        return Err(format!(
+            "fs_type {} cannot be honoured: shared-rwx volumes are JuiceFS; leave fsType unset",
+            Shown(fs_type)
+        ));
+    }
+    Access::for_mount(capability.mode, flags, mount_group)
+}
+
+/// The `shared-rwx` lane on this node.
+#[derive(Debug)]
+pub struct JuiceFsNode {
+    ctx: Arc<NodeContext>,
+    lane: Arc<JuiceFsLane>,
+}
+
+impl JuiceFsNode {
+    pub fn new(ctx: Arc<NodeContext>, lane: Arc<JuiceFsLane>) -> JuiceFsNode {
+        JuiceFsNode { ctx, lane }
+    }
+
+    /// Runs blocking lane work off the runtime under the deadline.
+    async fn lane<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&JuiceFsLane, &NodeContext) -> Result<T> + Send + 'static,
+    {
+        let (lane, ctx) = (self.lane.clone(), self.ctx.clone());
+        self.ctx
+            .blocking("the shared-rwx lane", move || f(&lane, &ctx))
+            .await
+    }
+
+    /// Mounts the volume's file system if it is not answering and re-binds what a dead mount
+    /// left stale: every volume of the file system after a remount, else this one's paths.
+    /// The volume's record and its directory in the mount.
+    async fn ready(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta, PathBuf)> {
+        let id = VolumeId::parse(volume_id)?;
+        let lookup = id.clone();
+        self.lane(move |lane, ctx| {
+            let fs = lane.fs_of(&lookup)?;
+            let (device, remounted) = fs.ensure_mounted()?;
+            let records = match remounted {
+                true => ctx.ledger.all()?,
+                false => vec![ctx.ledger.load(&lookup.to_string())?],
+            };
+            rebind(lane, ctx, fs, device, &records);
+            let meta = lane.get(&lookup)?;
+            Ok((meta, lane.data_path(&lookup)?))
+        })
+        .await
+        .map(|(meta, data)| (id, meta, data))
+    }
+
+    /// Every `interval`, mounts again each file system whose mount died while volumes of it
+    /// are staged here, and re-binds their paths.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let checked = self
+                .lane(|lane, ctx| {
+                    let records = ctx.ledger.all()?;
+                    for fs in lane.filesystems() {
+                        let prefix = format!("{LANE}/{}/", fs.profile);
+                        let ours: Vec<VolumeRecord> = records
+                            .iter()
+                            .filter(|r| r.volume_id.starts_with(&prefix))
+                            .cloned()
+                            .collect();
+                        if ours.is_empty() {
+                            continue;
+                        }
+                        match fs.ensure_mounted() {
+                            Ok((device, _)) => rebind(lane, ctx, fs, device, &ours),
+                            Err(e) => {
+                                tracing::warn!(profile = %fs.profile, error = %e, "JuiceFS mount check failed")
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = checked {
+                tracing::warn!(error = %e, "JuiceFS mount check failed");
+            }
+        }
+    }
+}
+
+/// Re-binds the staging and target paths of `records` (volumes of `fs`) whose mount is of
+/// another FUSE connection than `device` (a dead one). Failures are logged: the next call or
+/// check retries.
+fn rebind(
+    lane: &JuiceFsLane,
+    ctx: &NodeContext,
+    fs: &FileSystem,
+    device: (u32, u32),
+    records: &[VolumeRecord],
+) {
+    let Ok(table) = mountinfo::read() else {
+        return;
+    };
+    let stale = |path: &Path| {
+        mountinfo::at(&table, path).last().is_some_and(|top| {
+            top.fs_type.starts_with("fuse.juicefs") && (top.major, top.minor) != device
+        })
+    };
+    for record in records {
+        let Ok(id) = VolumeId::parse(&record.volume_id) else {
+            continue;
+        };
+        if id.fs() != Some(fs.profile.as_str()) {
+            continue;
+        }
+        let Ok(data) = lane.data_path(&id) else {
+            continue;
+        };
+        for staging in &record.staged {
+            if stale(&staging.path)
+                && let Err(e) = replace(ctx, &table, &data, &staging.path)
+            {
+                tracing::warn!(path = %staging.path.display(), error = %e, "re-binding a staging path failed");
+            }
+        }
+        for publication in &record.published {
+            let Some(staging) = &publication.staging else {
+                continue;
+            };
+            if stale(&publication.target)
+                && let Err(e) = replace(ctx, &table, staging, &publication.target)
+            {
+                tracing::warn!(path = %publication.target.display(), error = %e, "re-binding a target path failed");
+            }
+        }
+        tracing::info!(volume = %record.volume_id, "re-bound the volume's paths to the new JuiceFS mount");
+    }
+}
+
+/// Detaches the stale mounts at `path` and binds `source` there with the flags the top one
+/// had.
+fn replace(
+    ctx: &NodeContext,
+    table: &[MountEntry],
+    source: &Path,
+    path: &Path,
+) -> std::result::Result<(), String> {
+    let stack = mountinfo::at(table, path);
+    let flags = stack.last().map(|top| flags_of(top)).unwrap_or_default();
+    for _ in &stack {
+        detach(path).map_err(|e| e.to_string())?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        _ => return Err(format!("{} is no longer a directory", path.display())),
+    }
+    ctx.mounter.bind(source, path).map_err(|e| e.to_string())?;
+    if !flags.is_plain() {
+        ctx.mounter
+            .remount(path, flags)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The per-mount flags a mount-table entry shows.
+fn flags_of(entry: &MountEntry) -> MountFlags {
+    let has = |flag: &str| entry.options.iter().any(|o| o == flag);
+    MountFlags {
+        read_only: has("ro"),
+        nosuid: has("nosuid"),
+        nodev: has("nodev"),
+        noexec: has("noexec"),
+        atime: if has("noatime") {
+            Atime::NoAtime
+        } else {
+            Atime::Inherit
+        },
+    }
+}
+
+/// Waits until this process's mount enforces the quota of the volume at `data`: a statfs of a
+/// directory under a quota shows the quota's size. Bounded by the heartbeat.
+fn wait_for_quota(fs: &FileSystem, data: &Path, capacity: u64) -> Result<()> {
+    let limit = Duration::from_secs(fs.config.heartbeat_seconds + 5);
+    let started = Instant::now();
+    loop {
+        let stat = nix::sys::statvfs::statvfs(data).map_err(|e| {
+            NodeError::Unavailable(format!("statfs {}: {e}", Shown(&data.to_string_lossy())))
+        })?;
+        if stat.blocks().saturating_mul(stat.fragment_size()) == capacity {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(NodeError::Unavailable(format!(
+                "the JuiceFS mount of profile {} has not loaded the volume's quota within {}s \
+                 (mounts reload quotas every {}s); retry",
+                fs.profile,
+                limit.as_secs(),
+                fs.config.heartbeat_seconds
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeLane for JuiceFsNode {
+    fn kind(&self) -> &'static str {
+        LANE
+    }
+
+    fn access(&self, capability: &Capability) -> std::result::Result<Access, String> {
+        access(capability)
+    }
+
+    async fn stage(&self, request: Stage<'_>) -> Result<()> {
+        let Stage {
+            volume_id,
+            staging,
+            capability,
+        } = request;
+        let (id, meta, data) = self.ready(volume_id).await?;
+        let quota_data = data.clone();
+        self.lane(move |lane, _| {
+            wait_for_quota(lane.fs_of(&id)?, &quota_data, meta.capacity_bytes)
+        })
+        .await?;
+        let Some(staging_dir) =
+            bind::prepare_stage(&self.ctx, volume_id, staging, capability, &data).await?
+        else {
+            return Ok(());
+        };
+        bind::bind_staging(&self.ctx, &data, staging, staging_dir).await
+    }
+
+    async fn unstage(&self, volume_id: &str, staging: &RequestPath) -> Result<()> {
+        let (_, _, data) = self.ready(volume_id).await?;
+        bind::unstage(&self.ctx, volume_id, staging, &data).await
+    }
+
+    async fn publish(&self, request: Publish<'_>) -> Result<()> {
+        let access = access(request.capability).map_err(NodeError::Invalid)?;
+        self.ctx.failpoint.delay("publish").await;
+        let (_, _, data) = self.ready(request.volume_id).await?;
+        bind::publish(&self.ctx, request, access, &data).await
+    }
+
+    async fn unpublish(
+        &self,
+        mut record: VolumeRecord,
+        target: &RequestPath,
+    ) -> Result<Unpublished> {
+        let (_, _, data) = match self.ready(&record.volume_id).await {
+            Ok(ready) => ready,
+            // Not a volume of ours: nothing of it can be mounted here.
+            Err(NodeError::Lane(crate::lane::Error::UnknownVolume(_))) => {
+                return Ok(Unpublished::Kept);
+            }
+            Err(e) => return Err(e),
+        };
+        bind::unpublish(&self.ctx, &mut record, target, &data).await?;
+        Ok(Unpublished::Kept)
+    }
+
+    async fn stats(&self, record: &VolumeRecord, path: &RequestPath) -> Result<Stats> {
+        let (id, _, data) = self.ready(&record.volume_id).await?;
+        bind::require_mounted(&self.ctx, &record.volume_id, path, &data).await?;
+        // A statfs of a directory under a JuiceFS quota reports the quota's size and use.
+        let usage = self.ctx.usage(path).await?;
+        let abnormal = self.lane(move |lane, _| Ok(lane.condition(&id)?)).await?;
+        Ok(Stats {
+            usage,
+            message: abnormal
+                .clone()
+                .unwrap_or_else(|| "volume is mounted and its JuiceFS mount answers".into()),
+            abnormal,
+        })
+    }
+
+    async fn expand(&self, volume_id: &str, path: &RequestPath) -> Result<u64> {
+        let (id, meta, data) = self.ready(volume_id).await?;
+        bind::require_mounted(&self.ctx, volume_id, path, &data).await?;
+        // ControllerExpandVolume raised the quota; done once this node's mount enforces it.
+        let capacity = meta.capacity_bytes;
+        self.lane(move |lane, _| wait_for_quota(lane.fs_of(&id)?, &data, capacity))
+            .await?;
+        Ok(capacity)
+    }
+}
