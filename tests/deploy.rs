@@ -2,7 +2,7 @@
 //! the way: an unknown (misspelt) field fails the test instead of being silently ignored.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use serde_json::Value;
@@ -74,6 +74,7 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
                 "CSIDriver" => typed::<CSIDriver>(&value),
                 "StorageClass" => typed::<StorageClass>(&value),
                 "ConfigMap" => typed::<ConfigMap>(&value),
+                "Secret" => typed::<Secret>(&value),
                 "Pod" => typed::<Pod>(&value),
                 // No Rust type in k8s-openapi (a CRD of external-snapshotter): its fields.
                 "VolumeSnapshotClass" => volume_snapshot_class(&value),
@@ -267,4 +268,15 @@ fn the_image_has_every_program_the_code_runs() {
     }
     // git+ssh:// sources need ssh beside git.
     assert!(runtime.split_whitespace().any(|w| w == "openssh-client"));
+    // shared-rwx profiles run `juicefs` (their `binary:`, `juicefs` on PATH by default).
+    for profile in shipped_config().profiles.iter() {
+        if let Some(juicefs) = &profile.juicefs {
+            let binary = juicefs.binary.display().to_string();
+            assert!(
+                runtime.contains(&format!("/usr/local/bin/{binary}")),
+                "profile {} runs {binary}, which the image does not hold",
+                profile.name
+            );
+        }
+    }
 }

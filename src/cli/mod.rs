@@ -260,6 +260,9 @@ pub enum CsiCommand {
         /// Publish as a raw block device: TARGET becomes a device file (fast-rwo volumes).
         #[arg(long, conflicts_with_all = ["flags", "fs_type", "dataset"])]
         block: bool,
+        /// The access mode, as a PVC names it (rwx and rox: shared-rwx volumes).
+        #[arg(long, value_enum, default_value = "rwo")]
+        access: AccessArg,
         /// Publish an inline (ephemeral) volume of this dataset instead of a created volume
         /// (VOLUME_ID is then any name for it).
         #[arg(long)]
@@ -369,6 +372,31 @@ async fn run_dataset(
         print!("{}", output.text);
     }
     Ok(())
+}
+
+/// Kubernetes' access modes, for `lanes csi publish --access`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AccessArg {
+    /// ReadWriteOnce (SINGLE_NODE_WRITER).
+    Rwo,
+    /// ReadWriteOncePod (SINGLE_NODE_SINGLE_WRITER).
+    Rwop,
+    /// ReadWriteMany (MULTI_NODE_MULTI_WRITER).
+    Rwx,
+    /// ReadOnlyMany (MULTI_NODE_READER_ONLY).
+    Rox,
+}
+
+impl AccessArg {
+    pub fn mode(self) -> crate::proto::volume_capability::access_mode::Mode {
+        use crate::proto::volume_capability::access_mode::Mode;
+        match self {
+            AccessArg::Rwo => Mode::SingleNodeWriter,
+            AccessArg::Rwop => Mode::SingleNodeSingleWriter,
+            AccessArg::Rwx => Mode::MultiNodeMultiWriter,
+            AccessArg::Rox => Mode::MultiNodeReaderOnly,
+        }
+    }
 }
 
 /// One row of `lanes profiles`.
@@ -676,6 +704,7 @@ async fn run_client(
             flags,
             fs_type,
             block,
+            access,
             dataset,
         } => match dataset {
             Some(dataset) => {
@@ -685,11 +714,9 @@ async fn run_client(
             None => {
                 let staging = staging_for(staging, volume_id);
                 let capability = match block {
-                    true => csi::block_capability(
-                        crate::proto::volume_capability::access_mode::Mode::SingleNodeWriter,
-                    ),
+                    true => csi::block_capability(access.mode()),
                     false => csi::mount_capability_of(
-                        crate::proto::volume_capability::access_mode::Mode::SingleNodeWriter,
+                        access.mode(),
                         fs_type.as_deref().unwrap_or_default(),
                         flags,
                     ),

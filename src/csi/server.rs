@@ -293,6 +293,7 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         &options.data_dir,
         &options.config.profiles,
         options.config.local.clone(),
+        !options.roles.node,
     ));
     match lane.enforcement_gap() {
         Some(gap) => tracing::warn!("{gap}"),

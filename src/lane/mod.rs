@@ -74,6 +74,10 @@ pub enum Error {
     Quota(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The storage behind a lane (a JuiceFS metadata engine, an NFS server) failed or did not
+    /// answer: retryable.
+    #[error("{what}: {said}")]
+    Backend { what: String, said: String },
     #[error("{op} did not finish within {seconds}s; the lane's storage may be hung")]
     Timeout { op: &'static str, seconds: u64 },
     #[error("{context}: {source}")]
@@ -101,6 +105,7 @@ impl Error {
             Error::InUse { .. } | Error::Attached { .. } => Kind::FailedPrecondition,
             Error::Quota(_) => Kind::Internal,
             Error::Timeout { .. } => Kind::DeadlineExceeded,
+            Error::Backend { .. } => Kind::Unavailable,
             Error::Io { source, .. } => crate::error::io_kind(source),
         }
     }

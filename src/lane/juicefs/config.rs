@@ -46,7 +46,9 @@ pub struct RawJuiceFs {
     /// Read/write buffer of the mount (default 300Mi).
     #[serde(default)]
     pub buffer_size: Option<String>,
-    /// How often a mount reloads settings and quotas (default 12, JuiceFS's own).
+    /// How often a mount reloads settings and quotas (default 3: a new volume's quota holds
+    /// on a node's running mount, and a publish waits, at most this long; JuiceFS's own
+    /// default is 12).
     #[serde(default)]
     pub heartbeat_seconds: Option<u64>,
     /// More `juicefs mount` options (`--writeback`, `--max-uploads=40`, ...).
@@ -136,6 +138,15 @@ impl JuiceFs {
                 ));
             }
         }
+        let name = raw.name.unwrap_or_else(|| "lanes".into());
+        if !(3..=63).contains(&name.len())
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(format!(
+                "name {} must be 3-63 of letters, digits and '-' (JuiceFS's rule)",
+                crate::text::Shown(&name)
+            ));
+        }
         let prefix = raw.prefix.unwrap_or_else(|| "volumes".into());
         let prefix = prefix.trim_matches('/').to_owned();
         if prefix.is_empty()
@@ -168,14 +179,14 @@ impl JuiceFs {
             None => Ok(default),
             Some(text) => parse_bytes(&text).map_err(|e| format!("{field}: {e}")),
         };
-        let heartbeat_seconds = raw.heartbeat_seconds.unwrap_or(12);
+        let heartbeat_seconds = raw.heartbeat_seconds.unwrap_or(3);
         if !(1..=600).contains(&heartbeat_seconds) {
             return Err("heartbeat_seconds must be 1-600".into());
         }
         Ok(JuiceFs {
             meta_url: raw.meta_url,
             meta_password_env: raw.meta_password_env,
-            name: raw.name.unwrap_or_else(|| "lanes".into()),
+            name,
             storage: raw.storage,
             bucket: raw.bucket,
             access_key_env: raw.access_key_env,
@@ -216,7 +227,7 @@ mod tests {
     fn settings() {
         let fs = parse("meta_url: redis://db:6379/1\nmeta_password_env: JFS_META\n").unwrap();
         assert_eq!(fs.prefix, "volumes");
-        assert_eq!(fs.heartbeat_seconds, 12);
+        assert_eq!(fs.heartbeat_seconds, 3);
         assert_eq!(fs.cache_bytes, 10 << 30);
         for (yaml, want) in [
             (

@@ -50,7 +50,7 @@ pub struct FileSystem {
 
 /// The cgroups of the FUSE processes the plugin on `data_dir` started (for clean-up).
 pub fn fuse_cgroups(data_dir: &Path) -> Vec<PathBuf> {
-    let suffix = format!("-{}", data_dir_id(data_dir));
+    let id = format!("-{}", data_dir_id(data_dir));
     let Some(parent) = cgroup::path("") else {
         return Vec::new();
     };
@@ -58,7 +58,7 @@ pub fn fuse_cgroups(data_dir: &Path) -> Vec<PathBuf> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+        .filter(|e| e.file_name().to_string_lossy().contains(&id))
         .map(|e| e.path())
         .collect()
 }
@@ -69,12 +69,29 @@ fn data_dir_id(data_dir: &Path) -> String {
 }
 
 impl FileSystem {
+    /// The file system of `profile` for a process serving the node role (or both roles) on
+    /// `data_dir`.
     pub fn new(data_dir: &Path, profile: &str, config: JuiceFs) -> FileSystem {
+        Self::for_role(data_dir, profile, config, false)
+    }
+
+    /// A controller-only process mounts apart from a node plugin sharing its data dir (its
+    /// mounts are in its own container, and nothing of a pod's depends on them).
+    pub fn for_role(
+        data_dir: &Path,
+        profile: &str,
+        config: JuiceFs,
+        controller_only: bool,
+    ) -> FileSystem {
+        let (dir, role) = match controller_only {
+            true => ("juicefs-controller", "-controller"),
+            false => ("juicefs", ""),
+        };
         FileSystem {
             profile: profile.to_owned(),
             config,
-            root: data_dir.join("juicefs").join(profile),
-            cgroup: format!("{profile}-{}", data_dir_id(data_dir)),
+            root: data_dir.join(dir).join(profile),
+            cgroup: format!("{profile}-{}{role}", data_dir_id(data_dir)),
             mounting: Mutex::new(()),
             formatted: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
@@ -143,9 +160,9 @@ impl FileSystem {
     }
 
     fn failure(&self, what: &str, said: &str) -> Error {
-        Error::Io {
-            context: format!("JuiceFS file system of profile {}: {what}", self.profile),
-            source: std::io::Error::other(said.to_owned()),
+        Error::Backend {
+            what: format!("JuiceFS file system of profile {}: {what}", self.profile),
+            said: said.to_owned(),
         }
     }
 
@@ -155,10 +172,17 @@ impl FileSystem {
             return Ok(());
         }
         let meta = self.config.meta_url.as_str();
+        if self.config.format
+            && let Some(db) = meta.strip_prefix("sqlite3://")
+            && let Some(dir) = Path::new(db.split('?').next().unwrap_or(db)).parent()
+        {
+            // A new sqlite3 file system: its database's directory may not exist yet.
+            std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+        }
         match self.run("read its status", &[os("status"), os(meta)]) {
             Ok(_) => {}
-            Err(Error::Io { source, .. })
-                if self.config.format && source.to_string().contains("not formatted") =>
+            Err(Error::Backend { said, .. })
+                if self.config.format && said.contains("not formatted") =>
             {
                 let (Some(storage), Some(bucket)) = (&self.config.storage, &self.config.bucket)
                 else {
@@ -178,7 +202,7 @@ impl FileSystem {
                     ],
                 )?;
             }
-            Err(Error::Io { source, .. }) if source.to_string().contains("not formatted") => {
+            Err(Error::Backend { said, .. }) if said.contains("not formatted") => {
                 return Err(self.failure(
                     "use it",
                     "it is not formatted; run `juicefs format` or set `format: true` in the profile",
@@ -250,7 +274,10 @@ impl FileSystem {
                 path.as_os_str(),
             ],
         ) {
-            Err(Error::Io { source, .. }) if source.to_string().contains("no quota") => Ok(()),
+            // Gone already: no directory, no quota.
+            Err(Error::Backend { said, .. }) if said.contains("no such file or directory") => {
+                Ok(())
+            }
             other => other.map(drop),
         }
     }
@@ -487,8 +514,12 @@ mod cgroup {
 
     const PARENT: &str = "lanes.fuse";
 
-    /// The cgroup2 hierarchy's mount point, from the mount table.
+    /// The cgroup2 hierarchy to use: `LANES_HOST_CGROUP` (the host's, mounted into the node
+    /// plugin's container), else the first cgroup2 mount in the mount table.
     fn root() -> Option<PathBuf> {
+        if let Some(host) = std::env::var_os("LANES_HOST_CGROUP") {
+            return Some(PathBuf::from(host));
+        }
         let table = crate::mount::mountinfo::read().ok()?;
         table
             .into_iter()

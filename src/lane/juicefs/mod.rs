@@ -43,12 +43,17 @@ pub struct JuiceFsLane {
 
 impl JuiceFsLane {
     /// The lane for every `shared-rwx` profile; nothing is mounted until a volume needs it.
-    pub fn new(data_dir: &Path, profiles: &Profiles, settings: LocalSettings) -> JuiceFsLane {
+    pub fn new(
+        data_dir: &Path,
+        profiles: &Profiles,
+        settings: LocalSettings,
+        controller_only: bool,
+    ) -> JuiceFsLane {
         let filesystems = profiles
             .iter()
             .filter_map(|p| {
                 let config = p.juicefs.clone()?;
-                let fs = FileSystem::new(data_dir, &p.name, config);
+                let fs = FileSystem::for_role(data_dir, &p.name, config, controller_only);
                 Some((p.name.clone(), Arc::new(fs)))
             })
             .collect();

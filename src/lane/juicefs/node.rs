@@ -75,23 +75,31 @@ impl JuiceFsNode {
 
     /// Mounts the volume's file system if it is not answering and re-binds what a dead mount
     /// left stale: every volume of the file system after a remount, else this one's paths.
-    /// The volume's record and its directory in the mount.
-    async fn ready(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta, PathBuf)> {
+    /// The volume's directory in the mount.
+    async fn mounted(&self, volume_id: &str) -> Result<(VolumeId, PathBuf)> {
         let id = VolumeId::parse(volume_id)?;
         let lookup = id.clone();
-        self.lane(move |lane, ctx| {
-            let fs = lane.fs_of(&lookup)?;
-            let (device, remounted) = fs.ensure_mounted()?;
-            let records = match remounted {
-                true => ctx.ledger.all()?,
-                false => vec![ctx.ledger.load(&lookup.to_string())?],
-            };
-            rebind(lane, ctx, fs, device, &records);
-            let meta = lane.get(&lookup)?;
-            Ok((meta, lane.data_path(&lookup)?))
-        })
-        .await
-        .map(|(meta, data)| (id, meta, data))
+        let data = self
+            .lane(move |lane, ctx| {
+                let fs = lane.fs_of(&lookup)?;
+                let (device, remounted) = fs.ensure_mounted()?;
+                let records = match remounted {
+                    true => ctx.ledger.all()?,
+                    false => vec![ctx.ledger.load(&lookup.to_string())?],
+                };
+                rebind(lane, ctx, fs, device, &records);
+                Ok(lane.data_path(&lookup)?)
+            })
+            .await?;
+        Ok((id, data))
+    }
+
+    /// [`JuiceFsNode::mounted`], for a volume that must exist: its record too.
+    async fn ready(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta, PathBuf)> {
+        let (id, data) = self.mounted(volume_id).await?;
+        let lookup = id.clone();
+        let meta = self.lane(move |lane, _| Ok(lane.get(&lookup)?)).await?;
+        Ok((id, meta, data))
     }
 
     /// Every `interval`, mounts again each file system whose mount died while volumes of it
@@ -157,24 +165,25 @@ fn rebind(
         let Ok(data) = lane.data_path(&id) else {
             continue;
         };
-        for staging in &record.staged {
-            if stale(&staging.path)
-                && let Err(e) = replace(ctx, &table, &data, &staging.path)
-            {
-                tracing::warn!(path = %staging.path.display(), error = %e, "re-binding a staging path failed");
-            }
-        }
-        for publication in &record.published {
-            let Some(staging) = &publication.staging else {
+        let staged = record.staged.iter().map(|s| (data.as_path(), &s.path));
+        let published = record
+            .published
+            .iter()
+            .filter_map(|p| Some((p.staging.as_deref()?, &p.target)));
+        // Staging paths first: targets are bound from them.
+        for (source, path) in staged.chain(published) {
+            if !stale(path) {
                 continue;
-            };
-            if stale(&publication.target)
-                && let Err(e) = replace(ctx, &table, staging, &publication.target)
-            {
-                tracing::warn!(path = %publication.target.display(), error = %e, "re-binding a target path failed");
+            }
+            match replace(ctx, &table, source, path) {
+                Ok(()) => {
+                    tracing::info!(volume = %record.volume_id, path = %path.display(), "re-bound to the new JuiceFS mount")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %record.volume_id, path = %path.display(), error = %e, "re-binding failed; the next check retries")
+                }
             }
         }
-        tracing::info!(volume = %record.volume_id, "re-bound the volume's paths to the new JuiceFS mount");
     }
 }
 
@@ -276,7 +285,7 @@ impl NodeLane for JuiceFsNode {
     }
 
     async fn unstage(&self, volume_id: &str, staging: &RequestPath) -> Result<()> {
-        let (_, _, data) = self.ready(volume_id).await?;
+        let (_, data) = self.mounted(volume_id).await?;
         bind::unstage(&self.ctx, volume_id, staging, &data).await
     }
 
@@ -292,7 +301,7 @@ impl NodeLane for JuiceFsNode {
         mut record: VolumeRecord,
         target: &RequestPath,
     ) -> Result<Unpublished> {
-        let (_, _, data) = match self.ready(&record.volume_id).await {
+        let (_, data) = match self.mounted(&record.volume_id).await {
             Ok(ready) => ready,
             // Not a volume of ours: nothing of it can be mounted here.
             Err(NodeError::Lane(crate::lane::Error::UnknownVolume(_))) => {
