@@ -24,6 +24,8 @@ pub struct BenchOptions {
     pub workdir: PathBuf,
     /// The plugin's PID, to read its resident memory.
     pub server_pid: Option<u32>,
+    /// The profile volumes are created with (none: the default profile).
+    pub profile: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -51,8 +53,15 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
-async fn one(c: &mut Clients, op: Op, name: &str, dir: &Path) -> Result<(), Status> {
-    let id = format!("local/{name}");
+/// What every call of one run shares: the profile, and the ID prefix its volumes get.
+#[derive(Debug, Clone)]
+struct Target {
+    parameters: std::collections::HashMap<String, String>,
+    id_prefix: String,
+}
+
+async fn one(c: &mut Clients, op: Op, name: &str, dir: &Path, t: &Target) -> Result<(), Status> {
+    let id = format!("{}{name}", t.id_prefix);
     let staging = dir.join(format!("{name}.stage"));
     let target = dir.join(format!("{name}.target"));
     let capability = Some(mount_capability(Mode::SingleNodeWriter, &[]));
@@ -66,6 +75,7 @@ async fn one(c: &mut Clients, op: Op, name: &str, dir: &Path) -> Result<(), Stat
                         limit_bytes: 0,
                     }),
                     volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, &[])],
+                    parameters: t.parameters.clone(),
                     ..Default::default()
                 })
                 .await?;
@@ -128,19 +138,25 @@ async fn phase(
     names: Arc<Vec<String>>,
     workers: usize,
     dir: &Path,
+    target: &Target,
 ) -> Result<Vec<Duration>, Status> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let (mut c, names, next, dir) =
-            (clients.clone(), names.clone(), next.clone(), dir.to_owned());
+        let (mut c, names, next, dir, target) = (
+            clients.clone(),
+            names.clone(),
+            next.clone(),
+            dir.to_owned(),
+            target.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut times = Vec::new();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 let Some(name) = names.get(index) else { break };
                 let started = Instant::now();
-                one(&mut c, op, name, &dir).await?;
+                one(&mut c, op, name, &dir, &target).await?;
                 times.push(started.elapsed());
             }
             Ok::<_, Status>(times)
@@ -154,12 +170,55 @@ async fn phase(
     Ok(all)
 }
 
+/// The parameters for `profile`, and the prefix of its volumes' IDs (learnt from one volume
+/// created and deleted again).
+async fn target_of(clients: &Clients, profile: Option<&str>) -> Result<Target, Status> {
+    let parameters: std::collections::HashMap<String, String> = profile
+        .map(|p| ("profile".to_owned(), p.to_owned()))
+        .into_iter()
+        .collect();
+    let mut c = clients.clone();
+    let name = "bench-probe";
+    let volume = c
+        .controller
+        .create_volume(CreateVolumeRequest {
+            name: name.to_owned(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 1 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, &[])],
+            parameters: parameters.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .unwrap_or_default();
+    c.controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let id_prefix = volume
+        .volume_id
+        .strip_suffix(name)
+        .unwrap_or("local/")
+        .to_owned();
+    Ok(Target {
+        parameters,
+        id_prefix,
+    })
+}
+
 /// Runs the benchmark against the plugin at `socket`.
 pub async fn run(socket: &Path, options: &BenchOptions) -> Result<(Value, String), Status> {
     let clients = Clients::connect(socket)
         .await
         .map_err(|e| Status::unavailable(format!("connect {}: {e}", socket.display())))?;
     std::fs::create_dir_all(&options.workdir).map_err(|e| Status::internal(e.to_string()))?;
+    let target = target_of(&clients, options.profile.as_deref()).await?;
     let idle = options.server_pid.and_then(rss_kib);
     let peak = Arc::new(AtomicUsize::new(0));
     let sampler = options.server_pid.map(|pid| {
@@ -193,10 +252,15 @@ pub async fn run(socket: &Path, options: &BenchOptions) -> Result<(Value, String
             Op::Delete,
         ] {
             let started = Instant::now();
-            let times = phase(&clients, op, names.clone(), workers, &options.workdir).await?;
-            if matches!(op, Op::Stage | Op::Unstage) {
-                continue;
-            }
+            let times = phase(
+                &clients,
+                op,
+                names.clone(),
+                workers,
+                &options.workdir,
+                &target,
+            )
+            .await?;
             let rate = times.len() as f64 / started.elapsed().as_secs_f64();
             let (p50, p99) = (percentile(&times, 50.0), percentile(&times, 99.0));
             let rpc = format!("{op:?}");

@@ -290,6 +290,9 @@ pub enum CsiCommand {
         /// The plugin's PID, to measure its resident memory.
         #[arg(long)]
         server_pid: Option<u32>,
+        /// The profile to create the volumes with (default: the default profile).
+        #[arg(long)]
+        profile: Option<String>,
     },
 }
 
@@ -644,6 +647,7 @@ async fn run_client(
         concurrency,
         workdir,
         server_pid,
+        profile,
     } = &args.command
     {
         let options = BenchOptions {
@@ -651,6 +655,7 @@ async fn run_client(
             concurrency: concurrency.clone(),
             workdir: workdir.clone(),
             server_pid: *server_pid,
+            profile: profile.clone(),
         };
         let (json, text) = bench::run(&socket, &options).await?;
         print_report(args.json, Report { json, text });

@@ -8,6 +8,7 @@
 //! detached and mounted again.
 
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +47,8 @@ pub struct FileSystem {
     mounting: Mutex<()>,
     formatted: AtomicBool,
     recovered: AtomicBool,
+    /// The volume directories in the mount (the path never changes across remounts).
+    dirs: std::sync::OnceLock<crate::lane::volumes::VolumeDirs>,
 }
 
 /// The cgroups of the FUSE processes the plugin on `data_dir` started (for clean-up).
@@ -95,6 +98,7 @@ impl FileSystem {
             mounting: Mutex::new(()),
             formatted: AtomicBool::new(false),
             recovered: AtomicBool::new(false),
+            dirs: std::sync::OnceLock::new(),
         }
     }
 
@@ -117,6 +121,18 @@ impl FileSystem {
     /// The FUSE process's log.
     pub fn log_path(&self) -> PathBuf {
         self.root.join("mount.log")
+    }
+
+    /// The volume directories, opened by `open` the first time.
+    pub fn volume_dirs(
+        &self,
+        open: impl FnOnce() -> Result<crate::lane::volumes::VolumeDirs>,
+    ) -> Result<&crate::lane::volumes::VolumeDirs> {
+        if let Some(dirs) = self.dirs.get() {
+            return Ok(dirs);
+        }
+        let dirs = open()?;
+        Ok(self.dirs.get_or_init(|| dirs))
     }
 
     /// Runs `f` once per process after the first successful mount (leftover clean-up).
@@ -299,25 +315,22 @@ impl FileSystem {
             .map(drop)
     }
 
-    /// What is mounted at the mount point, probed with a statfs under a deadline.
+    /// What is mounted at the mount point, probed with a stat and a statfs under a deadline
+    /// (no mount-table read: this runs on every call).
     pub fn state(&self) -> Result<MountState> {
         let point = self.mount_point();
-        let table = crate::mount::mountinfo::read_for(&[point.as_path()])
-            .map_err(Error::io("read the mount table"))?;
-        let Some(top) = table.iter().rev().find(|e| e.mount_point == point) else {
-            return Ok(MountState::Missing);
-        };
-        if !top.fs_type.starts_with("fuse.juicefs") {
-            return Err(Error::Unsupported(format!(
-                "{} holds a {} mount that is not Lanes' JuiceFS mount; unmount it",
-                point.display(),
-                top.fs_type
-            )));
-        }
-        let device = (top.major, top.minor);
+        let parent = std::fs::metadata(&self.root).map(|m| m.dev()).ok();
         Ok(match probe(&point) {
-            Ok(()) => MountState::Alive(device),
-            Err(why) => MountState::Dead(why),
+            Ok(Probed { dev, .. }) if Some(dev) == parent => MountState::Missing,
+            Ok(Probed { fuse: true, dev }) => MountState::Alive(split(dev)),
+            Ok(Probed { fuse: false, .. }) => {
+                return Err(Error::Unsupported(format!(
+                    "{} holds a mount that is not Lanes' JuiceFS mount; unmount it",
+                    point.display()
+                )));
+            }
+            Err(Probe::Missing) => MountState::Missing,
+            Err(Probe::Failed(why)) => MountState::Dead(why),
         })
     }
 
@@ -477,21 +490,54 @@ fn wait_within_for(
     }
 }
 
-/// A statfs of `path` that answers within [`PROBE_DEADLINE`]; why not otherwise.
-fn probe(path: &Path) -> std::result::Result<(), String> {
+/// The FUSE filesystems' statfs magic.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// What a stat and a statfs of a path found.
+#[derive(Debug)]
+pub struct Probed {
+    /// A FUSE filesystem answers there.
+    pub fuse: bool,
+    pub dev: u64,
+}
+
+/// Why a path could not be probed.
+#[derive(Debug)]
+pub enum Probe {
+    /// It does not exist.
+    Missing,
+    /// The filesystem there failed (ENOTCONN: its FUSE process is gone) or hung.
+    Failed(String),
+}
+
+/// A stat and a statfs of `path` that answer within [`PROBE_DEADLINE`].
+pub fn probe(path: &Path) -> std::result::Result<Probed, Probe> {
     let path = path.to_owned();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(nix::sys::statvfs::statvfs(&path).map(drop));
+        let probed = nix::sys::stat::stat(&path).and_then(|st| {
+            let fs = nix::sys::statfs::statfs(&path)?;
+            Ok(Probed {
+                fuse: fs.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC,
+                dev: st.st_dev,
+            })
+        });
+        let _ = tx.send(probed);
     });
     match rx.recv_timeout(PROBE_DEADLINE) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("statfs: {e}")),
-        Err(_) => Err(format!(
-            "statfs did not answer within {}s",
+        Ok(Ok(probed)) => Ok(probed),
+        Ok(Err(nix::errno::Errno::ENOENT)) => Err(Probe::Missing),
+        Ok(Err(e)) => Err(Probe::Failed(format!("stat: {e}"))),
+        Err(_) => Err(Probe::Failed(format!(
+            "stat did not answer within {}s",
             PROBE_DEADLINE.as_secs()
-        )),
+        ))),
     }
+}
+
+/// A device number as (major, minor), as the mount table shows it.
+pub fn split(dev: u64) -> (u32, u32) {
+    (nix::libc::major(dev), nix::libc::minor(dev))
 }
 
 /// Detaches whatever is mounted at `path` (a dead FUSE mount cannot be unmounted otherwise).

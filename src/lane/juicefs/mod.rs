@@ -88,12 +88,23 @@ impl JuiceFsLane {
     }
 
     /// The volume directories of `fs`, mounting it when needed.
-    fn volumes(&self, fs: &FileSystem) -> Result<VolumeDirs> {
+    fn volumes<'a>(&self, fs: &'a FileSystem) -> Result<&'a VolumeDirs> {
         fs.ensure_mounted()?;
-        let base = fs.volumes_dir();
-        let volumes = VolumeDirs::open_in(LANE, &fs.profile, &base, fs.retained_dir())?;
-        fs.recover_once(|| self.recover(fs, &volumes))?;
+        self.dirs(fs)
+    }
+
+    /// The volume directories of `fs`, which the caller has just found mounted.
+    fn dirs<'a>(&self, fs: &'a FileSystem) -> Result<&'a VolumeDirs> {
+        let volumes = fs.volume_dirs(|| {
+            VolumeDirs::open_in(LANE, &fs.profile, &fs.volumes_dir(), fs.retained_dir())
+        })?;
+        fs.recover_once(|| self.recover(fs, volumes))?;
         Ok(volumes)
+    }
+
+    /// The volume with this ID in its file system, which the caller has just found mounted.
+    pub fn get_mounted(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        self.dirs(self.fs_of(id)?)?.get(id)
     }
 
     /// The directory pods see, in this process's mount of the volume's file system.
@@ -125,7 +136,7 @@ impl JuiceFsLane {
             let capacity = round_mib(
                 request
                     .range
-                    .resolve(self.settings.default_capacity, self.max_capacity(&volumes)?)?,
+                    .resolve(self.settings.default_capacity, self.max_capacity(volumes)?)?,
                 request.range,
             )?;
             let data = temp.join(DATA);
@@ -213,7 +224,7 @@ impl JuiceFsLane {
             return Ok(meta.capacity_bytes);
         }
         let capacity = round_mib(
-            range.resolve(meta.capacity_bytes, self.max_capacity(&volumes)?)?,
+            range.resolve(meta.capacity_bytes, self.max_capacity(volumes)?)?,
             range,
         )?;
         fs.set_quota(&volumes.dir(id).join(DATA), capacity)?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fs::{FileSystem, detach};
+use super::fs::{FileSystem, Probe, Probed, detach, probe, split};
 use super::{JuiceFsLane, LANE};
 use crate::lane::bind;
 use crate::lane::capability::{Access, AccessType, Capability};
@@ -98,7 +98,9 @@ impl JuiceFsNode {
     async fn ready(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta, PathBuf)> {
         let (id, data) = self.mounted(volume_id).await?;
         let lookup = id.clone();
-        let meta = self.lane(move |lane, _| Ok(lane.get(&lookup)?)).await?;
+        let meta = self
+            .lane(move |lane, _| Ok(lane.get_mounted(&lookup)?))
+            .await?;
         Ok((id, meta, data))
     }
 
@@ -147,7 +149,22 @@ fn rebind(
     device: (u32, u32),
     records: &[VolumeRecord],
 ) {
-    let Ok(table) = mountinfo::read() else {
+    let mut paths: Vec<&Path> = Vec::new();
+    for record in records {
+        paths.extend(record.staged.iter().map(|s| s.path.as_path()));
+        paths.extend(record.published.iter().map(|p| p.target.as_path()));
+    }
+    // A stat per path tells whether any is of another FUSE connection (or of none, ENOTCONN);
+    // only then is the mount table read.
+    let suspect = |path: &&Path| match probe(path) {
+        Ok(Probed { fuse, dev }) => fuse && split(dev) != device,
+        Err(Probe::Missing) => false,
+        Err(Probe::Failed(_)) => true,
+    };
+    if !paths.iter().any(suspect) {
+        return;
+    }
+    let Ok(table) = mountinfo::read_for(&paths) else {
         return;
     };
     let stale = |path: &Path| {
@@ -292,7 +309,14 @@ impl NodeLane for JuiceFsNode {
     async fn publish(&self, request: Publish<'_>) -> Result<()> {
         let access = access(request.capability).map_err(NodeError::Invalid)?;
         self.ctx.failpoint.delay("publish").await;
-        let (_, _, data) = self.ready(request.volume_id).await?;
+        let (_, data) = self.mounted(request.volume_id).await?;
+        let present = data.clone();
+        let volume = request.volume_id.to_owned();
+        self.lane(move |_, _| match present.is_dir() {
+            true => Ok(()),
+            false => Err(crate::lane::Error::UnknownVolume(volume).into()),
+        })
+        .await?;
         bind::publish(&self.ctx, request, access, &data).await
     }
 
