@@ -107,7 +107,18 @@ async fn volumes_are_quota_limited_directories_shared_by_their_targets() {
     let Some((dir, juicefs)) = setup("juicefs volumes") else {
         return;
     };
-    let plugin = Plugin::with_config(&sqlite_config(dir.path(), &juicefs), None);
+    // A second file system beside the first, under its own profile.
+    let second = format!(
+        "  other:\n    lane: shared-rwx\n    juicefs:\n      meta_url: sqlite3://{meta}\n      \
+         storage: file\n      bucket: {bucket}/\n      format: true\n      name: other-fs\n      \
+         binary: {juicefs}\n",
+        meta = dir.path().join("other/meta.db").display(),
+        bucket = dir.path().join("other/objects").display(),
+        juicefs = juicefs.display(),
+    );
+    let config =
+        sqlite_config(dir.path(), &juicefs).replace("profiles:\n", &format!("profiles:\n{second}"));
+    let plugin = Plugin::with_config(&config, None);
     let mut c = plugin.clients().await;
     let mut ids = Vec::new();
     for (name, size, on_delete) in [
@@ -233,6 +244,49 @@ async fn volumes_are_quota_limited_directories_shared_by_their_targets() {
         .await
         .unwrap();
     write_mib(&a1.join("big"), 80).expect("the expanded quota takes it");
+
+    // The other file system: its own volumes, its own capacity, nothing shared.
+    let mut elsewhere = create("vol-a", 32 * MIB, "delete");
+    elsewhere
+        .parameters
+        .insert("profile".into(), "other".into());
+    let other_id = c
+        .controller
+        .create_volume(elsewhere)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    assert_eq!(other_id, "shared-rwx/other/vol-a");
+    let staging_o = plugin.dir("staging-o");
+    let o1 = pods.join("o1");
+    stage_and_publish(&mut c, &other_id, &staging_o, &[(&o1, false)]).await;
+    assert!(
+        names(&o1).is_empty(),
+        "another file system: {:?}",
+        names(&o1)
+    );
+    std::fs::write(o1.join("elsewhere"), "other").unwrap();
+    assert!(!a1.join("elsewhere").exists());
+    for profile in ["juicefs", "other"] {
+        let capacity = c
+            .controller
+            .get_capacity(GetCapacityRequest {
+                parameters: HashMap::from([("profile".into(), profile.into())]),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(capacity.available_capacity > 0, "{profile}: {capacity:?}");
+    }
+    unpublish_and_unstage(&mut c, &other_id, &staging_o, &[&o1]).await;
+    c.controller
+        .delete_volume(delete_request(&other_id))
+        .await
+        .unwrap();
 
     // Deletes: each touches its own directory and nothing else.
     unpublish_and_unstage(&mut c, &ids[0], &staging_a, &[&a1, &a2]).await;

@@ -481,7 +481,7 @@ impl Controller for ControllerService {
                     .accessible_topology
                     .as_ref()
                     .map(|t| t.segments.clone().into_iter().collect());
-                let Some(space) = lane.capacity(segments.as_ref()).await? else {
+                let Some(space) = lane.capacity(&profile.name, segments.as_ref()).await? else {
                     return Ok(GetCapacityResponse::default());
                 };
                 Ok(GetCapacityResponse {

@@ -72,10 +72,11 @@ impl Identity for IdentityService {
     ) -> Result<Response<ProbeResponse>, Status> {
         self.0
             .call("Probe", async {
-                // Every lane answers within its deadline, so a hung backend makes Probe fail
-                // rather than hang.
+                // Every lane answers within its deadline, so a hung disk makes Probe fail
+                // rather than hang. No profile is named: a shared lane's file systems are
+                // not this plugin's health (an unreachable one fails its own calls).
                 for lane in self.0.controllers.all() {
-                    lane.capacity(None).await.map_err(|e| {
+                    lane.capacity("", None).await.map_err(|e| {
                         Status::failed_precondition(format!(
                             "the {} lane is not usable: {e}",
                             lane.kind()

@@ -181,7 +181,11 @@ impl ControllerLane for FakeController {
         self.failing()?;
         Ok((range.required as u64, false))
     }
-    async fn capacity(&self, _segments: Option<&Segments>) -> crate::lane::Result<Option<Space>> {
+    async fn capacity(
+        &self,
+        _profile: &str,
+        _segments: Option<&Segments>,
+    ) -> crate::lane::Result<Option<Space>> {
         Ok(Some(Space {
             total_bytes: 100,
             available_bytes: 60,

@@ -46,9 +46,9 @@ pub trait ControllerLane: Send + Sync {
     /// Grows the volume to satisfy `range` (never shrinks); the new capacity and whether the
     /// node must finish the job.
     async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)>;
-    /// Room for new volumes in `segments` (any of the lane's when `None`); `None` when the
-    /// lane has nothing there.
-    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>>;
+    /// Room for new volumes of `profile` in `segments` (any of the lane's when `None`); `None`
+    /// when the lane has nothing there.
+    async fn capacity(&self, profile: &str, segments: Option<&Segments>) -> Result<Option<Space>>;
     /// Why the volume is unhealthy, or `None`.
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>>;
     /// Takes snapshot `name` of volume `source` (idempotent by name; another source under

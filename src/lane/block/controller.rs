@@ -103,7 +103,7 @@ impl ControllerLane for BlockController {
         .await
     }
 
-    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
+    async fn capacity(&self, _profile: &str, segments: Option<&Segments>) -> Result<Option<Space>> {
         if elsewhere(segments, self.lane.node_id()) {
             return Ok(None);
         }

@@ -83,9 +83,10 @@ impl ControllerLane for JuiceFsController {
         .await
     }
 
-    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
-        let _ = segments;
-        self.run("capacity", |lane| lane.space(None)).await
+    async fn capacity(&self, profile: &str, _segments: Option<&Segments>) -> Result<Option<Space>> {
+        let profile = profile.to_owned();
+        self.run("capacity", move |lane| lane.space(Some(&profile)))
+            .await
     }
 
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {

@@ -179,16 +179,17 @@ impl JuiceFsLane {
     /// with it.
     pub fn delete(&self, id: &VolumeId) -> Result<()> {
         let fs = self.fs_of(id)?;
-        let volumes = self.volumes(fs)?;
+        let (device, _) = fs.ensure_mounted()?;
+        let volumes = self.dirs(fs)?;
         let Some(meta) = volumes.find(id)? else {
             return Ok(());
         };
-        // Mounts elsewhere are the CO's to know; mounts on this host are refused here.
+        // Mounts elsewhere are the CO's to know; binds of this process's mount are refused.
         let root = fs.inside(&volumes.dir(id).join(DATA))?;
         let table = crate::mount::mountinfo::read().map_err(Error::io("read the mount table"))?;
         if let Some(bind) = table
             .iter()
-            .find(|e| e.fs_type.starts_with("fuse.juicefs") && e.root == root)
+            .find(|e| (e.major, e.minor) == device && e.root == root)
         {
             return Err(Error::InUse {
                 id: id.to_string(),

@@ -99,7 +99,7 @@ impl ControllerLane for LocalController {
         .await
     }
 
-    async fn capacity(&self, segments: Option<&Segments>) -> Result<Option<Space>> {
+    async fn capacity(&self, _profile: &str, segments: Option<&Segments>) -> Result<Option<Space>> {
         if elsewhere(segments, self.lane.node_id()) {
             return Ok(None);
         }
