@@ -288,6 +288,27 @@ async fn volumes_are_quota_limited_directories_shared_by_their_targets() {
         .await
         .unwrap();
 
+    // IDs that would name the volumes' root, a parent or another tree are refused whole.
+    for bad in [
+        "shared-rwx/juicefs/",
+        "shared-rwx/juicefs/..",
+        "shared-rwx/juicefs/.",
+        "shared-rwx/juicefs/a/b",
+        "shared-rwx/../volumes",
+        "shared-rwx/juicefs",
+        "shared-rwx/Juicefs/vol-a",
+    ] {
+        assert_code(
+            c.controller.delete_volume(delete_request(bad)).await,
+            Code::InvalidArgument,
+            bad,
+        );
+    }
+    assert_eq!(
+        names(&mount.join("volumes")),
+        vec!["vol-a", "vol-b", "vol-c"]
+    );
+
     // Deletes: each touches its own directory and nothing else.
     unpublish_and_unstage(&mut c, &ids[0], &staging_a, &[&a1, &a2]).await;
     unpublish_and_unstage(&mut c, &ids[1], &staging_b, &[&b1, &b2]).await;
@@ -423,7 +444,14 @@ async fn mounts_outlive_the_plugin_and_come_back_after_the_fuse_process_dies() {
     assert_eq!(fuse.len(), 1, "one FUSE cgroup per file system: {fuse:?}");
     kill_cgroup(&fuse[0]);
     let broken = std::fs::read_to_string(rw.join("checkpoint")).unwrap_err();
-    assert_eq!(broken.raw_os_error(), Some(nix::libc::ENOTCONN), "{broken}");
+    // ENOTCONN, or ECONNABORTED for a request caught as the connection went.
+    assert!(
+        matches!(
+            broken.raw_os_error(),
+            Some(nix::libc::ENOTCONN | nix::libc::ECONNABORTED)
+        ),
+        "{broken}"
+    );
     let took = wait_readable(&rw.join("checkpoint"), "step 100", Duration::from_secs(30));
     eprintln!("pods' paths answered again {took:?} after the FUSE process died");
     wait_readable(&ro.join("checkpoint"), "step 100", Duration::from_secs(10));

@@ -91,10 +91,28 @@ fn profiles_are_listed_with_their_lane_availability_and_use() {
         missing[0]
     );
 
-    std::fs::write(&config, "profiles:\n  juice:\n    lane: shared-rwx\n").unwrap();
+    std::fs::write(&config, "profiles:\n  nfs:\n    lane: legacy-rwx\n").unwrap();
     let refused = profiles(dir.path(), Some(&config), &[]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not available in this build"));
+    // A shared-rwx profile whose metadata engine is not there: listed, unavailable, and why.
+    std::fs::write(
+        &config,
+        "profiles:\n  juice:\n    lane: shared-rwx\n    juicefs:\n      \
+         meta_url: redis://127.0.0.1:1/1\n      binary: /bin/false\n",
+    )
+    .unwrap();
+    let down = json(profiles(dir.path(), Some(&config), &["--json"]));
+    assert_eq!(down[0]["lane"], "shared-rwx");
+    assert_eq!(down[0]["available"], false);
+    assert!(
+        down[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("metadata engine unreachable"),
+        "{}",
+        down[0]
+    );
 }
 
 #[tokio::test]
