@@ -71,6 +71,39 @@ pub trait ControllerLane: Send + Sync {
     }
 }
 
+/// A lane's blocking work, run off the async runtime under a deadline: what every
+/// controller lane holds its lane in.
+#[derive(Debug)]
+pub struct OffRuntime<L> {
+    pub lane: std::sync::Arc<L>,
+    pub deadline: Duration,
+}
+
+impl<L: Send + Sync + 'static> OffRuntime<L> {
+    pub fn new(lane: std::sync::Arc<L>, deadline: Duration) -> Self {
+        OffRuntime { lane, deadline }
+    }
+
+    /// Runs `f` on the lane under the deadline (DEADLINE_EXCEEDED past it).
+    pub async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&L) -> Result<T> + Send + 'static,
+    {
+        self.run_within(op, self.deadline, f).await
+    }
+
+    /// [`OffRuntime::run`] under another deadline.
+    pub async fn run_within<T, F>(&self, op: &'static str, deadline: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&L) -> Result<T> + Send + 'static,
+    {
+        let lane = self.lane.clone();
+        blocking(op, deadline, move || f(&lane)).await
+    }
+}
+
 /// Runs blocking lane work off the async runtime within `deadline`.
 pub async fn blocking<T, F>(op: &'static str, deadline: Duration, f: F) -> Result<T>
 where

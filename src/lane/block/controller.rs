@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{BlockLane, LANE, access};
 use crate::lane::capability::{Access, Capability};
-use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::controller::{ControllerLane, OffRuntime, Segments};
 use crate::lane::local::{CreateRequest, Space, elsewhere, node_segments, place_on};
 use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
 use crate::lane::{Range, Result, VolumeId, VolumeMeta};
@@ -18,38 +18,22 @@ const COPY_DEADLINE: Duration = Duration::from_secs(600);
 
 /// The `fast-rwo` lane as the controller sees it.
 pub struct BlockController {
-    lane: Arc<BlockLane>,
-    deadline: Duration,
+    work: OffRuntime<BlockLane>,
 }
 
 impl std::fmt::Debug for BlockController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockController")
-            .field("node", &self.lane.node_id())
+            .field("node", &self.work.lane.node_id())
             .finish_non_exhaustive()
     }
 }
 
 impl BlockController {
     pub fn new(lane: Arc<BlockLane>, deadline: Duration) -> Self {
-        BlockController { lane, deadline }
-    }
-
-    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&BlockLane) -> Result<T> + Send + 'static,
-    {
-        self.run_within(op, self.deadline, f).await
-    }
-
-    async fn run_within<T, F>(&self, op: &'static str, deadline: Duration, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&BlockLane) -> Result<T> + Send + 'static,
-    {
-        let lane = self.lane.clone();
-        blocking(op, deadline, move || f(&lane)).await
+        BlockController {
+            work: OffRuntime::new(lane, deadline),
+        }
     }
 }
 
@@ -64,7 +48,7 @@ impl ControllerLane for BlockController {
     }
 
     fn place(&self, requisite: &[Segments]) -> Option<Segments> {
-        place_on(self.lane.node_id(), requisite)
+        place_on(self.work.lane.node_id(), requisite)
     }
 
     fn topology(&self, meta: &VolumeMeta) -> Segments {
@@ -74,64 +58,72 @@ impl ControllerLane for BlockController {
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
         let deadline = match request.source {
             Some(_) => COPY_DEADLINE,
-            None => self.deadline,
+            None => self.work.deadline,
         };
-        self.run_within("create", deadline, move |lane| lane.create(&request))
+        self.work
+            .run_within("create", deadline, move |lane| lane.create(&request))
             .await
     }
 
     async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
         let id = id.clone();
-        self.run("get", move |lane| lane.get(&id)).await
+        self.work.run("get", move |lane| lane.get(&id)).await
     }
 
     async fn list(&self) -> Result<Vec<VolumeMeta>> {
-        self.run("list", |lane| lane.list()).await
+        self.work.run("list", |lane| lane.list()).await
     }
 
     async fn delete(&self, id: &VolumeId) -> Result<()> {
         let id = id.clone();
-        self.run("delete", move |lane| lane.delete(&id)).await
+        self.work.run("delete", move |lane| lane.delete(&id)).await
     }
 
     async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)> {
         let id = id.clone();
         // The device and the filesystem on it grow on the node.
-        self.run("expand", move |lane| {
-            lane.expand(&id, range).map(|c| (c, true))
-        })
-        .await
+        self.work
+            .run("expand", move |lane| {
+                lane.expand(&id, range).map(|c| (c, true))
+            })
+            .await
     }
 
     async fn capacity(&self, _profile: &str, segments: Option<&Segments>) -> Result<Option<Space>> {
-        if elsewhere(segments, self.lane.node_id()) {
+        if elsewhere(segments, self.work.lane.node_id()) {
             return Ok(None);
         }
-        self.run("capacity", |lane| lane.space().map(Some)).await
+        self.work
+            .run("capacity", |lane| lane.space().map(Some))
+            .await
     }
 
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
         let id = id.clone();
-        self.run("condition", move |lane| Ok(lane.condition(&id)))
+        self.work
+            .run("condition", move |lane| Ok(lane.condition(&id)))
             .await
     }
 
     async fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
         let (name, source) = (name.to_owned(), source.clone());
-        self.run_within("snapshot", COPY_DEADLINE, move |lane| {
-            lane.snapshot(&name, &source)
-        })
-        .await
+        self.work
+            .run_within("snapshot", COPY_DEADLINE, move |lane| {
+                lane.snapshot(&name, &source)
+            })
+            .await
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         let id = id.clone();
-        self.run("delete snapshot", move |lane| lane.delete_snapshot(&id))
+        self.work
+            .run("delete snapshot", move |lane| lane.delete_snapshot(&id))
             .await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
-        self.run("list snapshots", |lane| lane.list_snapshots())
+        self.work
+            .run("list snapshots", |lane| lane.list_snapshots())
             .await
     }
 }

@@ -6,29 +6,21 @@ use std::time::Duration;
 
 use super::{JuiceFsLane, LANE, node::access};
 use crate::lane::capability::{Access, Capability};
-use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::controller::{ControllerLane, OffRuntime, Segments};
 use crate::lane::local::{CreateRequest, Space};
 use crate::lane::{Range, Result, VolumeId, VolumeMeta};
 
 /// The `shared-rwx` lane as the controller sees it.
 #[derive(Debug)]
 pub struct JuiceFsController {
-    lane: Arc<JuiceFsLane>,
-    deadline: Duration,
+    work: OffRuntime<JuiceFsLane>,
 }
 
 impl JuiceFsController {
     pub fn new(lane: Arc<JuiceFsLane>, deadline: Duration) -> Self {
-        JuiceFsController { lane, deadline }
-    }
-
-    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&JuiceFsLane) -> Result<T> + Send + 'static,
-    {
-        let lane = self.lane.clone();
-        blocking(op, self.deadline, move || f(&lane)).await
+        JuiceFsController {
+            work: OffRuntime::new(lane, deadline),
+        }
     }
 }
 
@@ -56,41 +48,47 @@ impl ControllerLane for JuiceFsController {
     }
 
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
-        self.run("create", move |lane| lane.create(&request)).await
+        self.work
+            .run("create", move |lane| lane.create(&request))
+            .await
     }
 
     async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
         let id = id.clone();
-        self.run("get", move |lane| lane.get(&id)).await
+        self.work.run("get", move |lane| lane.get(&id)).await
     }
 
     async fn list(&self) -> Result<Vec<VolumeMeta>> {
-        self.run("list", |lane| lane.list()).await
+        self.work.run("list", |lane| lane.list()).await
     }
 
     async fn delete(&self, id: &VolumeId) -> Result<()> {
         let id = id.clone();
-        self.run("delete", move |lane| lane.delete(&id)).await
+        self.work.run("delete", move |lane| lane.delete(&id)).await
     }
 
     async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)> {
         let id = id.clone();
         // The quota is raised here; each node's NodeExpandVolume waits until its mount
         // enforces the new limit (mounts reload quotas on their heartbeat).
-        self.run("expand", move |lane| {
-            lane.expand(&id, range).map(|c| (c, true))
-        })
-        .await
+        self.work
+            .run("expand", move |lane| {
+                lane.expand(&id, range).map(|c| (c, true))
+            })
+            .await
     }
 
     async fn capacity(&self, profile: &str, _segments: Option<&Segments>) -> Result<Option<Space>> {
         let profile = profile.to_owned();
-        self.run("capacity", move |lane| lane.space(Some(&profile)))
+        self.work
+            .run("capacity", move |lane| lane.space(Some(&profile)))
             .await
     }
 
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
         let id = id.clone();
-        self.run("condition", move |lane| lane.condition(&id)).await
+        self.work
+            .run("condition", move |lane| lane.condition(&id))
+            .await
     }
 }

@@ -7,22 +7,21 @@ use std::time::Duration;
 
 use super::{CreateRequest, LANE, LocalLane, Space, access, elsewhere, node_segments, place_on};
 use crate::lane::capability::{Access, Capability};
-use crate::lane::controller::{ControllerLane, Segments, blocking};
+use crate::lane::controller::{ControllerLane, OffRuntime, Segments};
 use crate::lane::snapshot::{SnapshotId, SnapshotMeta};
 use crate::lane::{Error, Range, Result, VolumeId, VolumeMeta};
 use crate::mount::Mounter;
 
 /// The local lane as the controller sees it.
 pub struct LocalController {
-    lane: Arc<LocalLane>,
+    work: OffRuntime<LocalLane>,
     mounter: Arc<dyn Mounter>,
-    deadline: Duration,
 }
 
 impl std::fmt::Debug for LocalController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalController")
-            .field("node", &self.lane.node_id())
+            .field("node", &self.work.lane.node_id())
             .finish_non_exhaustive()
     }
 }
@@ -30,19 +29,9 @@ impl std::fmt::Debug for LocalController {
 impl LocalController {
     pub fn new(lane: Arc<LocalLane>, mounter: Arc<dyn Mounter>, deadline: Duration) -> Self {
         LocalController {
-            lane,
+            work: OffRuntime::new(lane, deadline),
             mounter,
-            deadline,
         }
-    }
-
-    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&LocalLane) -> Result<T> + Send + 'static,
-    {
-        let lane = self.lane.clone();
-        blocking(op, self.deadline, move || f(&lane)).await
     }
 }
 
@@ -57,7 +46,7 @@ impl ControllerLane for LocalController {
     }
 
     fn place(&self, requisite: &[Segments]) -> Option<Segments> {
-        place_on(self.lane.node_id(), requisite)
+        place_on(self.work.lane.node_id(), requisite)
     }
 
     fn topology(&self, meta: &VolumeMeta) -> Segments {
@@ -65,67 +54,77 @@ impl ControllerLane for LocalController {
     }
 
     async fn create(&self, request: CreateRequest) -> Result<VolumeMeta> {
-        self.run("create", move |lane| lane.create(&request)).await
+        self.work
+            .run("create", move |lane| lane.create(&request))
+            .await
     }
 
     async fn get(&self, id: &VolumeId) -> Result<VolumeMeta> {
         let id = id.clone();
-        self.run("get", move |lane| lane.get(&id)).await
+        self.work.run("get", move |lane| lane.get(&id)).await
     }
 
     async fn list(&self) -> Result<Vec<VolumeMeta>> {
-        self.run("list", |lane| lane.list()).await
+        self.work.run("list", |lane| lane.list()).await
     }
 
     async fn delete(&self, id: &VolumeId) -> Result<()> {
         let (id, mounter) = (id.clone(), self.mounter.clone());
-        self.run("delete", move |lane| {
-            let data = lane.data_path(&id);
-            let table = mounter.binds_of(&data).map_err(|e| Error::Io {
-                context: "read the mount table".into(),
-                source: std::io::Error::other(e),
-            })?;
-            lane.delete(&id, &table)
-        })
-        .await
+        self.work
+            .run("delete", move |lane| {
+                let data = lane.data_path(&id);
+                let table = mounter.binds_of(&data).map_err(|e| Error::Io {
+                    context: "read the mount table".into(),
+                    source: std::io::Error::other(e),
+                })?;
+                lane.delete(&id, &table)
+            })
+            .await
     }
 
     async fn expand(&self, id: &VolumeId, range: Range) -> Result<(u64, bool)> {
         let id = id.clone();
         // A directory volume has no filesystem of its own to grow: the limit is all there is.
-        self.run("expand", move |lane| {
-            lane.expand(&id, range).map(|c| (c, false))
-        })
-        .await
+        self.work
+            .run("expand", move |lane| {
+                lane.expand(&id, range).map(|c| (c, false))
+            })
+            .await
     }
 
     async fn capacity(&self, _profile: &str, segments: Option<&Segments>) -> Result<Option<Space>> {
-        if elsewhere(segments, self.lane.node_id()) {
+        if elsewhere(segments, self.work.lane.node_id()) {
             return Ok(None);
         }
-        self.run("capacity", |lane| lane.space().map(Some)).await
+        self.work
+            .run("capacity", |lane| lane.space().map(Some))
+            .await
     }
 
     async fn condition(&self, id: &VolumeId) -> Result<Option<String>> {
         let id = id.clone();
-        self.run("condition", move |lane| Ok(lane.condition(&id)))
+        self.work
+            .run("condition", move |lane| Ok(lane.condition(&id)))
             .await
     }
 
     async fn snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotMeta> {
         let (name, source) = (name.to_owned(), source.clone());
-        self.run("snapshot", move |lane| lane.snapshot(&name, &source))
+        self.work
+            .run("snapshot", move |lane| lane.snapshot(&name, &source))
             .await
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         let id = id.clone();
-        self.run("delete snapshot", move |lane| lane.delete_snapshot(&id))
+        self.work
+            .run("delete snapshot", move |lane| lane.delete_snapshot(&id))
             .await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
-        self.run("list snapshots", |lane| lane.list_snapshots())
+        self.work
+            .run("list snapshots", |lane| lane.list_snapshots())
             .await
     }
 }
