@@ -53,6 +53,14 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
         .collect();
     files.sort();
     assert!(!files.is_empty());
+    // The one example that is Kubernetes objects (the others are Lanes configs).
+    files.push(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/examples/dataset-pods.yaml"
+        )
+        .into(),
+    );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         for (index, doc) in text.split("\n---").enumerate() {
@@ -278,5 +286,99 @@ fn the_image_has_every_program_the_code_runs() {
                 profile.name
             );
         }
+    }
+}
+
+#[test]
+fn the_license_file_is_the_one_cargo_toml_names() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let manifest = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains("license = \"Apache-2.0\""),
+        "Cargo.toml's license changed"
+    );
+    let license = std::fs::read_to_string(format!("{root}/LICENSE")).unwrap();
+    assert!(
+        license.contains("Apache License") && license.contains("Version 2.0, January 2004"),
+        "LICENSE is not the Apache License 2.0"
+    );
+}
+
+#[test]
+fn one_apply_of_the_directory_creates_the_namespace_first() {
+    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    // kubectl applies a directory's files in name order, each file's objects in order.
+    files.sort();
+    let mut namespace_made = false;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in text.split("\n---") {
+            let value: Value = serde_yaml_ng::from_str(doc).unwrap();
+            if value["kind"] == "Namespace" {
+                namespace_made = true;
+            }
+            if value["metadata"]["namespace"].is_string() {
+                assert!(
+                    namespace_made,
+                    "{} applies a {} before the namespace exists",
+                    file.display(),
+                    value["kind"]
+                );
+            }
+            assert_ne!(
+                value["kind"],
+                "Pod",
+                "{}: examples belong in deploy/examples/",
+                file.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_node_plugin_runs_on_every_node_with_what_it_needs() {
+    let node: DaemonSet = manifest("node.yaml");
+    let pod = node.spec.unwrap().template.spec.unwrap();
+    let tolerations = pod.tolerations.unwrap_or_default();
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tainted nodes (GPU nodes) must get the node plugin: {tolerations:?}"
+    );
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "JuiceFS mounts must outlive the container"
+    );
+    for container in &pod.containers {
+        let requests = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref());
+        assert!(
+            requests.is_some(),
+            "{} has no resource requests",
+            container.name
+        );
+    }
+    let lanes = pod.containers.iter().find(|c| c.name == "lanes").unwrap();
+    let mounts = lanes.volume_mounts.as_deref().unwrap_or_default();
+    for path in ["/var/lib/kubelet", "/var/lib/lanes"] {
+        let mount = mounts.iter().find(|m| m.mount_path == path).unwrap();
+        assert_eq!(
+            mount.mount_propagation.as_deref(),
+            Some("Bidirectional"),
+            "{path}"
+        );
     }
 }
