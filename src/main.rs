@@ -8,18 +8,20 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = lanes::cli::Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("LANES_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        lanes::cli::LogFormat::Json => logs.json().init(),
         // Colour codes only on a terminal: log files and `kubectl logs` get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        lanes::cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     match lanes::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lanes: {e:#}");
+            eprintln!("lanes: {}", lanes::text::chain(e.chain()));
             std::process::ExitCode::FAILURE
         }
     }

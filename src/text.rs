@@ -54,9 +54,54 @@ pub fn bounded(message: &str, max_bytes: usize) -> String {
     out
 }
 
+/// An error and its causes as one line, `a: b: c`, leaving out a cause whose text the line
+/// already holds (many errors print their source in their own message).
+pub fn chain<'a>(
+    errors: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut line = String::new();
+    for error in errors {
+        let text = error.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "transport error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let inner = std::io::Error::from_raw_os_error(2);
+        let outer = Outer(std::io::Error::from_raw_os_error(2));
+        let errors: Vec<&(dyn std::error::Error + 'static)> = vec![&outer, &inner];
+        assert_eq!(
+            chain(errors),
+            "transport error: No such file or directory (os error 2)"
+        );
+        let other = std::io::Error::from_raw_os_error(13);
+        let errors: Vec<&(dyn std::error::Error + 'static)> = vec![&outer, &other];
+        assert!(chain(errors).ends_with(": Permission denied (os error 13)"));
+    }
 
     #[test]
     fn control_characters_are_escaped_and_length_is_bounded() {

@@ -40,8 +40,25 @@ pub struct Cli {
     /// YAML configuration file; every setting has an embedded default.
     #[arg(long, global = true, env = "LANES_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log lines as text (colours only on a terminal) or as one JSON object each (clusters'
+    /// log pipelines); the level comes from LANES_LOG (error, warn, info, debug, trace).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "LANES_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +80,12 @@ pub enum Command {
     /// The storage profiles StorageClasses pick from: lane, backend, availability here and
     /// now, whether capacity is enforced, what each is best for.
     Profiles(ProfilesArgs),
+    /// Print a shell completion script: `lanes completion bash > /etc/bash_completion.d/lanes`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +335,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(args) => return run_cache(args, cli.config.as_deref(), &cli.data_dir),
         Command::Profiles(args) => {
             return run_profiles(args, cli.config.as_deref(), &cli.data_dir).await;
+        }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "lanes", &mut script);
+            use std::io::Write;
+            return match std::io::stdout().write_all(&script) {
+                // A reader that stopped early (`| head`) is not an error of ours.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            };
         }
     };
     let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;

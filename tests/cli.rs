@@ -1,0 +1,131 @@
+//! The `lanes` command line as a person or a log pipeline meets it: completion scripts, JSON
+//! logs, error lines that say each cause once, Kubernetes quantities.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn lanes() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lanes"));
+    command
+        .env_remove("LANES_LOG_FORMAT")
+        .env_remove("LANES_CONFIG");
+    command
+}
+
+#[test]
+fn completion_scripts_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_lanes()"),
+        ("zsh", "#compdef lanes"),
+        ("fish", "complete -c lanes"),
+    ] {
+        let out = lanes().args(["completion", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains(marker) && script.contains("profiles"),
+            "{shell}: {script:.200}"
+        );
+    }
+    let out = lanes().args(["completion", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = lanes()
+        .args([
+            "--log-format",
+            "json",
+            "standalone",
+            "--node-id",
+            "cli-test",
+            "--endpoint",
+        ])
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("LANES_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "plugin did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(text.contains("serving CSI"), "{text}");
+    assert!(!text.contains('\u{1b}'), "no colour codes in JSON logs");
+}
+
+#[test]
+fn errors_say_each_cause_once() {
+    let out = lanes()
+        .args(["csi", "--endpoint", "/proc/no-such-dir/csi.sock", "info"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("is the plugin running?"), "{text}");
+    assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+}
+
+#[test]
+fn capacities_take_kubernetes_quantities() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lanes.yaml");
+    std::fs::write(
+        &config,
+        "local:\n  default_capacity: 1.5Gi\n  max_capacity: 2e12\n",
+    )
+    .unwrap();
+    let out = lanes()
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["profiles", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&config, "local:\n  default_capacity: 1.5.0Gi\n").unwrap();
+    let out = lanes()
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["profiles"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a size"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
