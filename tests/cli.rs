@@ -36,7 +36,7 @@ fn completion_scripts_are_printed_for_each_shell() {
 fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
-    let mut child = lanes()
+    let child = lanes()
         .args([
             "--log-format",
             "json",
