@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::Semaphore;
-
 use super::fill::Progress;
 use super::{Cache, Error, Record, Result, now_ns, remove_any};
 use crate::dataset::gitpolicy::Admitted;
@@ -116,19 +114,25 @@ impl Cache {
         })
         .await?;
 
-        let limit = Arc::new(Semaphore::new(self.settings().jobs.max(1)));
+        // At most `jobs` bodies at once, and only that many tasks exist: a task is spawned
+        // when one finishes (a task per body up front costs memory per file).
+        let jobs = self.settings().jobs.max(1);
         let mut tasks = tokio::task::JoinSet::new();
+        let failed = |e: tokio::task::JoinError| Error::internal(format!("cache task failed: {e}"));
         for ((sha, mode), group) in groups {
-            let (this, repo, limit, tree, scratch, progress) = (
+            if tasks.len() >= jobs
+                && let Some(done) = tasks.join_next().await
+            {
+                done.map_err(failed)??;
+            }
+            let (this, repo, tree, scratch, progress) = (
                 self.clone(),
                 repo.clone(),
-                limit.clone(),
                 tree.clone(),
                 scratch.to_owned(),
                 progress.clone(),
             );
             tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
                 let body = Body {
                     repo: repo.as_ref(),
                     sha: &sha,
@@ -140,7 +144,7 @@ impl Cache {
             });
         }
         while let Some(done) = tasks.join_next().await {
-            done.map_err(|e| Error::internal(format!("cache task failed: {e}")))??;
+            done.map_err(failed)??;
         }
 
         let (this, pin) = (self.clone(), pin.clone());

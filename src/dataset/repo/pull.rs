@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::Semaphore;
-
 use super::{Advance, Error, Finish, PullReport, Repo, Result, blob_key, io};
 use crate::dataset::manifest::{Entry, EntryKind};
 use crate::dataset::reference::Selector;
@@ -77,30 +75,16 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             files: manifest.files(),
             ..Default::default()
         };
-        let limit = Arc::new(Semaphore::new(self.jobs));
+        // At most `jobs` files at once, and only that many tasks exist (a task per file up
+        // front costs memory per file).
+        let jobs = self.jobs.max(1);
         let mut tasks = tokio::task::JoinSet::new();
         let progress = self.progress.clone();
         progress.start(manifest.files() as u64, manifest.size());
         let _finish = Finish(&progress);
-        for entry in manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .cloned()
-        {
-            let (store, limit, root, progress) = (
-                self.store.clone(),
-                limit.clone(),
-                root.clone(),
-                progress.clone(),
-            );
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let _advance = Advance(&progress, entry.size);
-                pull_file(&store, &root, &entry).await
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
+        let record = |report: &mut PullReport,
+                      done: Result<Result<Option<u64>>, tokio::task::JoinError>|
+         -> Result<()> {
             match done.map_err(|e| Error::Invalid(e.to_string()))?? {
                 Some(bytes) => {
                     report.downloaded += 1;
@@ -108,6 +92,27 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 }
                 None => report.skipped += 1,
             }
+            Ok(())
+        };
+        for entry in manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .cloned()
+        {
+            if tasks.len() >= jobs
+                && let Some(done) = tasks.join_next().await
+            {
+                record(&mut report, done)?;
+            }
+            let (store, root, progress) = (self.store.clone(), root.clone(), progress.clone());
+            tasks.spawn(async move {
+                let _advance = Advance(&progress, entry.size);
+                pull_file(&store, &root, &entry).await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            record(&mut report, done)?;
         }
         let links: Vec<Entry> = manifest
             .entries

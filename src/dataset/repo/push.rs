@@ -137,6 +137,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
 
 /// What [`Repo::send_bodies`] did: each file's hash (by entry index, with the file's stamp and
 /// when it was taken) and what was uploaded.
+/// What one body's task found: its entry's index, the read, the file's stamp and when it was
+/// taken, and whether this push uploaded the body.
+type Done = (usize, ReadBody, Stamp, i64, bool);
+
 struct Sent {
     hashed: Vec<(usize, ReadBody, Stamp, i64)>,
     uploaded: usize,
@@ -168,18 +172,44 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         let progress = self.progress.clone();
         progress.start(files.len() as u64, total.map(|e| e.size).sum());
         let _finish = Finish(&progress);
-        let in_flight = Arc::new(Semaphore::new(self.jobs));
+        // At most `jobs` bodies in flight, and only that many tasks exist: a task is spawned
+        // when one finishes (a task per file up front costs memory per file).
+        let jobs = self.jobs.max(1);
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hashing = Arc::new(Semaphore::new(cores));
         let claimed = Arc::new(Mutex::new(HashSet::new()));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut sent = Sent {
+            hashed: Vec::new(),
+            uploaded: 0,
+            bytes_uploaded: 0,
+        };
+        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
+        // the manifest is written.
+        let kill_at = crate::failpoint::count("dataset.push.uploaded");
+        let record = |sent: &mut Sent, done: Result<Result<Done>, tokio::task::JoinError>| {
+            let (index, read, stamp, seen, created) =
+                done.map_err(|e| Error::Invalid(e.to_string()))??;
+            if created {
+                sent.uploaded += 1;
+                sent.bytes_uploaded += read.size;
+                if kill_at == Some(sent.uploaded as u64) {
+                    crate::failpoint::kill("dataset.push.uploaded");
+                }
+            }
+            sent.hashed.push((index, read, stamp, seen));
+            Ok::<_, Error>(())
+        };
         for (index, rel, path) in files {
+            if tasks.len() >= jobs
+                && let Some(done) = tasks.join_next().await
+            {
+                record(&mut sent, done)?;
+            }
             let (store, progress) = (self.store.clone(), progress.clone());
-            let (in_flight, hashing, claimed) =
-                (in_flight.clone(), hashing.clone(), claimed.clone());
+            let (hashing, claimed) = (hashing.clone(), claimed.clone());
             let (known, cache) = (known.clone(), cache.clone());
             tasks.spawn(async move {
-                let _slot = in_flight.acquire_owned().await;
                 let (mut read, stamp, seen) = {
                     let _core = hashing.acquire_owned().await;
                     let (file, bucket_has) = (path.clone(), known.clone());
@@ -219,25 +249,8 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 Ok::<_, Error>((index, read, stamp, seen, created))
             });
         }
-        let mut sent = Sent {
-            hashed: Vec::new(),
-            uploaded: 0,
-            bytes_uploaded: 0,
-        };
-        // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
-        // the manifest is written.
-        let kill_at = crate::failpoint::count("dataset.push.uploaded");
         while let Some(done) = tasks.join_next().await {
-            let (index, read, stamp, seen, created) =
-                done.map_err(|e| Error::Invalid(e.to_string()))??;
-            if created {
-                sent.uploaded += 1;
-                sent.bytes_uploaded += read.size;
-                if kill_at == Some(sent.uploaded as u64) {
-                    crate::failpoint::kill("dataset.push.uploaded");
-                }
-            }
-            sent.hashed.push((index, read, stamp, seen));
+            record(&mut sent, done)?;
         }
         Ok(sent)
     }
