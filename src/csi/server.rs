@@ -249,6 +249,13 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
             },
         ));
     }
+    if options.roles.node && !nix::unistd::geteuid().is_root() {
+        tracing::warn!(
+            uid = nix::unistd::geteuid().as_raw(),
+            "not running as root: staging and publishing mount, which needs root \
+             (CAP_SYS_ADMIN); those calls will fail"
+        );
+    }
     let (listener, socket_id) = bind(&socket)?;
     tracing::info!(
         endpoint = %socket.display(),
