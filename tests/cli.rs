@@ -171,3 +171,39 @@ fn a_node_plugin_without_root_says_so_at_start() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("not running as root"), "{text}");
 }
+
+#[test]
+fn every_command_and_argument_says_what_it_is() {
+    fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        let path = format!("{path} {}", command.get_name());
+        if command.get_about().is_none() && path != " lanes" {
+            missing.push(format!("{path}: no description"));
+        }
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path} <{id}>"));
+            }
+        }
+        for sub in command.get_subcommands() {
+            if sub.get_name() != "help" {
+                walk(sub, &path, missing);
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    walk(
+        &<lanes::cli::Cli as clap::CommandFactory>::command(),
+        "",
+        &mut missing,
+    );
+    assert!(
+        missing.is_empty(),
+        "{} without help:\n{}",
+        missing.len(),
+        missing.join("\n")
+    );
+}

@@ -138,16 +138,22 @@ pub enum DatasetCommand {
     Buckets,
     /// Create a dataset: [bucket/]name.
     Create {
+        /// The dataset: NAME, or BUCKET/NAME (default: the default bucket).
         name: String,
+        /// One line saying what the dataset holds.
         #[arg(long, default_value = "")]
         description: String,
     },
     /// Push DIR as the next version of a dataset, uploading only new bodies.
     Push {
+        /// The directory whose tree becomes the new version.
         dir: PathBuf,
+        /// The dataset: [BUCKET/]NAME.
         reference: String,
+        /// What changed in this version.
         #[arg(short, long, default_value = "")]
         message: String,
+        /// Also point this tag at the new version (a name, not a version like v3).
         #[arg(long)]
         tag: Option<String>,
         /// Leave the version uncommitted (files may still change until `commit`).
@@ -159,25 +165,53 @@ pub enum DatasetCommand {
         rehash: bool,
     },
     /// Commit an uncommitted version: [bucket/]name:version.
-    Commit { reference: String },
+    Commit {
+        /// The version: [BUCKET/]NAME:vN.
+        reference: String,
+    },
     /// List a dataset's versions.
-    Versions { reference: String },
+    Versions {
+        /// The dataset: [BUCKET/]NAME.
+        reference: String,
+    },
     /// Tag a committed version.
-    Tag { reference: String, tag: String },
+    Tag {
+        /// The version: [BUCKET/]NAME:vN, or [BUCKET/]NAME:TAG (what that tag names now).
+        reference: String,
+        /// The tag to point at it: letters, digits, '.', '_', '-', starting with a letter or
+        /// digit; not `latest` nor of the form vN.
+        tag: String,
+    },
     /// List the files of a version.
-    Ls { reference: String },
+    Ls {
+        /// [BUCKET/]NAME[:vN|:TAG] (default: the latest version).
+        reference: String,
+    },
     /// Download a version into DIR, verifying every body (a Git reference: fetch its commit
     /// into DIR, which must not exist).
-    Pull { reference: String, dir: PathBuf },
+    Pull {
+        /// [BUCKET/]NAME[:vN|:TAG], or git+https://HOST/REPO[@REF].
+        reference: String,
+        /// Where the files go (made if missing).
+        dir: PathBuf,
+    },
     /// Remove an uncommitted version.
-    Rm { reference: String },
+    Rm {
+        /// The version: [BUCKET/]NAME:vN.
+        reference: String,
+    },
     /// Print the version a reference names now (a Git reference: its commit SHA).
-    Resolve { reference: String },
+    Resolve {
+        /// [BUCKET/]NAME[:vN|:TAG], or git+https://HOST/REPO[@REF].
+        reference: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
+    /// The directory to copy from.
     pub src: PathBuf,
+    /// The directory to copy into (made if missing); SRC's contents land in it.
     pub dst: PathBuf,
     /// What counts as already copied, and how copies are verified.
     #[arg(long, value_enum, default_value = "size-mtime")]
@@ -204,6 +238,7 @@ pub struct ServeArgs {
     /// This node's ID [default: the host name]
     #[arg(long, env = "LANES_NODE_ID")]
     pub node_id: Option<String>,
+    /// The CSI driver name the plugin answers to (the CSIDriver object's name).
     #[arg(long, default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
     /// Serve /metrics and /healthz here, e.g. 127.0.0.1:9808 (off by default).
@@ -229,6 +264,7 @@ pub enum CsiCommand {
     Info,
     /// Create a volume.
     CreateVolume {
+        /// The volume's name (as a PVC's would be: pvc-<uid>); creates are idempotent by it.
         name: String,
         /// Size such as 10Gi [default: the lane's default]
         #[arg(long)]
@@ -244,19 +280,33 @@ pub enum CsiCommand {
         from_volume: Option<String>,
     },
     /// Delete a volume.
-    DeleteVolume { volume_id: String },
+    DeleteVolume {
+        /// The volume ID, as create-volume printed it (e.g. local/scratch).
+        volume_id: String,
+    },
     /// Take a snapshot NAME of a volume.
-    Snapshot { volume_id: String, name: String },
+    Snapshot {
+        /// The volume ID.
+        volume_id: String,
+        /// The snapshot's name; its ID is <lane>@NAME.
+        name: String,
+    },
     /// Delete a snapshot.
-    DeleteSnapshot { snapshot_id: String },
+    DeleteSnapshot {
+        /// The snapshot ID (e.g. fast-rwo@before-run).
+        snapshot_id: String,
+    },
     /// List snapshots (of one volume with --volume).
     Snapshots {
+        /// Only the snapshots of this volume ID.
         #[arg(long)]
         volume: Option<String>,
     },
     /// Grow a volume.
     ExpandVolume {
+        /// The volume ID.
         volume_id: String,
+        /// The new size, e.g. 20Gi (never shrinks).
         capacity: String,
         /// Where the volume is published: when the lane says the node must finish the job
         /// (a filesystem to grow), call NodeExpandVolume there, as a CO would.
@@ -267,8 +317,11 @@ pub enum CsiCommand {
     List,
     /// Stage a volume and publish it at TARGET.
     Publish {
+        /// The volume ID (with --dataset: any name for the inline volume).
         volume_id: String,
+        /// Where the volume appears, as a pod's volume would (made if missing).
         target: PathBuf,
+        /// Mount it read-only.
         #[arg(long)]
         readonly: bool,
         /// Staging directory [default: <data-dir>-staging/<id>]
@@ -293,15 +346,25 @@ pub enum CsiCommand {
     },
     /// Unpublish a volume from TARGET and unstage it.
     Unpublish {
+        /// The volume ID.
         volume_id: String,
+        /// Where it was published.
         target: PathBuf,
+        /// The staging directory publish used [default: <data-dir>-staging/<id>]
         #[arg(long)]
         staging: Option<PathBuf>,
     },
     /// Usage and condition of a volume published at PATH.
-    Stats { volume_id: String, path: PathBuf },
+    Stats {
+        /// The volume ID.
+        volume_id: String,
+        /// Where it is published (or staged).
+        path: PathBuf,
+    },
     /// Latency and memory benchmark against a running plugin (see README).
     Bench {
+        /// Volumes per round (each created, staged, published, unpublished, unstaged,
+        /// deleted).
         #[arg(long, default_value_t = 1000)]
         ops: usize,
         /// Concurrent clients per round (repeatable).
