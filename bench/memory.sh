@@ -13,7 +13,11 @@ files=${1:-30000}
 work_name=lanes-bench-mem
 extra_cleanup='kill_plugin'
 plugin=""
-kill_plugin() { [ -n "$plugin" ] && kill "$plugin" 2>/dev/null; wait 2>/dev/null; umount -l "$work"/pod-* 2>/dev/null; true; }
+kill_plugin() {
+  if [ -n "$plugin" ]; then kill "$plugin" 2>/dev/null; wait "$plugin" 2>/dev/null; fi
+  umount -l "$work"/pod-* 2>/dev/null
+  true
+}
 . bench/s3-peers.sh
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 
