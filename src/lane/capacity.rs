@@ -62,6 +62,25 @@ impl Range {
         Ok(size)
     }
 
+    /// What an existing volume of `current` bytes grows to for this (expansion) range:
+    /// `None` when it already satisfies the range or the range asks for less (volumes never
+    /// shrink). `max`, the largest the lane can hold, is asked only when it must grow.
+    pub fn grown(
+        self,
+        current: u64,
+        max: impl FnOnce() -> Result<u64, Error>,
+    ) -> Result<Option<u64>, Error> {
+        if self.required <= 0 && self.limit <= 0 {
+            return Err(Error::Capacity(
+                "capacity_range must set required_bytes or limit_bytes".into(),
+            ));
+        }
+        if self.admits(current)? || (self.required as u64) < current {
+            return Ok(None);
+        }
+        self.resolve(current, max()?).map(Some)
+    }
+
     /// True when an existing volume of `size` bytes satisfies this range.
     pub fn admits(self, size: u64) -> Result<bool, Error> {
         let (required, limit) = self.checked()?;

@@ -167,8 +167,7 @@ impl FileSystem {
     fn run(&self, what: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
         let mut command = self.command();
         command.args(args);
-        let output = run_within(command, COMMAND_DEADLINE)
-            .map_err(|e| self.failure(what, &e.to_string()))?;
+        let output = run_within(command).map_err(|e| self.failure(what, &e.to_string()))?;
         if !output.status.success() {
             return Err(self.failure(what, &said(&output.stderr)));
         }
@@ -440,8 +439,8 @@ fn said(stderr: &[u8]) -> String {
     crate::text::bounded(message, 512)
 }
 
-/// Runs `command` to completion, killing it past `deadline`.
-fn run_within(mut command: Command, deadline: Duration) -> std::io::Result<std::process::Output> {
+/// Runs `command` to completion, killing it past [`COMMAND_DEADLINE`].
+fn run_within(mut command: Command) -> std::io::Result<std::process::Output> {
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn()?;
     let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
@@ -455,7 +454,7 @@ fn run_within(mut command: Command, deadline: Duration) -> std::io::Result<std::
         }
         (stdout, stderr)
     });
-    let status = wait_within_for(child, deadline)?;
+    let status = wait_within(child)?;
     let (stdout, stderr) = readers.join().unwrap_or_default();
     Ok(std::process::Output {
         status,
@@ -465,25 +464,18 @@ fn run_within(mut command: Command, deadline: Duration) -> std::io::Result<std::
 }
 
 /// Waits for `child` under [`COMMAND_DEADLINE`], killing it past that.
-fn wait_within(child: std::process::Child) -> std::io::Result<std::process::ExitStatus> {
-    wait_within_for(child, COMMAND_DEADLINE)
-}
-
-fn wait_within_for(
-    mut child: std::process::Child,
-    deadline: Duration,
-) -> std::io::Result<std::process::ExitStatus> {
+fn wait_within(mut child: std::process::Child) -> std::io::Result<std::process::ExitStatus> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        if started.elapsed() > deadline {
+        if started.elapsed() > COMMAND_DEADLINE {
             let _ = child.kill();
             let _ = child.wait();
             return Err(std::io::Error::other(format!(
                 "juicefs did not finish within {}s and was killed",
-                deadline.as_secs()
+                COMMAND_DEADLINE.as_secs()
             )));
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -216,18 +216,10 @@ impl JuiceFsLane {
         let fs = self.fs_of(id)?;
         let volumes = self.volumes(fs)?;
         let mut meta = volumes.get(id)?;
-        if range.required <= 0 && range.limit <= 0 {
-            return Err(Error::Capacity(
-                "capacity_range must set required_bytes or limit_bytes".into(),
-            ));
-        }
-        if range.admits(meta.capacity_bytes)? || (range.required as u64) < meta.capacity_bytes {
+        let Some(grown) = range.grown(meta.capacity_bytes, || self.max_capacity(volumes))? else {
             return Ok(meta.capacity_bytes);
-        }
-        let capacity = round_mib(
-            range.resolve(meta.capacity_bytes, self.max_capacity(volumes)?)?,
-            range,
-        )?;
+        };
+        let capacity = round_mib(grown, range)?;
         fs.set_quota(&volumes.dir(id).join(DATA), capacity)?;
         meta.capacity_bytes = capacity;
         volumes.store(&meta, id)?;

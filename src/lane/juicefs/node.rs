@@ -73,33 +73,25 @@ impl JuiceFsNode {
             .await
     }
 
-    /// Mounts the volume's file system if it is not answering and re-binds what a dead mount
-    /// left stale: every volume of the file system after a remount, else this one's paths.
-    /// The volume's directory in the mount.
+    /// The volume's directory in a mount that answers ([`prepare`]).
     async fn mounted(&self, volume_id: &str) -> Result<(VolumeId, PathBuf)> {
         let id = VolumeId::parse(volume_id)?;
         let lookup = id.clone();
         let data = self
-            .lane(move |lane, ctx| {
-                let fs = lane.fs_of(&lookup)?;
-                let (device, remounted) = fs.ensure_mounted()?;
-                let records = match remounted {
-                    true => ctx.ledger.all()?,
-                    false => vec![ctx.ledger.load(&lookup.to_string())?],
-                };
-                rebind(lane, ctx, fs, device, &records);
-                Ok(lane.data_path(&lookup)?)
-            })
+            .lane(move |lane, ctx| prepare(lane, ctx, &lookup))
             .await?;
         Ok((id, data))
     }
 
     /// [`JuiceFsNode::mounted`], for a volume that must exist: its record too.
     async fn ready(&self, volume_id: &str) -> Result<(VolumeId, VolumeMeta, PathBuf)> {
-        let (id, data) = self.mounted(volume_id).await?;
+        let id = VolumeId::parse(volume_id)?;
         let lookup = id.clone();
-        let meta = self
-            .lane(move |lane, _| Ok(lane.get_mounted(&lookup)?))
+        let (meta, data) = self
+            .lane(move |lane, ctx| {
+                let data = prepare(lane, ctx, &lookup)?;
+                Ok((lane.get_mounted(&lookup)?, data))
+            })
             .await?;
         Ok((id, meta, data))
     }
@@ -137,6 +129,20 @@ impl JuiceFsNode {
             }
         }
     }
+}
+
+/// Mounts the volume's file system if it is not answering and re-binds what a dead mount left
+/// stale: every volume of the file system after a remount, else this one's paths. The
+/// volume's directory in the mount.
+fn prepare(lane: &JuiceFsLane, ctx: &NodeContext, id: &VolumeId) -> Result<PathBuf> {
+    let fs = lane.fs_of(id)?;
+    let (device, remounted) = fs.ensure_mounted()?;
+    let records = match remounted {
+        true => ctx.ledger.all()?,
+        false => vec![ctx.ledger.load(&id.to_string())?],
+    };
+    rebind(lane, ctx, fs, device, &records);
+    Ok(lane.data_path(id)?)
 }
 
 /// Re-binds the staging and target paths of `records` (volumes of `fs`) whose mount is of
@@ -309,14 +315,17 @@ impl NodeLane for JuiceFsNode {
     async fn publish(&self, request: Publish<'_>) -> Result<()> {
         let access = access(request.capability).map_err(NodeError::Invalid)?;
         self.ctx.failpoint.delay("publish").await;
-        let (_, data) = self.mounted(request.volume_id).await?;
-        let present = data.clone();
-        let volume = request.volume_id.to_owned();
-        self.lane(move |_, _| match present.is_dir() {
-            true => Ok(()),
-            false => Err(crate::lane::Error::UnknownVolume(volume).into()),
-        })
-        .await?;
+        let id = VolumeId::parse(request.volume_id)?;
+        // The volume's directory is its existence check: no record read on this path.
+        let data = self
+            .lane(move |lane, ctx| {
+                let data = prepare(lane, ctx, &id)?;
+                match data.is_dir() {
+                    true => Ok(data),
+                    false => Err(crate::lane::Error::UnknownVolume(id.to_string()).into()),
+                }
+            })
+            .await?;
         bind::publish(&self.ctx, request, access, &data).await
     }
 

@@ -421,15 +421,9 @@ impl LocalLane {
     /// Grows the volume to satisfy `range`; never shrinks. Returns the new capacity.
     pub fn expand(&self, id: &VolumeId, range: Range) -> Result<u64> {
         let mut meta = self.get(id)?;
-        if range.required <= 0 && range.limit <= 0 {
-            return Err(Error::Capacity(
-                "capacity_range must set required_bytes or limit_bytes".into(),
-            ));
-        }
-        if range.admits(meta.capacity_bytes)? || (range.required as u64) < meta.capacity_bytes {
+        let Some(capacity) = range.grown(meta.capacity_bytes, || self.max_capacity())? else {
             return Ok(meta.capacity_bytes);
-        }
-        let capacity = range.resolve(meta.capacity_bytes, self.max_capacity()?)?;
+        };
         if let (Some(quota), Some(project)) = (self.quota(), meta.project_id) {
             quota.set_limit(project, capacity)?;
         }
