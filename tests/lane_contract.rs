@@ -2,7 +2,9 @@
 //! its socket with real mounts (like tests/stores.rs for object stores). Each lane supplies a
 //! [`Setup`] (config, data directory, profile, what it promises); this file runs the contract
 //! against the local lane on a plain directory and on btrfs with quotas, and the fast-rwo
-//! lane (ext4 on a loop device). The next lanes add a setup here.
+//! lane (ext4 on a loop device), the shared-rwx lane (JuiceFS) and the legacy-rwx lane (a
+//! real NFS server for the controller; the node's mounts on a stand-in, see
+//! tests/common/nfs.rs). The next lanes add a setup here.
 
 mod common;
 
@@ -264,12 +266,15 @@ async fn contract(setup: Setup) {
         name,
     );
     let root = plugin.root.path().canonicalize().unwrap();
-    // A shared file system's one mount per node stays (it serves every volume of it).
-    let lasting = plugin.data_dir.join("juicefs");
+    // A shared file system's (or export's) one mount per node stays: it serves every volume.
+    let lasting = [plugin.data_dir.join("juicefs"), plugin.data_dir.join("nfs")];
     let stray: Vec<_> = lanes::mount::mountinfo::read()
         .unwrap()
         .into_iter()
-        .filter(|e| e.mount_point.starts_with(&root) && !e.mount_point.starts_with(&lasting))
+        .filter(|e| {
+            e.mount_point.starts_with(&root)
+                && !lasting.iter().any(|l| e.mount_point.starts_with(l))
+        })
         .collect();
     assert!(stray.is_empty(), "{name}: stray mounts {stray:?}");
 }
@@ -419,6 +424,30 @@ async fn the_shared_rwx_lane_on_juicefs() {
         profile: "shared",
         enforces_capacity: true,
         unit: 64 * MIB,
+        node_local: false,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_legacy_rwx_lane_on_nfs() {
+    let Some(server) = common::nfs::Ganesha::start("lane contract: legacy-rwx") else {
+        return;
+    };
+    let config = format!(
+        "profiles:\n  legacy:\n    lane: legacy-rwx\n    default: true\n    nfs:\n      \
+         server: {addr}\n      export: {export}\n      mount_command: [{helper}]\n",
+        addr = server.addr(),
+        export = server.export().display(),
+        helper = server.standin(false).display(),
+    );
+    contract(Setup {
+        name: "legacy-rwx (nfs-ganesha; node mounts on a stand-in)",
+        config,
+        data_dir: None,
+        profile: "legacy",
+        enforces_capacity: false,
+        unit: 32 * MIB,
         node_local: false,
     })
     .await;

@@ -94,7 +94,29 @@ fn profiles_are_listed_with_their_lane_availability_and_use() {
     std::fs::write(&config, "profiles:\n  nfs:\n    lane: legacy-rwx\n").unwrap();
     let refused = profiles(dir.path(), Some(&config), &[]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("not available in this build"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs `nfs:`"));
+    // A legacy-rwx profile whose server is not there: listed, unavailable, the server named,
+    // and capacity said plainly not to be enforced.
+    std::fs::write(
+        &config,
+        "profiles:\n  nfs:\n    lane: legacy-rwx\n    nfs:\n      server: 127.0.0.1\n      \
+         export: /srv/nowhere\n",
+    )
+    .unwrap();
+    let down = json(profiles(dir.path(), Some(&config), &["--json"]));
+    assert_eq!(down[0]["lane"], "legacy-rwx");
+    assert_eq!(down[0]["available"], false);
+    assert_eq!(down[0]["capacity_enforced"], false);
+    let reason = down[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("127.0.0.1:/srv/nowhere"), "{reason}");
+    assert!(
+        down[0]["enforcement"]
+            .as_str()
+            .unwrap()
+            .contains("NFS does not enforce"),
+        "{}",
+        down[0]
+    );
     // A shared-rwx profile whose metadata engine is not there: listed, unavailable, and why.
     std::fs::write(
         &config,

@@ -535,6 +535,10 @@ async fn run_profiles(
                 Some(juicefs) => crate::lane::juicefs::probe(data_dir, &profile.name, juicefs),
                 None => crate::lane::local::probe(data_dir),
             },
+            (None, crate::lane::LaneKind::LegacyRwx) => match &profile.nfs {
+                Some(nfs) => crate::lane::nfs::probe(&profile.name, nfs).await,
+                None => crate::lane::local::probe(data_dir),
+            },
         });
     }
     let mut rows: Vec<ProfileRow> = config

@@ -39,6 +39,9 @@ use crate::lane::juicefs::node::JuiceFsNode;
 use crate::lane::ledger::Ledger;
 use crate::lane::local::controller::LocalController;
 use crate::lane::local::node::LocalNode;
+use crate::lane::nfs::NfsLane;
+use crate::lane::nfs::controller::NfsController;
+use crate::lane::nfs::node::NfsNode;
 use crate::lane::node::{NodeContext, NodeLane};
 use crate::lane::{ControllerLanes, NodeLanes};
 use crate::metrics::Metrics;
@@ -275,6 +278,8 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
 
 /// How often the node checks that the JuiceFS mounts its volumes use still answer.
 const JUICEFS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the node checks that each NFS export it uses still answers.
+const NFS_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The plugin's shared state: the lanes (controller and node halves), the dataset cache (node
 /// role), and what the edge needs.
@@ -346,12 +351,21 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
     if options.roles.node && !juicefs.is_empty() {
         tokio::spawn(juicefs_node.clone().watch(JUICEFS_CHECK));
     }
+    let nfs_node = Arc::new(NfsNode::new(
+        ctx.clone(),
+        &options.config.profiles,
+        &options.node_id,
+    ));
+    if options.roles.node && !nfs_node.is_empty() {
+        tokio::spawn(nfs_node.clone().watch(NFS_CHECK));
+    }
     let lanes = NodeLanes::new(
         ctx.clone(),
         [
             Arc::new(LocalNode::new(ctx.clone(), lane.clone())) as Arc<dyn NodeLane>,
             Arc::new(BlockNode::new(ctx.clone(), block.clone())),
             juicefs_node,
+            nfs_node,
             Arc::new(DatasetNode::new(ctx)),
         ],
     );
@@ -364,6 +378,14 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         Arc::new(BlockController::new(block, options.config.mount_timeout)),
         Arc::new(JuiceFsController::new(
             juicefs,
+            options.config.mount_timeout,
+        )),
+        Arc::new(NfsController::new(
+            Arc::new(NfsLane::new(
+                &options.config.profiles,
+                options.config.local.clone(),
+                options.config.mount_timeout,
+            )),
             options.config.mount_timeout,
         )),
     ]);

@@ -12,7 +12,7 @@ use super::capability::{Access, Capability};
 use super::ledger::{Publication, Staging, VolumeRecord};
 use super::node::{NodeContext, NodeError, Publish, Result, apply_mount_group};
 use crate::mount::safe::{Pinned, RequestPath};
-use crate::mount::{MountEntry, Origin, mountinfo};
+use crate::mount::{Atime, MountEntry, MountFlags, Origin, mountinfo};
 use crate::text::Shown;
 
 fn show(path: &Path) -> String {
@@ -223,4 +223,46 @@ pub async fn require_mounted(
         volume: Shown(volume_id).to_string(),
         path: show(path.as_path()),
     })
+}
+
+/// Detaches the stale mounts at `path` (whose filesystem no longer answers: a dead FUSE
+/// process, a restarted NFS server) and binds `source` there with the flags the top one had.
+pub fn replace(
+    ctx: &NodeContext,
+    table: &[MountEntry],
+    source: &Path,
+    path: &Path,
+) -> std::result::Result<(), String> {
+    let stack = mountinfo::at(table, path);
+    let flags = stack.last().map(|top| flags_of(top)).unwrap_or_default();
+    for _ in &stack {
+        crate::mount::health::detach(path).map_err(|e| e.to_string())?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        _ => return Err(format!("{} is no longer a directory", path.display())),
+    }
+    ctx.mounter.bind(source, path).map_err(|e| e.to_string())?;
+    if !flags.is_plain() {
+        ctx.mounter
+            .remount(path, flags)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The per-mount flags a mount-table entry shows.
+fn flags_of(entry: &MountEntry) -> MountFlags {
+    let has = |flag: &str| entry.options.iter().any(|o| o == flag);
+    MountFlags {
+        read_only: has("ro"),
+        nosuid: has("nosuid"),
+        nodev: has("nodev"),
+        noexec: has("noexec"),
+        atime: if has("noatime") {
+            Atime::NoAtime
+        } else {
+            Atime::Inherit
+        },
+    }
 }

@@ -1,7 +1,7 @@
 //! Volume IDs and on-disk names.
 //!
 //! A volume ID is `<lane>/<dir>`, or `<lane>/<fs>/<dir>` on a lane with several file systems
-//! (`shared-rwx`: `<fs>` is the profile naming the file system): self-describing, so no database is needed to find a volume,
+//! (`shared-rwx`, `legacy-rwx`: `<fs>` is the profile naming the file system or export): self-describing, so no database is needed to find a volume,
 //! and parsed strictly before it ever becomes a path. `<dir>` is the CO's volume name when that
 //! name is already a safe directory name, and otherwise `_` plus a SHA-256 prefix of the name,
 //! so any name the CSI spec allows maps to one safe directory and back (via the metadata).
@@ -17,9 +17,9 @@ pub const MAX_FIELD_BYTES: usize = 128;
 /// The longest directory name a volume may have.
 const MAX_DIR_BYTES: usize = 100;
 /// Lanes known to this build.
-pub const LANES: &[&str] = &["local", "fast-rwo", "shared-rwx"];
+pub const LANES: &[&str] = &["local", "fast-rwo", "shared-rwx", "legacy-rwx"];
 /// Lanes whose IDs name a file system (a profile) before the directory.
-const FS_LANES: &[&str] = &["shared-rwx"];
+const FS_LANES: &[&str] = &["shared-rwx", "legacy-rwx"];
 
 /// A parsed, validated volume ID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,9 +92,9 @@ impl VolumeId {
                 (Some(fs.to_owned()), dir)
             }
             None if FS_LANES.contains(&lane) => {
-                return Err(invalid(
-                    "a shared-rwx ID is shared-rwx/<profile>/<directory>",
-                ));
+                return Err(invalid(&format!(
+                    "a {lane} ID is {lane}/<profile>/<directory>"
+                )));
             }
             _ => (None, dir),
         };

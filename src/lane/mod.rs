@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod local;
 pub mod longhorn;
 pub mod meta;
+pub mod nfs;
 pub mod node;
 pub mod params;
 pub mod profile;
@@ -68,6 +69,15 @@ pub enum Error {
     SmallerThanSource { requested: u64, source_bytes: u64 },
     #[error("volume {id} is still mounted at {path}; unpublish it first")]
     InUse { id: String, path: PathBuf },
+    #[error(
+        "volume {id} is still staged on node(s) {nodes}; unstage it there first (if a node is \
+         gone for good, remove its marker {marker})"
+    )]
+    StagedOn {
+        id: String,
+        nodes: String,
+        marker: String,
+    },
     #[error("volume {id} is still attached on this node as {device}; unstage it first")]
     Attached { id: String, device: PathBuf },
     #[error("quota: {0}")]
@@ -102,7 +112,9 @@ impl Error {
             Error::UnknownVolume(_) => Kind::NotFound,
             Error::CapacityOutOfRange { .. } | Error::SmallerThanSource { .. } => Kind::OutOfRange,
             Error::Incompatible { .. } | Error::SnapshotExists { .. } => Kind::AlreadyExists,
-            Error::InUse { .. } | Error::Attached { .. } => Kind::FailedPrecondition,
+            Error::InUse { .. } | Error::Attached { .. } | Error::StagedOn { .. } => {
+                Kind::FailedPrecondition
+            }
             Error::Quota(_) => Kind::Internal,
             Error::Timeout { .. } => Kind::DeadlineExceeded,
             Error::Backend { .. } => Kind::Unavailable,

@@ -21,6 +21,8 @@ pub enum LaneKind {
     FastRwo,
     /// A subdirectory per volume of a shared JuiceFS file system, with a quota.
     SharedRwx,
+    /// A subdirectory per volume of an NFS export; capacity recorded, not enforced.
+    LegacyRwx,
 }
 
 impl LaneKind {
@@ -29,6 +31,7 @@ impl LaneKind {
             LaneKind::Local => "local",
             LaneKind::FastRwo => "fast-rwo",
             LaneKind::SharedRwx => "shared-rwx",
+            LaneKind::LegacyRwx => "legacy-rwx",
         }
     }
 }
@@ -124,6 +127,9 @@ pub struct RawProfile {
     /// The JuiceFS file system of a `shared-rwx` profile.
     #[serde(default)]
     pub juicefs: Option<super::juicefs::RawJuiceFs>,
+    /// The NFS export of a `legacy-rwx` profile.
+    #[serde(default)]
+    pub nfs: Option<super::nfs::RawNfs>,
 }
 
 /// A validated profile.
@@ -143,6 +149,9 @@ pub struct Profile {
     /// The JuiceFS file system of a `shared-rwx` profile.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub juicefs: Option<super::juicefs::JuiceFs>,
+    /// The NFS export of a `legacy-rwx` profile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<super::nfs::Nfs>,
 }
 
 /// The profile table.
@@ -166,6 +175,7 @@ impl Default for Profiles {
                 block: None,
                 longhorn: None,
                 juicefs: None,
+                nfs: None,
             }],
         }
     }
@@ -189,13 +199,7 @@ impl Profiles {
                 "local" => LaneKind::Local,
                 "fast-rwo" => LaneKind::FastRwo,
                 "shared-rwx" => LaneKind::SharedRwx,
-                "legacy-rwx" => {
-                    return Err(format!(
-                        "profiles.{name}: lane {:?} is not available in this build (available: \
-                         local, fast-rwo, shared-rwx)",
-                        raw.lane
-                    ));
-                }
+                "legacy-rwx" => LaneKind::LegacyRwx,
                 other => {
                     return Err(format!(
                         "profiles.{name}: {other:?} is not a lane (lanes: local, shared-rwx, \
@@ -240,6 +244,25 @@ impl Profiles {
                     ));
                 }
             };
+            let nfs = match (lane, raw.nfs) {
+                (LaneKind::LegacyRwx, Some(raw)) => Some(
+                    super::nfs::Nfs::from_raw(raw)
+                        .map_err(|e| format!("profiles.{name}.nfs: {e}"))?,
+                ),
+                (LaneKind::LegacyRwx, None) => {
+                    return Err(format!(
+                        "profiles.{name}: a legacy-rwx profile needs `nfs:` (its server and \
+                         export)"
+                    ));
+                }
+                (_, None) => None,
+                (_, Some(_)) => {
+                    return Err(format!(
+                        "profiles.{name}: `nfs` settings belong to legacy-rwx profiles, not {}",
+                        lane.as_str()
+                    ));
+                }
+            };
             profiles.push(Profile {
                 name,
                 lane,
@@ -249,6 +272,7 @@ impl Profiles {
                 block,
                 longhorn,
                 juicefs,
+                nfs,
             });
         }
         let defaults: Vec<&str> = profiles
@@ -328,7 +352,11 @@ mod tests {
                 "only one",
             ),
             ("Bad_Name: {lane: local}\n", "not a valid name"),
-            ("nfs: {lane: legacy-rwx}\n", "not available in this build"),
+            ("nfs: {lane: legacy-rwx}\n", "needs `nfs:`"),
+            (
+                "x: {lane: local, nfs: {server: h, export: /x}}\n",
+                "belong to legacy-rwx",
+            ),
             ("juice: {lane: shared-rwx}\n", "needs `juicefs:`"),
             (
                 "x: {lane: local, juicefs: {meta_url: 'redis://h/1'}}\n",

@@ -6,6 +6,7 @@
 //! - blocking syscalls run off the async runtime with a deadline ([`blocking`]).
 
 pub mod fake;
+pub mod health;
 pub mod linux;
 pub mod mountinfo;
 pub mod safe;

@@ -445,6 +445,8 @@ impl RequestPath {
                 Err(self.symlink(&self.path))
             }
             Ok(_) | Err(Errno::ENOENT) => Ok(()),
+            // A mount point whose filesystem is dead: not a link (nothing is mounted on one).
+            Err(errno) if dead_mount(errno) => Ok(()),
             Err(errno) => Err(self.io("stat")(errno)),
         }
     }
@@ -458,6 +460,7 @@ impl RequestPath {
         match nix::sys::stat::fstatat(&parent, self.name(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(_) => Ok(true),
             Err(Errno::ENOENT) => Ok(false),
+            Err(errno) if dead_mount(errno) => Ok(true),
             Err(errno) => Err(self.io("stat")(errno)),
         }
     }
@@ -481,6 +484,16 @@ impl RequestPath {
 
 fn path_flags() -> OFlag {
     OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+}
+
+/// Whether a stat failed because the path is the mount point of a filesystem that no longer
+/// answers (a dead FUSE process, a restarted or gone NFS server): such a path exists, and
+/// unmounting it is how it is cleaned up.
+pub fn dead_mount(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::ENOTCONN | Errno::ECONNABORTED | Errno::ESTALE | Errno::EIO
+    )
 }
 
 #[cfg(test)]

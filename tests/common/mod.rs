@@ -4,6 +4,7 @@
 
 pub mod kube;
 pub mod moto;
+pub mod nfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

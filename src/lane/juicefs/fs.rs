@@ -20,11 +20,10 @@ use sha2::{Digest, Sha256};
 
 use super::config::JuiceFs;
 use crate::lane::{Error, Result};
+use crate::mount::health::{Probe, Probed, detach, probe, split};
 
 /// How long one `juicefs` admin command may take.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
-/// How long a statfs of the mount may take before the mount counts as hung.
-const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The state of a file system's mount in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,7 +340,7 @@ impl FileSystem {
             MountState::Alive(device) => return Ok((device, false)),
             MountState::Dead(why) => {
                 tracing::warn!(profile = %self.profile, %why, "JuiceFS mount is dead; mounting it again");
-                detach(&self.mount_point())?;
+                detach(&self.mount_point()).map_err(Error::io("detach the dead JuiceFS mount"))?;
             }
             MountState::Missing => {}
         }
@@ -479,67 +478,6 @@ fn wait_within(mut child: std::process::Child) -> std::io::Result<std::process::
             )));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The FUSE filesystems' statfs magic.
-const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
-
-/// What a stat and a statfs of a path found.
-#[derive(Debug)]
-pub struct Probed {
-    /// A FUSE filesystem answers there.
-    pub fuse: bool,
-    pub dev: u64,
-}
-
-/// Why a path could not be probed.
-#[derive(Debug)]
-pub enum Probe {
-    /// It does not exist.
-    Missing,
-    /// The filesystem there failed (ENOTCONN: its FUSE process is gone) or hung.
-    Failed(String),
-}
-
-/// A stat and a statfs of `path` that answer within [`PROBE_DEADLINE`].
-pub fn probe(path: &Path) -> std::result::Result<Probed, Probe> {
-    let path = path.to_owned();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let probed = nix::sys::stat::stat(&path).and_then(|st| {
-            let fs = nix::sys::statfs::statfs(&path)?;
-            Ok(Probed {
-                fuse: fs.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC,
-                dev: st.st_dev,
-            })
-        });
-        let _ = tx.send(probed);
-    });
-    match rx.recv_timeout(PROBE_DEADLINE) {
-        Ok(Ok(probed)) => Ok(probed),
-        Ok(Err(nix::errno::Errno::ENOENT)) => Err(Probe::Missing),
-        Ok(Err(e)) => Err(Probe::Failed(format!("stat: {e}"))),
-        Err(_) => Err(Probe::Failed(format!(
-            "stat did not answer within {}s",
-            PROBE_DEADLINE.as_secs()
-        ))),
-    }
-}
-
-/// A device number as (major, minor), as the mount table shows it.
-pub fn split(dev: u64) -> (u32, u32) {
-    (nix::libc::major(dev), nix::libc::minor(dev))
-}
-
-/// Detaches whatever is mounted at `path` (a dead FUSE mount cannot be unmounted otherwise).
-pub fn detach(path: &Path) -> Result<()> {
-    match nix::mount::umount2(
-        path,
-        nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
-    ) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
-        Err(e) => Err(Error::io(format!("detach {}", path.display()))(e.into())),
     }
 }
 

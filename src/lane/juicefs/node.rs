@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fs::{FileSystem, Probe, Probed, detach, probe, split};
+use super::fs::FileSystem;
 use super::{JuiceFsLane, LANE};
 use crate::lane::bind;
 use crate::lane::capability::{Access, AccessType, Capability};
@@ -22,8 +22,9 @@ use crate::lane::node::{
     NodeContext, NodeError, NodeLane, Publish, Result, Stage, Stats, Unpublished,
 };
 use crate::lane::{VolumeId, VolumeMeta};
+use crate::mount::health::{Probe, Probed, probe, split};
+use crate::mount::mountinfo;
 use crate::mount::safe::RequestPath;
-use crate::mount::{Atime, MountEntry, MountFlags, mountinfo};
 use crate::text::Shown;
 
 /// Which capabilities the lane serves: mount access in every access mode.
@@ -198,7 +199,7 @@ fn rebind(
             if !stale(path) {
                 continue;
             }
-            match replace(ctx, &table, source, path) {
+            match bind::replace(ctx, &table, source, path) {
                 Ok(()) => {
                     tracing::info!(volume = %record.volume_id, path = %path.display(), "re-bound to the new JuiceFS mount")
                 }
@@ -207,48 +208,6 @@ fn rebind(
                 }
             }
         }
-    }
-}
-
-/// Detaches the stale mounts at `path` and binds `source` there with the flags the top one
-/// had.
-fn replace(
-    ctx: &NodeContext,
-    table: &[MountEntry],
-    source: &Path,
-    path: &Path,
-) -> std::result::Result<(), String> {
-    let stack = mountinfo::at(table, path);
-    let flags = stack.last().map(|top| flags_of(top)).unwrap_or_default();
-    for _ in &stack {
-        detach(path).map_err(|e| e.to_string())?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => {}
-        _ => return Err(format!("{} is no longer a directory", path.display())),
-    }
-    ctx.mounter.bind(source, path).map_err(|e| e.to_string())?;
-    if !flags.is_plain() {
-        ctx.mounter
-            .remount(path, flags)
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
-/// The per-mount flags a mount-table entry shows.
-fn flags_of(entry: &MountEntry) -> MountFlags {
-    let has = |flag: &str| entry.options.iter().any(|o| o == flag);
-    MountFlags {
-        read_only: has("ro"),
-        nosuid: has("nosuid"),
-        nodev: has("nodev"),
-        noexec: has("noexec"),
-        atime: if has("noatime") {
-            Atime::NoAtime
-        } else {
-            Atime::Inherit
-        },
     }
 }
 

@@ -1,0 +1,401 @@
+//! The node half of the `legacy-rwx` lane: stage binds the volume's directory of the
+//! export's one mount on this node at the staging path, publish binds the staging path at the
+//! target.
+//!
+//! Rules, beyond those of every bind lane ([`crate::lane::bind`]):
+//! - a mount that no longer answers (a restarted server's ESTALE, ENOTCONN, EIO, a hang) is
+//!   found on the next call and by a periodic check ([`NfsNode::watch`]): the export is
+//!   mounted again and every staging and target path the ledger holds is bound again with the
+//!   flags it had, so pods recover without a restart;
+//! - unpublish and unstage never need the server: they work from the mount table, and a
+//!   stale mount the ledger says is ours is detached rather than waited on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::LANE;
+use super::mount::NodeExport;
+use crate::lane::bind;
+use crate::lane::capability::{Access, AccessType, Capability};
+use crate::lane::ledger::VolumeRecord;
+use crate::lane::node::{
+    NodeContext, NodeError, NodeLane, Publish, Result, Stage, Stats, Unpublished,
+};
+use crate::lane::{Error, Profiles, VolumeId, VolumeMeta};
+use crate::mount::health::{Probe, detach, probe};
+use crate::mount::mountinfo;
+use crate::mount::safe::RequestPath;
+use crate::text::Shown;
+
+/// Which capabilities the lane serves: mount access in every access mode.
+pub fn access(capability: &Capability) -> std::result::Result<Access, String> {
+    let AccessType::Mount {
+        fs_type,
+        flags,
+        mount_group,
+    } = &capability.access_type
+    else {
+        return Err(
+            "block access is not supported: legacy-rwx volumes are directories of an NFS export"
+                .into(),
+        );
+    };
+    if !matches!(fs_type.as_str(), "" | "nfs" | "nfs4") {
+        return Err(format!(
+            "fs_type {} cannot be honoured: legacy-rwx volumes are NFS; leave fsType unset",
+            Shown(fs_type)
+        ));
+    }
+    Access::for_mount(capability.mode, flags, mount_group)
+}
+
+/// The `legacy-rwx` lane on this node: one [`NodeExport`] per profile.
+#[derive(Debug)]
+pub struct NfsNode {
+    ctx: Arc<NodeContext>,
+    exports: BTreeMap<String, Arc<NodeExport>>,
+    /// This node's name in the volumes' `staged/` markers.
+    marker: String,
+}
+
+impl NfsNode {
+    pub fn new(ctx: Arc<NodeContext>, profiles: &Profiles, node_id: &str) -> NfsNode {
+        let exports = profiles
+            .iter()
+            .filter_map(|p| {
+                let export = NodeExport::new(&ctx.data_dir, &p.name, p.nfs.clone()?);
+                Some((p.name.clone(), Arc::new(export)))
+            })
+            .collect();
+        // Node IDs are host names in practice; anything else gets the hashed safe form.
+        let marker = VolumeId::for_name(LANE, node_id)
+            .map(|id| id.dir().to_owned())
+            .unwrap_or_else(|_| "node".into());
+        NfsNode {
+            ctx,
+            exports,
+            marker,
+        }
+    }
+
+    /// Whether any profile uses this lane.
+    pub fn is_empty(&self) -> bool {
+        self.exports.is_empty()
+    }
+
+    fn export(&self, id: &VolumeId) -> Result<Arc<NodeExport>> {
+        let profile = id.fs().unwrap_or_default();
+        self.exports.get(profile).cloned().ok_or_else(|| {
+            Error::UnknownVolume(format!(
+                "{LANE}/{profile}: no legacy-rwx profile of that name here"
+            ))
+            .into()
+        })
+    }
+
+    /// Runs blocking work off the runtime; bounded by the mount deadline plus the probes'.
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&NodeContext) -> Result<T> + Send + 'static,
+    {
+        let ctx = self.ctx.clone();
+        let deadline = self.ctx.mount_timeout + 2 * crate::mount::health::PROBE_DEADLINE;
+        match tokio::time::timeout(deadline, tokio::task::spawn_blocking(move || f(&ctx))).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(NodeError::Internal(format!(
+                "the legacy-rwx lane's task failed: {e}"
+            ))),
+            Err(_) => Err(NodeError::Unavailable(format!(
+                "the legacy-rwx lane did not finish within {}s; an NFS server may be hung",
+                deadline.as_secs()
+            ))),
+        }
+    }
+
+    /// The export mounted and answering, stale binds of the volume (or, after a remount, of
+    /// every volume of the export) replaced: the volume's directory, which must exist.
+    async fn prepare(&self, volume_id: &str) -> Result<(VolumeId, PathBuf)> {
+        let id = VolumeId::parse(volume_id)?;
+        let export = self.export(&id)?;
+        let deadline = self.ctx.mount_timeout;
+        let lookup = id.clone();
+        let data = self
+            .blocking(move |ctx| {
+                let (_, remounted) = export.ensure_mounted(deadline)?;
+                let records = match remounted {
+                    true => ctx.ledger.all()?,
+                    false => vec![ctx.ledger.load(&lookup.to_string())?],
+                };
+                rebind(ctx, &export, &records);
+                let data = export.data_path(&lookup);
+                match std::fs::symlink_metadata(&data) {
+                    Ok(meta) if meta.is_dir() => Ok(data),
+                    Ok(_) => Err(Error::UnknownVolume(lookup.to_string()).into()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Err(Error::UnknownVolume(lookup.to_string()).into())
+                    }
+                    Err(e) => Err(Error::Backend {
+                        what: export.what(),
+                        said: format!("{}: {e}", data.display()),
+                    }
+                    .into()),
+                }
+            })
+            .await?;
+        Ok((id, data))
+    }
+
+    /// The volume's directory in this node's mount, without touching the server: for the
+    /// calls that must work while it is down. A stale mount the ledger holds at `path` is
+    /// detached first.
+    async fn offline(&self, volume_id: &str, path: &Path) -> Result<PathBuf> {
+        let id = VolumeId::parse(volume_id)?;
+        let export = self.export(&id)?;
+        let path = path.to_owned();
+        let volume = volume_id.to_owned();
+        self.blocking(move |ctx| {
+            let record = ctx.ledger.load(&volume)?;
+            let ours = record.staging(&path).is_some() || record.publication(&path).is_some();
+            if ours && let Err(Probe::Failed(why)) = probe(&path) {
+                let table =
+                    mountinfo::read_for(&[&path]).map_err(Error::io("read the mount table"))?;
+                for _ in mountinfo::at(&table, &path) {
+                    detach(&path).map_err(Error::io(format!("detach {}", path.display())))?;
+                }
+                tracing::info!(volume, path = %path.display(), %why, "detached a mount that no longer answers");
+            }
+            Ok(export.data_path(&id))
+        })
+        .await
+    }
+
+    /// Every `interval`, mounts again each export whose mount stopped answering while
+    /// volumes of it are staged here, and re-binds their paths.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            let exports: Vec<Arc<NodeExport>> = self.exports.values().cloned().collect();
+            let deadline = self.ctx.mount_timeout;
+            let checked = self
+                .blocking(move |ctx| {
+                    let records = ctx.ledger.all()?;
+                    for export in exports {
+                        let prefix = format!("{LANE}/{}/", export.profile);
+                        let ours: Vec<VolumeRecord> = records
+                            .iter()
+                            .filter(|r| r.volume_id.starts_with(&prefix))
+                            .cloned()
+                            .collect();
+                        if ours.is_empty() {
+                            continue;
+                        }
+                        match export.ensure_mounted(deadline) {
+                            Ok(_) => rebind(ctx, &export, &ours),
+                            Err(e) => {
+                                tracing::warn!(server = %export.what(), error = %e, "NFS mount check failed")
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = checked {
+                tracing::warn!(error = %e, "NFS mount check failed");
+            }
+        }
+    }
+}
+
+/// Removes this node's marker of a volume it no longer stages, within the probe deadline.
+/// Best effort: unstage must not wait on a dead server; a marker left behind makes the
+/// controller refuse the delete with a message saying which node and which file.
+fn unmark(volume: &str, marker: PathBuf) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = marker.clone();
+    std::thread::spawn(move || {
+        let removed = match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        let _ = tx.send(removed);
+    });
+    match rx.recv_timeout(crate::mount::health::PROBE_DEADLINE) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(volume, marker = %marker.display(), error = %e, "could not remove this node's staged marker")
+        }
+        Err(_) => {
+            tracing::warn!(volume, marker = %marker.display(), "the export did not answer; this node's staged marker stays")
+        }
+    }
+}
+
+/// Re-binds the staging and target paths of `records` (volumes of `export`) whose mount no
+/// longer answers. Probes run side by side, so many hung paths cost one probe deadline.
+/// Failures are logged: the next call or check retries.
+fn rebind(ctx: &NodeContext, export: &NodeExport, records: &[VolumeRecord]) {
+    let prefix = format!("{LANE}/{}/", export.profile);
+    let mut pairs: Vec<(PathBuf, PathBuf, &str)> = Vec::new();
+    for record in records.iter().filter(|r| r.volume_id.starts_with(&prefix)) {
+        let Ok(id) = VolumeId::parse(&record.volume_id) else {
+            continue;
+        };
+        let data = export.data_path(&id);
+        // Staging paths first: targets are bound from them.
+        for staged in &record.staged {
+            pairs.push((data.clone(), staged.path.clone(), &record.volume_id));
+        }
+        for published in &record.published {
+            if let Some(staging) = &published.staging {
+                pairs.push((staging.clone(), published.target.clone(), &record.volume_id));
+            }
+        }
+    }
+    let stale: Vec<bool> = std::thread::scope(|scope| {
+        let probes: Vec<_> = pairs
+            .iter()
+            .map(|(_, path, _)| scope.spawn(move || matches!(probe(path), Err(Probe::Failed(_)))))
+            .collect();
+        probes
+            .into_iter()
+            .map(|p| p.join().unwrap_or(false))
+            .collect()
+    });
+    if !stale.iter().any(|s| *s) {
+        return;
+    }
+    let paths: Vec<&Path> = pairs.iter().map(|(_, path, _)| path.as_path()).collect();
+    let Ok(table) = mountinfo::read_for(&paths) else {
+        return;
+    };
+    for ((source, path, volume), stale) in pairs.iter().zip(stale) {
+        if !stale || mountinfo::at(&table, path).is_empty() {
+            continue;
+        }
+        match bind::replace(ctx, &table, source, path) {
+            Ok(()) => {
+                tracing::info!(volume, path = %path.display(), "re-bound to the export's new mount")
+            }
+            Err(e) => {
+                tracing::warn!(volume, path = %path.display(), error = %e, "re-binding failed; the next check retries")
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeLane for NfsNode {
+    fn kind(&self) -> &'static str {
+        LANE
+    }
+
+    fn access(&self, capability: &Capability) -> std::result::Result<Access, String> {
+        access(capability)
+    }
+
+    async fn stage(&self, request: Stage<'_>) -> Result<()> {
+        let Stage {
+            volume_id,
+            staging,
+            capability,
+        } = request;
+        let (id, data) = self.prepare(volume_id).await?;
+        // The marker before the mount: a volume is never staged without one.
+        let marker = self.export(&id)?.marker(&id, &self.marker);
+        self.blocking(move |_| {
+            // Never makes the volume's own directory: a volume deleted meanwhile stays gone.
+            let dir = marker.parent().unwrap_or(Path::new("/"));
+            let gone = |e: &std::io::Error| {
+                matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::ENOENT | nix::libc::ESTALE)
+                )
+            };
+            match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if gone(&e) => return Err(Error::UnknownVolume(id.to_string()).into()),
+                Err(e) => return Err(Error::io(format!("create {}", dir.display()))(e).into()),
+            }
+            match std::fs::write(&marker, format!("{}\n", crate::lane::volumes::now_unix())) {
+                Ok(()) => Ok(()),
+                Err(e) if gone(&e) => Err(Error::UnknownVolume(id.to_string()).into()),
+                Err(e) => Err(Error::io(format!("write {}", marker.display()))(e).into()),
+            }
+        })
+        .await?;
+        let Some(staging_dir) =
+            bind::prepare_stage(&self.ctx, volume_id, staging, capability, &data).await?
+        else {
+            return Ok(());
+        };
+        bind::bind_staging(&self.ctx, &data, staging, staging_dir).await
+    }
+
+    async fn unstage(&self, volume_id: &str, staging: &RequestPath) -> Result<()> {
+        let data = match self.offline(volume_id, staging.as_path()).await {
+            Ok(data) => data,
+            // Not a volume of ours: nothing of it can be mounted here.
+            Err(NodeError::Lane(Error::UnknownVolume(_))) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        bind::unstage(&self.ctx, volume_id, staging, &data).await?;
+        let id = VolumeId::parse(volume_id)?;
+        let marker = self.export(&id)?.marker(&id, &self.marker);
+        let volume = volume_id.to_owned();
+        self.blocking(move |ctx| {
+            if ctx.ledger.load(&volume)?.staged.is_empty() {
+                unmark(&volume, marker);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn publish(&self, request: Publish<'_>) -> Result<()> {
+        let access = access(request.capability).map_err(NodeError::Invalid)?;
+        self.ctx.failpoint.delay("publish").await;
+        let (_, data) = self.prepare(request.volume_id).await?;
+        bind::publish(&self.ctx, request, access, &data).await
+    }
+
+    async fn unpublish(
+        &self,
+        mut record: VolumeRecord,
+        target: &RequestPath,
+    ) -> Result<Unpublished> {
+        let data = match self.offline(&record.volume_id, target.as_path()).await {
+            Ok(data) => data,
+            Err(NodeError::Lane(Error::UnknownVolume(_))) => return Ok(Unpublished::Kept),
+            Err(e) => return Err(e),
+        };
+        bind::unpublish(&self.ctx, &mut record, target, &data).await?;
+        Ok(Unpublished::Kept)
+    }
+
+    async fn stats(&self, record: &VolumeRecord, path: &RequestPath) -> Result<Stats> {
+        let (_, data) = self.prepare(&record.volume_id).await?;
+        bind::require_mounted(&self.ctx, &record.volume_id, path, &data).await?;
+        // statvfs under the mount deadline; never a walk. NFS reports the export's space.
+        let usage = self.ctx.usage(path).await?;
+        Ok(Stats {
+            usage,
+            message: "volume is mounted and its NFS export answers; sizes are the export's \
+                      (NFS enforces no per-volume capacity)"
+                .into(),
+            abnormal: None,
+        })
+    }
+
+    async fn expand(&self, volume_id: &str, path: &RequestPath) -> Result<u64> {
+        let (_, data) = self.prepare(volume_id).await?;
+        bind::require_mounted(&self.ctx, volume_id, path, &data).await?;
+        // Nothing to grow: the controller recorded the capacity, NFS enforces none.
+        let dir = data.parent().map(Path::to_owned).unwrap_or_default();
+        let meta = self.blocking(move |_| Ok(VolumeMeta::load(&dir)?)).await?;
+        Ok(meta.capacity_bytes)
+    }
+}
