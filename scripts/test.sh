@@ -15,6 +15,13 @@ command -v losetup >/dev/null 2>&1 || packages+=(util-linux)
 command -v mkfs.btrfs >/dev/null 2>&1 || packages+=(btrfs-progs)
 command -v mkfs.ext4 >/dev/null 2>&1 || packages+=(e2fsprogs)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+# The legacy-rwx tests: a real NFS server (ganesha 4.3 needs rpcbind) and the node-side
+# stand-in for a kernel NFS client (bindfs).
+command -v ganesha.nfsd >/dev/null 2>&1 || packages+=(nfs-ganesha)
+dpkg -s nfs-ganesha-vfs >/dev/null 2>&1 || packages+=(nfs-ganesha-vfs)
+command -v rpcbind >/dev/null 2>&1 || [ -x /usr/sbin/rpcbind ] || packages+=(rpcbind)
+command -v bindfs >/dev/null 2>&1 || packages+=(bindfs)
+command -v ip >/dev/null 2>&1 || packages+=(iproute2)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "==> installing ${packages[*]}"

@@ -276,8 +276,17 @@ fn the_image_has_every_program_the_code_runs() {
     }
     // git+ssh:// sources need ssh beside git.
     assert!(runtime.split_whitespace().any(|w| w == "openssh-client"));
-    // shared-rwx profiles run `juicefs` (their `binary:`, `juicefs` on PATH by default).
+    // shared-rwx profiles run `juicefs` (their `binary:`, `juicefs` on PATH by default);
+    // legacy-rwx profiles mount with `mount -t nfs`, which needs mount.nfs (nfs-common).
     for profile in shipped_config().profiles.iter() {
+        if let Some(nfs) = &profile.nfs {
+            assert_eq!(nfs.mount_command, ["mount"], "profile {}", profile.name);
+            assert!(
+                runtime.split_whitespace().any(|w| w == "nfs-common"),
+                "profile {} mounts NFS but the image lacks nfs-common",
+                profile.name
+            );
+        }
         if let Some(juicefs) = &profile.juicefs {
             let binary = juicefs.binary.display().to_string();
             assert!(

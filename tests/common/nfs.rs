@@ -66,7 +66,10 @@ impl Ganesha {
         let (b, c) = (block / 64, (block % 64) * 4);
         let host_ip = format!("10.{}.{b}.{}", 200 + (unique / (64 * 256)) % 50, c + 1);
         let addr = format!("10.{}.{b}.{}", 200 + (unique / (64 * 256)) % 50, c + 2);
-        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns])
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("ip")
             .args(["link", "del", &host_if])
             .stderr(Stdio::null())

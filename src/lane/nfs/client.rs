@@ -81,6 +81,7 @@ fn transport_failure(e: &NfsError) -> bool {
                 | Nfs4ErrorCode::NFS4ERR_BADSESSION
                 | Nfs4ErrorCode::NFS4ERR_STALE_CLIENTID
                 | Nfs4ErrorCode::NFS4ERR_DEADSESSION
+                | Nfs4ErrorCode::NFS4ERR_EXPIRED
         ),
         _ => true,
     }

@@ -93,16 +93,21 @@ impl Export {
         Ok(Some(meta))
     }
 
-    async fn store(&self, dir: &str, meta: &VolumeMeta) -> Result<()> {
+    /// Writes the volume's record into `dir`: straight into a volume being built (its
+    /// directory is renamed into place afterwards), through a temporary name and a rename
+    /// into a live one.
+    async fn store(&self, dir: &str, meta: &VolumeMeta, live: bool) -> Result<()> {
         let body = serde_json::to_vec_pretty(meta).map_err(|e| Error::Io {
             context: "encode volume metadata".into(),
             source: std::io::Error::other(e),
         })?;
-        let temp = format!("{dir}/{}.new", super::meta::FILE);
+        let path = format!("{dir}/{}", super::meta::FILE);
+        if !live {
+            return self.client.write(&path, &body).await;
+        }
+        let temp = format!("{path}.new");
         self.client.write(&temp, &body).await?;
-        self.client
-            .rename(&temp, &format!("{dir}/{}", super::meta::FILE))
-            .await?;
+        self.client.rename(&temp, &path).await?;
         Ok(())
     }
 }
@@ -203,7 +208,7 @@ impl NfsLane {
             block: None,
             content_source: None,
         };
-        export.store(&temp, &meta).await?;
+        export.store(&temp, &meta, false).await?;
         if !export.client.rename(&temp, &export.volume(&id)).await? {
             return Err(Error::Backend {
                 what: export.client.what().to_owned(),
@@ -286,10 +291,18 @@ impl NfsLane {
                 tracing::info!(volume = %id, kept, "volume kept on the export");
             }
             OnDelete::Delete => {
+                // The rename is the delete; emptying the trash may take longer than a call
+                // (a volume of many files), so it goes on after the answer. What a crash
+                // leaves is removed at the next start.
                 let trash = format!("{prefix}/{TRASH_PREFIX}{}-{stamp}", id.dir());
                 if export.client.rename(&export.volume(id), &trash).await? {
                     self.failpoint.hit("delete.after-rename");
-                    export.client.remove_tree(&trash).await?;
+                    let export = export.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = export.client.remove_tree(&trash).await {
+                            tracing::warn!(trash, error = %e, "emptying a deleted volume failed; the next start finishes it");
+                        }
+                    });
                 }
             }
         }
@@ -305,7 +318,7 @@ impl NfsLane {
             return Ok(meta.capacity_bytes);
         };
         meta.capacity_bytes = grown;
-        export.store(&export.volume(id), &meta).await?;
+        export.store(&export.volume(id), &meta, true).await?;
         Ok(grown)
     }
 
