@@ -10,7 +10,10 @@ async fn main() -> std::process::ExitCode {
     let cli = lanes::cli::Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("LANES_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            // The NFS client's own chatter (every connection at INFO) stays out: Lanes
+            // reports each NFS failure itself, naming the server.
+            EnvFilter::try_from_env("LANES_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,nfs_rs=error")),
         )
         .with_writer(std::io::stderr);
     match cli.log_format {
