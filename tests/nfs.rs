@@ -53,6 +53,19 @@ fn names(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Asserts a call failed UNAVAILABLE, naming the server, within `limit` of `started`.
+#[track_caller]
+fn unavailable_naming(status: &tonic::Status, server: &Ganesha, started: Instant, limit: u64) {
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains(server.addr()),
+        "{}",
+        status.message()
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(limit), "{took:?}");
+}
+
 /// Waits (10 s at most) until `dir` holds exactly `expected`: deleted volumes' trash is
 /// emptied after DeleteVolume answers.
 fn wait_for_names(dir: &Path, expected: &[&str]) {
@@ -310,17 +323,7 @@ async fn a_server_that_is_down_is_unavailable_and_a_killed_create_leaves_nothing
         .create_volume(create("pvc-while-down", "delete"))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
-    assert!(
-        status.message().contains(server.addr()),
-        "{}",
-        status.message()
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    unavailable_naming(&status, &server, started, 10);
     let status = c
         .controller
         .delete_volume(delete_request(&volume.volume_id))
@@ -486,18 +489,8 @@ async fn the_node_mounts_the_export_once_recovers_stale_mounts_and_kills_hung_he
         healthy.elapsed()
     );
     let status = pending.await.unwrap().unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    unavailable_naming(&status, &server, started, 8);
     assert!(status.message().contains("killed"), "{}", status.message());
-    assert!(
-        status.message().contains(server.addr()),
-        "{}",
-        status.message()
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "{:?}",
-        started.elapsed()
-    );
     let helpers_left = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()

@@ -8,12 +8,40 @@
 
 use std::path::{Path, PathBuf};
 
-use super::capability::{Access, Capability};
+use super::capability::{Access, AccessType, Capability};
 use super::ledger::{Publication, Staging, VolumeRecord};
 use super::node::{NodeContext, NodeError, Publish, Result, apply_mount_group};
 use crate::mount::safe::{Pinned, RequestPath};
 use crate::mount::{Atime, MountEntry, MountFlags, Origin, mountinfo};
 use crate::text::Shown;
+
+/// Which capabilities a shared directory lane serves: mount access in every access mode, with
+/// no fs_type or one of `fs_types`. `lane` and `backend` word the refusals.
+pub fn shared_access(
+    capability: &Capability,
+    lane: &str,
+    backend: &str,
+    fs_types: &[&str],
+) -> std::result::Result<Access, String> {
+    let AccessType::Mount {
+        fs_type,
+        flags,
+        mount_group,
+    } = &capability.access_type
+    else {
+        return Err(format!(
+            "block access is not supported: {lane} volumes are directories of {backend}"
+        ));
+    };
+    if !fs_type.is_empty() && !fs_types.contains(&fs_type.as_str()) {
+        return Err(format!(
+            "fs_type {} cannot be honoured: {lane} volumes are directories of {backend}; leave \
+             fsType unset",
+            Shown(fs_type)
+        ));
+    }
+    Access::for_mount(capability.mode, flags, mount_group)
+}
 
 fn show(path: &Path) -> String {
     Shown(&path.to_string_lossy()).to_string()

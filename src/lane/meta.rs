@@ -39,6 +39,22 @@ pub struct VolumeMeta {
 pub const FILE: &str = "volume.json";
 
 impl VolumeMeta {
+    /// The record of a new plain volume (no node, dataset, block settings or source), made now.
+    pub fn plain(name: &str, id: String, capacity_bytes: u64, params: CreateParams) -> Self {
+        VolumeMeta {
+            name: name.to_owned(),
+            id,
+            capacity_bytes,
+            params,
+            node_id: String::new(),
+            created_unix: super::volumes::now_unix(),
+            project_id: None,
+            dataset: None,
+            block: None,
+            content_source: None,
+        }
+    }
+
     /// Reads the metadata in volume directory `dir`.
     pub fn load(dir: &Path) -> Result<VolumeMeta> {
         let path = dir.join(FILE);

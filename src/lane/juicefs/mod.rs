@@ -24,7 +24,7 @@ pub use config::{JuiceFs, RawJuiceFs};
 pub use fs::FileSystem;
 
 use super::local::{CreateRequest, LocalSettings, Space};
-use super::volumes::{Removed, VolumeDirs, check_compatible, now_unix};
+use super::volumes::{Removed, VolumeDirs, check_compatible};
 use super::{Error, Profiles, Range, Result, VolumeId, VolumeMeta};
 
 /// The lane's name in volume IDs and profiles.
@@ -143,18 +143,12 @@ impl JuiceFsLane {
             std::fs::create_dir(&data).map_err(Error::io(format!("create {}", data.display())))?;
             fs.set_quota(&data, capacity)?;
             self.failpoint.hit("create.after-quota");
-            let meta = VolumeMeta {
-                name: request.name.clone(),
-                id: id.to_string(),
-                capacity_bytes: capacity,
-                params: request.params.clone(),
-                node_id: String::new(),
-                created_unix: now_unix(),
-                project_id: None,
-                dataset: None,
-                block: None,
-                content_source: None,
-            };
+            let meta = VolumeMeta::plain(
+                &request.name,
+                id.to_string(),
+                capacity,
+                request.params.clone(),
+            );
             meta.store(temp)?;
             Ok(meta)
         })

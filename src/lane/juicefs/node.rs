@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::fs::FileSystem;
 use super::{JuiceFsLane, LANE};
 use crate::lane::bind;
-use crate::lane::capability::{Access, AccessType, Capability};
+use crate::lane::capability::{Access, Capability};
 use crate::lane::ledger::VolumeRecord;
 use crate::lane::node::{
     NodeContext, NodeError, NodeLane, Publish, Result, Stage, Stats, Unpublished,
@@ -29,25 +29,7 @@ use crate::text::Shown;
 
 /// Which capabilities the lane serves: mount access in every access mode.
 pub fn access(capability: &Capability) -> std::result::Result<Access, String> {
-    let AccessType::Mount {
-        fs_type,
-        flags,
-        mount_group,
-    } = &capability.access_type
-    else {
-        return Err(
-            "block access is not supported: shared-rwx volumes are directories of a JuiceFS \
-             file system"
-                .into(),
-        );
-    };
-    if !fs_type.is_empty() && fs_type != "juicefs" {
-        return Err(format!(
-            "fs_type {} cannot be honoured: shared-rwx volumes are JuiceFS; leave fsType unset",
-            Shown(fs_type)
-        ));
-    }
-    Access::for_mount(capability.mode, flags, mount_group)
+    bind::shared_access(capability, LANE, "a JuiceFS file system", &["juicefs"])
 }
 
 /// The `shared-rwx` lane on this node.

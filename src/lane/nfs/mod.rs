@@ -27,7 +27,7 @@ pub use config::{Nfs, RawNfs};
 use self::client::Client;
 use super::local::{CreateRequest, LocalSettings, Space};
 use super::params::OnDelete;
-use super::volumes::{check_compatible, now_unix};
+use super::volumes::check_compatible;
 use super::{Error, Profiles, Range, Result, VolumeId, VolumeMeta};
 
 /// The lane's name in volume IDs and profiles.
@@ -196,18 +196,12 @@ impl NfsLane {
             .mkdir(&format!("{temp}/{DATA}"), 0o777)
             .await?;
         self.failpoint.hit("create.after-mkdir");
-        let meta = VolumeMeta {
-            name: request.name.clone(),
-            id: id.to_string(),
-            capacity_bytes: capacity,
-            params: request.params.clone(),
-            node_id: String::new(),
-            created_unix: now_unix(),
-            project_id: None,
-            dataset: None,
-            block: None,
-            content_source: None,
-        };
+        let meta = VolumeMeta::plain(
+            &request.name,
+            id.to_string(),
+            capacity,
+            request.params.clone(),
+        );
         export.store(&temp, &meta, false).await?;
         if !export.client.rename(&temp, &export.volume(&id)).await? {
             return Err(Error::Backend {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::LANE;
 use super::mount::NodeExport;
 use crate::lane::bind;
-use crate::lane::capability::{Access, AccessType, Capability};
+use crate::lane::capability::{Access, Capability};
 use crate::lane::ledger::VolumeRecord;
 use crate::lane::node::{
     NodeContext, NodeError, NodeLane, Publish, Result, Stage, Stats, Unpublished,
@@ -27,28 +27,10 @@ use crate::lane::{Error, Profiles, VolumeId, VolumeMeta};
 use crate::mount::health::{Probe, detach, probe};
 use crate::mount::mountinfo;
 use crate::mount::safe::RequestPath;
-use crate::text::Shown;
 
 /// Which capabilities the lane serves: mount access in every access mode.
 pub fn access(capability: &Capability) -> std::result::Result<Access, String> {
-    let AccessType::Mount {
-        fs_type,
-        flags,
-        mount_group,
-    } = &capability.access_type
-    else {
-        return Err(
-            "block access is not supported: legacy-rwx volumes are directories of an NFS export"
-                .into(),
-        );
-    };
-    if !matches!(fs_type.as_str(), "" | "nfs" | "nfs4") {
-        return Err(format!(
-            "fs_type {} cannot be honoured: legacy-rwx volumes are NFS; leave fsType unset",
-            Shown(fs_type)
-        ));
-    }
-    Access::for_mount(capability.mode, flags, mount_group)
+    bind::shared_access(capability, LANE, "an NFS export", &["nfs", "nfs4"])
 }
 
 /// The `legacy-rwx` lane on this node: one [`NodeExport`] per profile.
