@@ -44,11 +44,12 @@ impl CreateParams {
     pub fn parse(raw: &HashMap<String, String>, profiles: &Profiles) -> Result<Self, Error> {
         let mut params = CreateParams::default();
         let mut named = None;
+        let mut on_delete = None;
         for (key, value) in raw {
             match key.as_str() {
                 "profile" => named = Some(value.as_str()),
                 "onDelete" => {
-                    params.on_delete = match value.as_str() {
+                    on_delete = Some(match value.as_str() {
                         "delete" => OnDelete::Delete,
                         "retain" => OnDelete::Retain,
                         "archive" => OnDelete::Archive,
@@ -58,7 +59,7 @@ impl CreateParams {
                                 reason: format!("{other:?} is not one of: delete, retain, archive"),
                             });
                         }
-                    }
+                    })
                 }
                 "dataset" => {
                     crate::dataset::Reference::parse(value).map_err(|e| {
@@ -82,13 +83,13 @@ impl CreateParams {
                 )
             }),
         };
-        params.profile = profile
-            .map_err(|reason| Error::InvalidParameter {
-                key: "profile".into(),
-                reason,
-            })?
-            .name
-            .clone();
+        let profile = profile.map_err(|reason| Error::InvalidParameter {
+            key: "profile".into(),
+            reason,
+        })?;
+        params.profile = profile.name.clone();
+        // The StorageClass's word, else the profile's default.
+        params.on_delete = on_delete.unwrap_or(profile.on_delete);
         Ok(params)
     }
 
@@ -195,6 +196,25 @@ mod tests {
             Profiles::from_raw(serde_yaml_ng::from_str("fast: {lane: local}\n").unwrap()).unwrap();
         let err = CreateParams::parse(&map(&[]), &no_default).unwrap_err();
         assert!(err.to_string().contains("must name one"), "{err}");
+    }
+
+    #[test]
+    fn a_profile_sets_the_on_delete_a_storage_class_leaves_out() {
+        let table = serde_yaml_ng::from_str(
+            "share: {lane: local, default: true, on_delete: archive}\nscratch: {lane: local}\n",
+        )
+        .unwrap();
+        let profiles = Profiles::from_raw(table).unwrap();
+        let on_delete =
+            |raw: &[(&str, &str)]| CreateParams::parse(&map(raw), &profiles).unwrap().on_delete;
+        assert_eq!(on_delete(&[]), OnDelete::Archive);
+        assert_eq!(on_delete(&[("onDelete", "delete")]), OnDelete::Delete);
+        assert_eq!(on_delete(&[("profile", "scratch")]), OnDelete::Delete);
+        let bad = serde_yaml_ng::from_str::<
+            std::collections::BTreeMap<String, super::super::profile::RawProfile>,
+        >("x: {lane: local, on_delete: shred}\n")
+        .unwrap_err();
+        assert!(bad.to_string().contains("delete"), "{bad}");
     }
 
     #[test]

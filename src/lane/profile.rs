@@ -118,6 +118,9 @@ pub struct RawProfile {
     pub best_for: Vec<Workload>,
     #[serde(default)]
     pub default: bool,
+    /// What deleting a volume does when its StorageClass does not say (`onDelete`).
+    #[serde(default)]
+    pub on_delete: super::params::OnDelete,
     /// Settings of a `fast-rwo` profile's local block backend.
     #[serde(default)]
     pub block: Option<BlockBackend>,
@@ -140,6 +143,8 @@ pub struct Profile {
     pub description: String,
     pub best_for: Vec<Workload>,
     pub default: bool,
+    /// What deleting a volume does when its StorageClass does not say.
+    pub on_delete: super::params::OnDelete,
     /// The block backend's settings (`fast-rwo` profiles on the local block backend).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block: Option<BlockBackend>,
@@ -172,6 +177,7 @@ impl Default for Profiles {
                 description: "a directory on the node's own disk, for one pod or one node".into(),
                 best_for: vec![Workload::Scratch],
                 default: true,
+                on_delete: Default::default(),
                 block: None,
                 longhorn: None,
                 juicefs: None,
@@ -269,6 +275,7 @@ impl Profiles {
                 description: raw.description,
                 best_for: raw.best_for,
                 default: raw.default,
+                on_delete: raw.on_delete,
                 block,
                 longhorn,
                 juicefs,
