@@ -429,20 +429,26 @@ async fn the_shared_rwx_lane_on_juicefs() {
     .await;
 }
 
-#[tokio::test]
-async fn the_legacy_rwx_lane_on_nfs() {
-    let Some(server) = common::nfs::Ganesha::start("lane contract: legacy-rwx") else {
+/// The legacy-rwx contract, the node mounting the export (`export`) or each volume (`volume`).
+async fn legacy_rwx(mount: &str) {
+    let test = format!("lane contract: legacy-rwx, mount: {mount}");
+    let Some(server) = common::nfs::Ganesha::start(&test) else {
         return;
     };
     let config = format!(
         "profiles:\n  legacy:\n    lane: legacy-rwx\n    default: true\n    nfs:\n      \
-         server: {addr}\n      export: {export}\n      mount_command: [{helper}]\n",
+         server: {addr}\n      export: {export}\n      mount: {mount}\n      \
+         mount_command: [{helper}]\n",
         addr = server.addr(),
         export = server.export().display(),
         helper = server.standin(false).display(),
     );
     contract(Setup {
-        name: "legacy-rwx (nfs-ganesha; node mounts on a stand-in)",
+        name: if mount == "export" {
+            "legacy-rwx (nfs-ganesha; the export mounted on a stand-in)"
+        } else {
+            "legacy-rwx (nfs-ganesha; each volume mounted on a stand-in)"
+        },
         config,
         data_dir: None,
         profile: "legacy",
@@ -451,4 +457,14 @@ async fn the_legacy_rwx_lane_on_nfs() {
         node_local: false,
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_legacy_rwx_lane_on_nfs() {
+    legacy_rwx("export").await;
+}
+
+#[tokio::test]
+async fn the_legacy_rwx_lane_on_nfs_mounting_each_volume() {
+    legacy_rwx("volume").await;
 }

@@ -519,3 +519,122 @@ async fn the_node_mounts_the_export_once_recovers_stale_mounts_and_kills_hung_he
         assert!(mounts_at(&staging).is_empty());
     }
 }
+
+#[tokio::test]
+async fn with_mount_volume_each_volume_is_its_own_mount_released_at_the_last_unstage() {
+    let Some(server) = Ganesha::start("legacy-rwx mount: volume") else {
+        return;
+    };
+    let helper = server.standin(false);
+    let config = config(&server, &helper, "").replace(
+        "      mount_command:",
+        "      mount: volume\n      mount_command:",
+    );
+    let plugin = Plugin::with_config(&config, None);
+    let mut c = plugin.clients().await;
+    let rwx = mount_capability(Mode::MultiNodeMultiWriter, &[]);
+    let mut volumes = Vec::new();
+    for name in ["pvc-a", "pvc-b"] {
+        let id = c
+            .controller
+            .create_volume(create(name, "delete"))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let staging = plugin.dir("staging").join(name);
+        let target = plugin.dir("pods").join(name);
+        std::fs::create_dir_all(&staging).unwrap();
+        let mut stage = stage_request(&id, &staging);
+        stage.volume_capability = Some(rwx.clone());
+        c.node.node_stage_volume(stage).await.unwrap();
+        let mut publish = publish_request(&id, &staging, &target, false);
+        publish.volume_capability = Some(rwx.clone());
+        c.node.node_publish_volume(publish).await.unwrap();
+        volumes.push((id, staging, target));
+    }
+    // One mount per volume, of that volume's directory only.
+    let log = std::fs::read_to_string(server.mount_log()).unwrap();
+    let expected: Vec<String> = ["pvc-a", "pvc-b"]
+        .iter()
+        .map(|name| {
+            format!(
+                "-t nfs -o vers=4.1,hard,timeo=600 {}:{}/teams/ml/{name}/data {}",
+                server.addr(),
+                server.export().display(),
+                plugin.data_dir.join("nfs/nfs/volumes").join(name).display()
+            )
+        })
+        .collect();
+    assert_eq!(log.lines().collect::<Vec<_>>(), expected);
+    std::fs::write(volumes[0].2.join("out"), "a").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(server.export().join("teams/ml/pvc-a/data/out")).unwrap(),
+        "a"
+    );
+    // Staged on this node: the controller will not delete it, and says where.
+    let status = c
+        .controller
+        .delete_volume(delete_request(&volumes[0].0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("test-node"),
+        "{}",
+        status.message()
+    );
+
+    // Both volumes' mounts die; a call for one brings back that one's.
+    assert_eq!(
+        kill_standins(&server.export().join("teams/ml/pvc-a/data")),
+        1
+    );
+    assert!(std::fs::read_dir(&volumes[0].2).is_err());
+    assert!(
+        std::fs::read_dir(&volumes[1].2).is_ok(),
+        "the other volume's mount is its own"
+    );
+    c.node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: volumes[0].0.clone(),
+            volume_path: volumes[0].2.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(volumes[0].2.join("out")).unwrap(),
+        "a"
+    );
+
+    // The last unstage takes the volume's mount away (and its marker: delete works).
+    for (id, staging, target) in &volumes {
+        c.node
+            .node_unpublish_volume(unpublish_request(id, target))
+            .await
+            .unwrap();
+        c.node
+            .node_unstage_volume(unstage_request(id, staging))
+            .await
+            .unwrap();
+        let point = plugin
+            .data_dir
+            .join("nfs/nfs/volumes")
+            .join(id.rsplit('/').next().unwrap());
+        assert!(mounts_at(&point).is_empty(), "{}", point.display());
+        assert!(!point.exists());
+        c.controller
+            .delete_volume(delete_request(id))
+            .await
+            .unwrap();
+    }
+    wait_for_names(&server.export().join("teams/ml"), &[]);
+}

@@ -343,7 +343,8 @@ impl Client {
         Ok(())
     }
 
-    async fn remove(&self, path: &str, dir: bool) -> Result<()> {
+    /// Removes the file (or, with `dir`, the empty directory) `path`; a missing one is fine.
+    pub async fn remove(&self, path: &str, dir: bool) -> Result<()> {
         let answer = self
             .call(|m| {
                 let path = path.to_owned();

@@ -31,10 +31,26 @@ pub struct RawNfs {
     /// export must accept other ports — `insecure` on Linux knfsd; ganesha does by default).
     #[serde(default)]
     pub reserved_port: bool,
+    /// What each node mounts: `export` (default: the export once, volumes are binds of it)
+    /// or `volume` (each volume's directory on its own, for exports that do not let clients
+    /// mount their root).
+    #[serde(default)]
+    pub mount: Scope,
     /// The program (and leading arguments) the node runs to mount, called as
     /// `<command...> -t nfs -o <options> <server>:<export> <path>` (default `mount`).
     #[serde(default)]
     pub mount_command: Option<Vec<String>>,
+}
+
+/// What a node mounts of an export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The export, once per node; each volume is a bind of its directory in that mount.
+    #[default]
+    Export,
+    /// Each volume's `data` directory, once per volume per node.
+    Volume,
 }
 
 /// An NFS protocol version Lanes mounts with.
@@ -69,6 +85,7 @@ pub struct Nfs {
     /// The volumes' directory, relative to the export, `/`-separated safe names.
     pub prefix: String,
     pub reserved_port: bool,
+    pub mount: Scope,
     pub mount_command: Vec<String>,
 }
 
@@ -149,6 +166,7 @@ impl Nfs {
             mount_options: raw.mount_options,
             prefix,
             reserved_port: raw.reserved_port,
+            mount: raw.mount,
             mount_command,
         })
     }
@@ -156,6 +174,15 @@ impl Nfs {
     /// The mount source, `server:/export`.
     pub fn source(&self) -> String {
         format!("{}:{}", self.server, self.export)
+    }
+
+    /// The mount source of `path` (relative to the export), `server:/export/path`.
+    pub fn source_of(&self, path: &str) -> String {
+        format!(
+            "{}:{}/{path}",
+            self.server,
+            self.export.trim_end_matches('/')
+        )
     }
 
     /// The node's mount options: the version first, then the profile's.
@@ -228,6 +255,14 @@ mod tests {
         assert_eq!(nfs.source(), "10.0.0.5:/srv/share");
         assert_eq!(nfs.options(), "vers=4.1");
         assert_eq!(nfs.mount_command, ["mount"]);
+        assert_eq!(nfs.mount, Scope::Export);
+        assert_eq!(
+            nfs.source_of("volumes/a/data"),
+            "10.0.0.5:/srv/share/volumes/a/data"
+        );
+        let root = Nfs::from_raw(raw("{server: h, export: /, mount: volume}")).unwrap();
+        assert_eq!(root.source_of("v/a/data"), "h:/v/a/data");
+        assert_eq!(root.mount, Scope::Volume);
         assert_eq!(
             nfs.url(),
             "nfs://10.0.0.5/srv/share?version=4.1&noresvport=true"

@@ -44,18 +44,32 @@ pub const STAGED: &str = "staged";
 /// The most a `volume.json` may hold.
 const META_LIMIT: u32 = 64 * 1024;
 
-/// One profile's export, as the controller reaches it.
+/// One profile's export, as the controller (and a node, for what it keeps on the export)
+/// reaches it over the userspace client.
 #[derive(Debug)]
 pub struct Export {
     pub profile: String,
     pub config: Nfs,
-    client: Client,
+    pub client: Client,
     /// Set once the prefix exists and leftovers of killed calls are gone.
     ready: tokio::sync::OnceCell<()>,
 }
 
 impl Export {
-    fn volume(&self, id: &VolumeId) -> String {
+    /// Profile `profile`'s export; nothing is contacted until a call needs it.
+    pub fn new(profile: &str, config: Nfs, deadline: Duration) -> Export {
+        let what = format!("NFS server {} (profile {profile})", config.source());
+        let client = Client::new(config.url(), what, deadline);
+        Export {
+            profile: profile.to_owned(),
+            config,
+            client,
+            ready: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The volume's directory, relative to the export.
+    pub fn volume(&self, id: &VolumeId) -> String {
         format!("{}/{}", self.config.prefix, id.dir())
     }
 
@@ -81,7 +95,8 @@ impl Export {
             .map(|_| ())
     }
 
-    async fn load(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
+    /// The volume's record, or `None` when there is no such volume.
+    pub async fn load(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
         let path = self.meta_path(id);
         let Some(body) = self.client.read(&path, META_LIMIT).await? else {
             return Ok(None);
@@ -126,15 +141,7 @@ impl NfsLane {
         let exports = profiles
             .iter()
             .filter_map(|p| {
-                let config = p.nfs.clone()?;
-                let what = format!("NFS server {} (profile {})", config.source(), p.name);
-                let client = Client::new(config.url(), what, deadline);
-                let export = Export {
-                    profile: p.name.clone(),
-                    config,
-                    client,
-                    ready: tokio::sync::OnceCell::new(),
-                };
+                let export = Export::new(&p.name, p.nfs.clone()?, deadline);
                 Some((p.name.clone(), Arc::new(export)))
             })
             .collect();

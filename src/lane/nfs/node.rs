@@ -1,12 +1,15 @@
-//! The node half of the `legacy-rwx` lane: stage binds the volume's directory of the
-//! export's one mount on this node at the staging path, publish binds the staging path at the
-//! target.
+//! The node half of the `legacy-rwx` lane: stage binds the volume's directory — in the
+//! export's one mount on this node, or the volume's own mount ([`super::mount`]) — at the
+//! staging path, publish binds the staging path at the target.
 //!
 //! Rules, beyond those of every bind lane ([`crate::lane::bind`]):
+//! - a volume is staged only with this node's marker in its `staged/` directory on the
+//!   export (written over the userspace client first, removed at the last unstage), so the
+//!   controller can refuse to delete it;
 //! - a mount that no longer answers (a restarted server's ESTALE, ENOTCONN, EIO, a hang) is
-//!   found on the next call and by a periodic check ([`NfsNode::watch`]): the export is
-//!   mounted again and every staging and target path the ledger holds is bound again with the
-//!   flags it had, so pods recover without a restart;
+//!   found on the next call and by a periodic check ([`NfsNode::watch`]): it is mounted again
+//!   and every staging and target path the ledger holds on it is bound again with the flags
+//!   it had, so pods recover without a restart;
 //! - unpublish and unstage never need the server: they work from the mount table, and a
 //!   stale mount the ledger says is ours is detached rather than waited on.
 
@@ -15,15 +18,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::LANE;
+use super::config::Scope;
 use super::mount::NodeExport;
+use super::{DATA, Export, LANE, STAGED};
 use crate::lane::bind;
 use crate::lane::capability::{Access, Capability};
 use crate::lane::ledger::VolumeRecord;
 use crate::lane::node::{
     NodeContext, NodeError, NodeLane, Publish, Result, Stage, Stats, Unpublished,
 };
-use crate::lane::{Error, Profiles, VolumeId, VolumeMeta};
+use crate::lane::{Error, Profiles, VolumeId};
 use crate::mount::health::{Probe, detach, probe};
 use crate::mount::mountinfo;
 use crate::mount::safe::RequestPath;
@@ -47,7 +51,8 @@ impl NfsNode {
         let exports = profiles
             .iter()
             .filter_map(|p| {
-                let export = NodeExport::new(&ctx.data_dir, &p.name, p.nfs.clone()?);
+                let export = Export::new(&p.name, p.nfs.clone()?, ctx.mount_timeout);
+                let export = NodeExport::new(&ctx.data_dir, Arc::new(export));
                 Some((p.name.clone(), Arc::new(export)))
             })
             .collect();
@@ -97,8 +102,9 @@ impl NfsNode {
         }
     }
 
-    /// The export mounted and answering, stale binds of the volume (or, after a remount, of
-    /// every volume of the export) replaced: the volume's directory, which must exist.
+    /// The volume's mount there and answering, stale binds of the volume (or, after a remount
+    /// of the export, of every volume of it) replaced: the volume's directory, which must
+    /// exist.
     async fn prepare(&self, volume_id: &str) -> Result<(VolumeId, PathBuf)> {
         let id = VolumeId::parse(volume_id)?;
         let export = self.export(&id)?;
@@ -106,10 +112,10 @@ impl NfsNode {
         let lookup = id.clone();
         let data = self
             .blocking(move |ctx| {
-                let (_, remounted) = export.ensure_mounted(deadline)?;
-                let records = match remounted {
-                    true => ctx.ledger.all()?,
-                    false => vec![ctx.ledger.load(&lookup.to_string())?],
+                let (_, remounted) = export.ensure_mounted(&lookup, deadline)?;
+                let records = match (remounted, export.scope()) {
+                    (true, Scope::Export) => ctx.ledger.all()?,
+                    _ => vec![ctx.ledger.load(&lookup.to_string())?],
                 };
                 rebind(ctx, &export, &records);
                 let data = export.data_path(&lookup);
@@ -120,7 +126,7 @@ impl NfsNode {
                         Err(Error::UnknownVolume(lookup.to_string()).into())
                     }
                     Err(e) => Err(Error::Backend {
-                        what: export.what(),
+                        what: export.what().to_owned(),
                         said: format!("{}: {e}", data.display()),
                     }
                     .into()),
@@ -154,6 +160,45 @@ impl NfsNode {
         .await
     }
 
+    /// Writes this node's marker into the volume's `staged/` on the export (over the
+    /// userspace client: it works whatever this node mounts, and never makes the volume's
+    /// own directory, so a volume deleted meanwhile stays gone: NOT_FOUND).
+    async fn mark(&self, volume_id: &str) -> Result<()> {
+        let id = VolumeId::parse(volume_id)?;
+        let export = self.export(&id)?;
+        let client = &export.export.client;
+        let volume = export.export.volume(&id);
+        if client.stat(&format!("{volume}/{DATA}")).await? != Some(true) {
+            return Err(Error::UnknownVolume(id.to_string()).into());
+        }
+        client.mkdir(&format!("{volume}/{STAGED}"), 0o755).await?;
+        let marker = format!("{volume}/{STAGED}/{}", self.marker);
+        let body = format!("{}\n", crate::lane::volumes::now_unix());
+        client.write(&marker, body.as_bytes()).await?;
+        Ok(())
+    }
+
+    /// Removes this node's marker of a volume it no longer stages, within the probe deadline.
+    /// Best effort: unstage must not wait on a dead server; a marker left behind makes the
+    /// controller refuse the delete, saying which node and which file.
+    async fn unmark(&self, export: &NodeExport, id: &VolumeId) {
+        let marker = format!("{}/{STAGED}/{}", export.export.volume(id), self.marker);
+        let removed = tokio::time::timeout(
+            crate::mount::health::PROBE_DEADLINE,
+            export.export.client.remove(&marker, false),
+        )
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(volume = %id, marker, error = %e, "could not remove this node's staged marker")
+            }
+            Err(_) => {
+                tracing::warn!(volume = %id, marker, "the export did not answer; this node's staged marker stays")
+            }
+        }
+    }
+
     /// Every `interval`, mounts again each export whose mount stopped answering while
     /// volumes of it are staged here, and re-binds their paths.
     pub async fn watch(self: Arc<Self>, interval: Duration) {
@@ -165,21 +210,26 @@ impl NfsNode {
                 .blocking(move |ctx| {
                     let records = ctx.ledger.all()?;
                     for export in exports {
-                        let prefix = format!("{LANE}/{}/", export.profile);
+                        let prefix = format!("{LANE}/{}/", export.profile());
                         let ours: Vec<VolumeRecord> = records
                             .iter()
-                            .filter(|r| r.volume_id.starts_with(&prefix))
+                            .filter(|r| r.volume_id.starts_with(&prefix) && !r.staged.is_empty())
                             .cloned()
                             .collect();
-                        if ours.is_empty() {
-                            continue;
-                        }
-                        match export.ensure_mounted(deadline) {
-                            Ok(_) => rebind(ctx, &export, &ours),
-                            Err(e) => {
-                                tracing::warn!(server = %export.what(), error = %e, "NFS mount check failed")
+                        // Each mount the staged volumes use, once.
+                        let mut checked = std::collections::BTreeSet::new();
+                        for record in &ours {
+                            let Ok(id) = VolumeId::parse(&record.volume_id) else {
+                                continue;
+                            };
+                            if !checked.insert(export.unit(&id).point) {
+                                continue;
+                            }
+                            if let Err(e) = export.ensure_mounted(&id, deadline) {
+                                tracing::warn!(server = %export.what(), error = %e, "NFS mount check failed");
                             }
                         }
+                        rebind(ctx, &export, &ours);
                     }
                     Ok(())
                 })
@@ -191,35 +241,11 @@ impl NfsNode {
     }
 }
 
-/// Removes this node's marker of a volume it no longer stages, within the probe deadline.
-/// Best effort: unstage must not wait on a dead server; a marker left behind makes the
-/// controller refuse the delete with a message saying which node and which file.
-fn unmark(volume: &str, marker: PathBuf) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let path = marker.clone();
-    std::thread::spawn(move || {
-        let removed = match std::fs::remove_file(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        };
-        let _ = tx.send(removed);
-    });
-    match rx.recv_timeout(crate::mount::health::PROBE_DEADLINE) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(volume, marker = %marker.display(), error = %e, "could not remove this node's staged marker")
-        }
-        Err(_) => {
-            tracing::warn!(volume, marker = %marker.display(), "the export did not answer; this node's staged marker stays")
-        }
-    }
-}
-
 /// Re-binds the staging and target paths of `records` (volumes of `export`) whose mount no
 /// longer answers. Probes run side by side, so many hung paths cost one probe deadline.
 /// Failures are logged: the next call or check retries.
 fn rebind(ctx: &NodeContext, export: &NodeExport, records: &[VolumeRecord]) {
-    let prefix = format!("{LANE}/{}/", export.profile);
+    let prefix = format!("{LANE}/{}/", export.profile());
     let mut pairs: Vec<(PathBuf, PathBuf, &str)> = Vec::new();
     for record in records.iter().filter(|r| r.volume_id.starts_with(&prefix)) {
         let Ok(id) = VolumeId::parse(&record.volume_id) else {
@@ -259,7 +285,7 @@ fn rebind(ctx: &NodeContext, export: &NodeExport, records: &[VolumeRecord]) {
         }
         match bind::replace(ctx, &table, source, path) {
             Ok(()) => {
-                tracing::info!(volume, path = %path.display(), "re-bound to the export's new mount")
+                tracing::info!(volume, path = %path.display(), "re-bound to the new NFS mount")
             }
             Err(e) => {
                 tracing::warn!(volume, path = %path.display(), error = %e, "re-binding failed; the next check retries")
@@ -284,37 +310,32 @@ impl NodeLane for NfsNode {
             staging,
             capability,
         } = request;
-        let (id, data) = self.prepare(volume_id).await?;
-        // The marker before the mount: a volume is never staged without one.
-        let marker = self.export(&id)?.marker(&id, &self.marker);
-        self.blocking(move |_| {
-            // Never makes the volume's own directory: a volume deleted meanwhile stays gone.
-            let dir = marker.parent().unwrap_or(Path::new("/"));
-            let gone = |e: &std::io::Error| {
-                matches!(
-                    e.raw_os_error(),
-                    Some(nix::libc::ENOENT | nix::libc::ESTALE)
-                )
+        self.mark(volume_id).await?;
+        let staged = async {
+            let (_, data) = self.prepare(volume_id).await?;
+            let Some(staging_dir) =
+                bind::prepare_stage(&self.ctx, volume_id, staging, capability, &data).await?
+            else {
+                return Ok(());
             };
-            match std::fs::create_dir(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) if gone(&e) => return Err(Error::UnknownVolume(id.to_string()).into()),
-                Err(e) => return Err(Error::io(format!("create {}", dir.display()))(e).into()),
+            bind::bind_staging(&self.ctx, &data, staging, staging_dir).await
+        }
+        .await;
+        // A stage that failed leaves no marker unless the volume is staged here elsewhere.
+        if staged.is_err() {
+            let id = VolumeId::parse(volume_id)?;
+            let record = self.ctx.ledger.load(volume_id)?;
+            let paths: Vec<PathBuf> = record.staged.iter().map(|s| s.path.clone()).collect();
+            let live = !paths.is_empty()
+                && match self.ctx.table(paths.clone()).await {
+                    Ok(table) => paths.iter().any(|p| !mountinfo::at(&table, p).is_empty()),
+                    Err(_) => true,
+                };
+            if !live {
+                self.unmark(self.export(&id)?.as_ref(), &id).await;
             }
-            match std::fs::write(&marker, format!("{}\n", crate::lane::volumes::now_unix())) {
-                Ok(()) => Ok(()),
-                Err(e) if gone(&e) => Err(Error::UnknownVolume(id.to_string()).into()),
-                Err(e) => Err(Error::io(format!("write {}", marker.display()))(e).into()),
-            }
-        })
-        .await?;
-        let Some(staging_dir) =
-            bind::prepare_stage(&self.ctx, volume_id, staging, capability, &data).await?
-        else {
-            return Ok(());
-        };
-        bind::bind_staging(&self.ctx, &data, staging, staging_dir).await
+        }
+        staged
     }
 
     async fn unstage(&self, volume_id: &str, staging: &RequestPath) -> Result<()> {
@@ -326,15 +347,24 @@ impl NodeLane for NfsNode {
         };
         bind::unstage(&self.ctx, volume_id, staging, &data).await?;
         let id = VolumeId::parse(volume_id)?;
-        let marker = self.export(&id)?.marker(&id, &self.marker);
+        let export = self.export(&id)?;
         let volume = volume_id.to_owned();
-        self.blocking(move |ctx| {
-            if ctx.ledger.load(&volume)?.staged.is_empty() {
-                unmark(&volume, marker);
-            }
-            Ok(())
-        })
-        .await
+        let (release, unused) = (export.clone(), id.clone());
+        let unused = self
+            .blocking(move |ctx| {
+                let record = ctx.ledger.load(&volume)?;
+                // Publications are binds of staging paths: a CO unstaging out of order keeps
+                // the volume's own mount for them.
+                if record.staged.is_empty() && record.published.is_empty() {
+                    release.release(&unused)?;
+                }
+                Ok(record.staged.is_empty())
+            })
+            .await?;
+        if unused {
+            self.unmark(&export, &id).await;
+        }
+        Ok(())
     }
 
     async fn publish(&self, request: Publish<'_>) -> Result<()> {
@@ -376,8 +406,9 @@ impl NodeLane for NfsNode {
         let (_, data) = self.prepare(volume_id).await?;
         bind::require_mounted(&self.ctx, volume_id, path, &data).await?;
         // Nothing to grow: the controller recorded the capacity, NFS enforces none.
-        let dir = data.parent().map(Path::to_owned).unwrap_or_default();
-        let meta = self.blocking(move |_| Ok(VolumeMeta::load(&dir)?)).await?;
+        let id = VolumeId::parse(volume_id)?;
+        let meta = self.export(&id)?.export.load(&id).await?;
+        let meta = meta.ok_or_else(|| Error::UnknownVolume(id.to_string()))?;
         Ok(meta.capacity_bytes)
     }
 }
