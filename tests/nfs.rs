@@ -383,7 +383,15 @@ async fn the_node_mounts_the_export_once_recovers_stale_mounts_and_kills_hung_he
         stage.volume_capability = Some(rwx.clone());
         c.node.node_stage_volume(stage).await.unwrap();
         let mut publish = publish_request(id, &staging, &target, false);
-        publish.volume_capability = Some(rwx.clone());
+        // pvc-b's pod runs with an fsGroup: the volume's root gets that group (no walk).
+        let mut capability = rwx.clone();
+        if dir == "pvc-b"
+            && let Some(volume_capability::AccessType::Mount(mount)) =
+                capability.access_type.as_mut()
+        {
+            mount.volume_mount_group = "4321".into();
+        }
+        publish.volume_capability = Some(capability);
         c.node.node_publish_volume(publish).await.unwrap();
         targets.push(target);
     }
@@ -406,9 +414,15 @@ async fn the_node_mounts_the_export_once_recovers_stale_mounts_and_kills_hung_he
         "step 1"
     );
     assert!(!targets[1].join("checkpoint").exists());
+    let group = |name: &str| {
+        std::os::unix::fs::MetadataExt::gid(
+            &std::fs::metadata(server.export().join("teams/ml").join(name).join("data")).unwrap(),
+        )
+    };
+    assert_eq!((group("pvc-a"), group("pvc-b")), (0, 4321));
 
-    // The export's mount dies (ENOTCONN or ECONNABORTED everywhere): the next call mounts it again and
-    // re-binds both volumes' staging and target paths.
+    // The export's mount dies (ENOTCONN or ECONNABORTED everywhere): the next call mounts it
+    // again and re-binds both volumes' staging and target paths.
     assert_eq!(kill_standins(&server.export()), 1);
     let dead = std::fs::read_dir(&targets[0]).unwrap_err();
     assert!(
