@@ -645,6 +645,15 @@ async fn with_mount_volume_each_volume_is_its_own_mount_released_at_the_last_uns
             .join(id.rsplit('/').next().unwrap());
         assert!(mounts_at(&point).is_empty(), "{}", point.display());
         assert!(!point.exists());
+        // A publish of a volume not staged here is refused and mounts nothing.
+        let mut publish = publish_request(id, staging, target, false);
+        publish.volume_capability = Some(rwx.clone());
+        assert_code(
+            c.node.node_publish_volume(publish).await,
+            Code::FailedPrecondition,
+            "publish without a stage",
+        );
+        assert!(mounts_at(&point).is_empty(), "{}", point.display());
         c.controller
             .delete_volume(delete_request(id))
             .await

@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::config::Scope;
 use super::{DATA, Export};
 use crate::lane::{Error, Result, VolumeId};
-use crate::mount::health::{PROBE_DEADLINE, Probe, detach, probe, split};
+use crate::mount::health::{PROBE_DEADLINE, Probe, detach, probe};
 use crate::mount::mountinfo;
 
 /// One export on this node.
@@ -82,17 +82,22 @@ impl NodeExport {
         }
     }
 
-    /// Makes sure the mount serving `id` is there and answers: its device, and whether it was
-    /// mounted just now (every bind of an earlier mount may then be stale).
-    pub fn ensure_mounted(&self, id: &VolumeId, deadline: Duration) -> Result<((u32, u32), bool)> {
+    /// Makes sure the mount serving `id` answers, mounting it again when it does not, and
+    /// when it is missing too if `make` (a stage; a volume's own mount is otherwise made only
+    /// by staging it). Whether it was mounted just now (every bind of an earlier mount may
+    /// then be stale).
+    pub fn ensure_mounted(&self, id: &VolumeId, make: bool, deadline: Duration) -> Result<bool> {
         let _mounting = self.mounting.lock().unwrap_or_else(|e| e.into_inner());
         let unit = self.unit(id);
         let point = unit.point.as_path();
         let table = mountinfo::read_for(&[point]).map_err(Error::io("read the mount table"))?;
         let stacked = mountinfo::at(&table, point).len();
+        if stacked == 0 && !make {
+            return Ok(false);
+        }
         if stacked > 0 {
             let why = match probe(point) {
-                Ok(probed) => return Ok((split(probed.dev), false)),
+                Ok(_) => return Ok(false),
                 Err(Probe::Missing) => "its mount point is gone".to_owned(),
                 Err(Probe::Failed(why)) => why,
             };
@@ -104,9 +109,9 @@ impl NodeExport {
         std::fs::create_dir_all(point).map_err(Error::io(format!("create {}", point.display())))?;
         self.run_mount(&unit, deadline)?;
         match probe(point) {
-            Ok(probed) => {
+            Ok(_) => {
                 tracing::info!(server = %self.what(), source = unit.source, point = %point.display(), "mounted");
-                Ok((split(probed.dev), true))
+                Ok(true)
             }
             Err(Probe::Missing) => Err(self.unavailable("the mount point vanished".into())),
             Err(Probe::Failed(why)) => {

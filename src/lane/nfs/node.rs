@@ -105,20 +105,28 @@ impl NfsNode {
     /// The volume's mount there and answering, stale binds of the volume (or, after a remount
     /// of the export, of every volume of it) replaced: the volume's directory, which must
     /// exist.
-    async fn prepare(&self, volume_id: &str) -> Result<(VolumeId, PathBuf)> {
+    /// `staging`: the call is a stage, which may make the volume's own mount (`mount:
+    /// volume`); other calls only bring back one that died.
+    async fn prepare(&self, volume_id: &str, staging: bool) -> Result<(VolumeId, PathBuf)> {
         let id = VolumeId::parse(volume_id)?;
         let export = self.export(&id)?;
         let deadline = self.ctx.mount_timeout;
         let lookup = id.clone();
         let data = self
             .blocking(move |ctx| {
-                let (_, remounted) = export.ensure_mounted(&lookup, deadline)?;
+                let make = staging || export.scope() == Scope::Export;
+                let remounted = export.ensure_mounted(&lookup, make, deadline)?;
                 let records = match (remounted, export.scope()) {
                     (true, Scope::Export) => ctx.ledger.all()?,
                     _ => vec![ctx.ledger.load(&lookup.to_string())?],
                 };
                 rebind(ctx, &export, &records);
                 let data = export.data_path(&lookup);
+                if export.scope() == Scope::Volume {
+                    // The volume's own mount, or (not staged here) nothing: the bind checks
+                    // that follow say which.
+                    return Ok(data);
+                }
                 match std::fs::symlink_metadata(&data) {
                     Ok(meta) if meta.is_dir() => Ok(data),
                     Ok(_) => Err(Error::UnknownVolume(lookup.to_string()).into()),
@@ -225,7 +233,7 @@ impl NfsNode {
                             if !checked.insert(export.unit(&id).point) {
                                 continue;
                             }
-                            if let Err(e) = export.ensure_mounted(&id, deadline) {
+                            if let Err(e) = export.ensure_mounted(&id, true, deadline) {
                                 tracing::warn!(server = %export.what(), error = %e, "NFS mount check failed");
                             }
                         }
@@ -312,7 +320,7 @@ impl NodeLane for NfsNode {
         } = request;
         self.mark(volume_id).await?;
         let staged = async {
-            let (_, data) = self.prepare(volume_id).await?;
+            let (_, data) = self.prepare(volume_id, true).await?;
             let Some(staging_dir) =
                 bind::prepare_stage(&self.ctx, volume_id, staging, capability, &data).await?
             else {
@@ -370,7 +378,7 @@ impl NodeLane for NfsNode {
     async fn publish(&self, request: Publish<'_>) -> Result<()> {
         let access = access(request.capability).map_err(NodeError::Invalid)?;
         self.ctx.failpoint.delay("publish").await;
-        let (_, data) = self.prepare(request.volume_id).await?;
+        let (_, data) = self.prepare(request.volume_id, false).await?;
         bind::publish(&self.ctx, request, access, &data).await
     }
 
@@ -389,7 +397,7 @@ impl NodeLane for NfsNode {
     }
 
     async fn stats(&self, record: &VolumeRecord, path: &RequestPath) -> Result<Stats> {
-        let (_, data) = self.prepare(&record.volume_id).await?;
+        let (_, data) = self.prepare(&record.volume_id, false).await?;
         bind::require_mounted(&self.ctx, &record.volume_id, path, &data).await?;
         // statvfs under the mount deadline; never a walk. NFS reports the export's space.
         let usage = self.ctx.usage(path).await?;
@@ -403,7 +411,7 @@ impl NodeLane for NfsNode {
     }
 
     async fn expand(&self, volume_id: &str, path: &RequestPath) -> Result<u64> {
-        let (_, data) = self.prepare(volume_id).await?;
+        let (_, data) = self.prepare(volume_id, false).await?;
         bind::require_mounted(&self.ctx, volume_id, path, &data).await?;
         // Nothing to grow: the controller recorded the capacity, NFS enforces none.
         let id = VolumeId::parse(volume_id)?;
