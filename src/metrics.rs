@@ -180,3 +180,36 @@ fn respond(metrics: &Metrics, path: &str) -> http::Response<axum::body::Body> {
     *response.status_mut() = status;
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric family the plugin exports is documented in the README's table, with its
+    /// labels.
+    #[test]
+    fn the_readme_documents_every_metric_and_label() {
+        let metrics = Metrics::new();
+        metrics.record("CreateVolume", "Ok", Instant::now());
+        metrics.fill_progress("bucket/name:v1", &Default::default());
+        let readme = include_str!("../README.md");
+        let families = metrics.registry.gather();
+        assert_eq!(families.len(), 4, "a new metric: document it in the README");
+        for family in families {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", family.name())))
+                .unwrap_or_else(|| {
+                    panic!("{} is not in the README's metrics table", family.name())
+                });
+            for label in family.get_metric()[0].get_label() {
+                assert!(
+                    row.contains(&format!("`{}`", label.name())),
+                    "{}: label {} undocumented",
+                    family.name(),
+                    label.name()
+                );
+            }
+        }
+    }
+}
