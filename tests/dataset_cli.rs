@@ -220,3 +220,84 @@ fn regex_free_replace_sha(text: &str, with: &str) -> String {
     out.push_str(rest);
     out
 }
+
+#[test]
+fn a_bucket_lists_its_datasets_and_a_pull_says_what_it_left_or_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let config = root.join("lanes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "datasets:\n  default_bucket: team\n  buckets:\n    team: {{dataset_path: \"file://{}/team\"}}\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let data = root.join("data");
+    let src = root.join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/a"), b"a").unwrap();
+    for name in ["texts", "images"] {
+        ok_json(lanes(&data, &config, &["--json", "create", name]));
+    }
+    push(&data, &config, &src, "images", &[]);
+
+    // BUCKET/ (and `/`, the default bucket) lists the datasets.
+    for reference in ["team/", "/"] {
+        let listed = ok_json(lanes(&data, &config, &["--json", "ls", reference]));
+        let names: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["images", "texts"], "{reference}");
+    }
+    let text = lanes(&data, &config, &["ls", "team/"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("team/images"));
+    let missing = lanes(&data, &config, &["ls", "nosuch/"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nosuch"));
+
+    // A pull into a directory with more in it says what it left; --delete removes that, a
+    // link to outside included, without following it.
+    let out = root.join("out");
+    let outside = root.join("outside");
+    std::fs::create_dir_all(out.join("old/deeper")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"keep").unwrap();
+    std::fs::write(out.join("stray"), b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, out.join("sub-link")).unwrap();
+    let left = lanes(&data, &config, &["pull", "images", out.to_str().unwrap()]);
+    assert!(left.status.success());
+    let said = String::from_utf8_lossy(&left.stdout);
+    assert!(
+        said.contains("left 3 path(s)") && said.contains("--delete"),
+        "{said}"
+    );
+    assert!(out.join("stray").exists());
+    let pulled = ok_json(lanes(
+        &data,
+        &config,
+        &[
+            "--json",
+            "pull",
+            "images",
+            out.to_str().unwrap(),
+            "--delete",
+        ],
+    ));
+    assert_eq!(
+        pulled["deleted"],
+        serde_json::json!(["old", "stray", "sub-link"])
+    );
+    let mut now: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    now.sort();
+    assert_eq!(now, ["sub"]);
+    assert_eq!(std::fs::read(out.join("sub/a")).unwrap(), b"a");
+    assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+}

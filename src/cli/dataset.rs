@@ -53,6 +53,7 @@ pub enum Command {
     Pull {
         reference: String,
         dir: std::path::PathBuf,
+        delete: bool,
     },
     Rm {
         reference: String,
@@ -179,6 +180,31 @@ pub async fn run(
                 text: format!("tagged {name}:{version} as {tag}\n"),
             }
         }
+        Command::Ls { reference } if reference.ends_with('/') => {
+            let bucket = reference.trim_end_matches('/');
+            let bucket = buckets
+                .get((!bucket.is_empty()).then_some(bucket))
+                .map_err(anyhow::Error::msg)?
+                .name
+                .clone();
+            let datasets = open(Some(&bucket)).await?.datasets().await?;
+            let mut text = format!("{:<32} {:<17} {}\n", "DATASET", "CREATED", "DESCRIPTION");
+            for info in &datasets {
+                text.push_str(&format!(
+                    "{:<32} {:<17} {}\n",
+                    format!("{bucket}/{}", info.name),
+                    time(info.created_unix),
+                    info.description
+                ));
+            }
+            if datasets.is_empty() {
+                text = format!("bucket {bucket} has no datasets yet (`lanes dataset create`)\n");
+            }
+            Output {
+                json: json!(datasets),
+                text,
+            }
+        }
         Command::Ls { reference } => {
             let (bucket, name, selector) = stored(&reference)?;
             let manifest = open(bucket.as_deref())
@@ -191,7 +217,7 @@ pub async fn run(
                 text,
             }
         }
-        Command::Pull { reference, dir } if reference.starts_with("git+") => {
+        Command::Pull { reference, dir, .. } if reference.starts_with("git+") => {
             pull_git(&reference, dir).await?
         }
         Command::Resolve { reference } => match Reference::parse(&reference)? {
@@ -220,13 +246,17 @@ pub async fn run(
                 }
             }
         },
-        Command::Pull { reference, dir } => {
+        Command::Pull {
+            reference,
+            dir,
+            delete,
+        } => {
             let (bucket, name, selector) = stored(&reference)?;
             let report = open(bucket.as_deref())
                 .await?
-                .pull(&name, &selector, &dir)
+                .pull_with(&name, &selector, &dir, delete)
                 .await?;
-            let text = format!(
+            let mut text = format!(
                 "pulled {name}:{} into {} — {} files, {} downloaded ({}), {} already present\n",
                 report.version,
                 dir.display(),
@@ -235,6 +265,32 @@ pub async fn run(
                 human(report.bytes_downloaded),
                 report.skipped
             );
+            let few = |paths: &[String]| {
+                let shown: Vec<String> = paths
+                    .iter()
+                    .take(5)
+                    .map(|p| crate::text::shown(p))
+                    .collect();
+                let more = paths.len().saturating_sub(5);
+                match more {
+                    0 => shown.join(", "),
+                    n => format!("{}, and {n} more", shown.join(", ")),
+                }
+            };
+            if !report.extra.is_empty() {
+                text.push_str(&format!(
+                    "left {} path(s) the version does not have: {} (--delete removes them)\n",
+                    report.extra.len(),
+                    few(&report.extra)
+                ));
+            }
+            if !report.deleted.is_empty() {
+                text.push_str(&format!(
+                    "removed {} path(s) the version does not have: {}\n",
+                    report.deleted.len(),
+                    few(&report.deleted)
+                ));
+            }
             Output {
                 json: json!(report),
                 text,

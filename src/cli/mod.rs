@@ -182,9 +182,10 @@ pub enum DatasetCommand {
         /// digit; not `latest` nor of the form vN.
         tag: String,
     },
-    /// List the files of a version.
+    /// List the files of a version, or (BUCKET/) the datasets of a bucket.
     Ls {
-        /// [BUCKET/]NAME[:vN|:TAG] (default: the latest version).
+        /// [BUCKET/]NAME[:vN|:TAG] (default: the latest version); or BUCKET/ (`/` alone: the
+        /// default bucket) to list its datasets.
         reference: String,
     },
     /// Download a version into DIR, verifying every body (a Git reference: fetch its commit
@@ -194,6 +195,9 @@ pub enum DatasetCommand {
         reference: String,
         /// Where the files go (made if missing).
         dir: PathBuf,
+        /// Remove what DIR holds beyond the version (by default it is left, and listed).
+        #[arg(long)]
+        delete: bool,
     },
     /// Remove an uncommitted version.
     Rm {
@@ -461,7 +465,15 @@ async fn run_dataset(
         DatasetCommand::Versions { reference } => C::Versions { reference },
         DatasetCommand::Tag { reference, tag } => C::Tag { reference, tag },
         DatasetCommand::Ls { reference } => C::Ls { reference },
-        DatasetCommand::Pull { reference, dir } => C::Pull { reference, dir },
+        DatasetCommand::Pull {
+            reference,
+            dir,
+            delete,
+        } => C::Pull {
+            reference,
+            dir,
+            delete,
+        },
         DatasetCommand::Rm { reference } => C::Rm { reference },
         DatasetCommand::Resolve { reference } => C::Resolve { reference },
     };

@@ -118,6 +118,12 @@ pub struct PullReport {
     pub downloaded: usize,
     pub bytes_downloaded: u64,
     pub skipped: usize,
+    /// Paths in the directory that the version does not have, left in place.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<String>,
+    /// Such paths, removed (`--delete`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
 }
 
 /// The datasets of one bucket.
@@ -236,6 +242,28 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     self.bucket
                 ))
             })
+    }
+
+    /// Every dataset of the bucket, by name.
+    pub async fn datasets(&self) -> Result<Vec<DatasetInfo>> {
+        let mut names: Vec<String> = self
+            .store
+            .list("datasets/")
+            .await?
+            .into_iter()
+            .filter_map(|key| {
+                let name = key
+                    .strip_prefix("datasets/")?
+                    .strip_suffix("/dataset.json")?;
+                (!name.contains('/')).then(|| name.to_owned())
+            })
+            .collect();
+        names.sort();
+        let mut all = Vec::with_capacity(names.len());
+        for name in names {
+            all.push(self.info(&name).await?);
+        }
+        Ok(all)
     }
 
     /// All version IDs of a dataset, oldest first.

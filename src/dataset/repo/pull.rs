@@ -49,8 +49,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl<S: ObjectStore + Clone + 'static> Repo<S> {
     /// Downloads a version into `dir`, verifying every body; identical files already there
-    /// are skipped. See the module rules.
+    /// are skipped, and what else `dir` holds is reported and left. See the module rules.
     pub async fn pull(&self, name: &str, selector: &Selector, dir: &Path) -> Result<PullReport> {
+        self.pull_with(name, selector, dir, false).await
+    }
+
+    /// [`Repo::pull`]; with `delete_extra`, what `dir` holds beyond the version is removed
+    /// (links removed, never followed), so `dir` ends as exactly the version.
+    pub async fn pull_with(
+        &self,
+        name: &str,
+        selector: &Selector,
+        dir: &Path,
+        delete_extra: bool,
+    ) -> Result<PullReport> {
         let manifest = self.resolve(name, selector).await?;
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let root = Arc::new(Dir::open(dir).map_err(io(format!("open {}", dir.display())))?);
@@ -127,7 +139,59 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             Ok(())
         })
         .await?;
+        let known: std::collections::HashSet<String> =
+            manifest.entries.iter().map(|e| e.path.clone()).collect();
+        let top = dir.to_owned();
+        let (extra, deleted) = blocking(move || {
+            let extra = extras(&top, &known).map_err(io(format!("list {}", top.display())))?;
+            if delete_extra {
+                for path in &extra {
+                    remove(&top.join(path)).map_err(io(format!("remove {path}")))?;
+                }
+            }
+            Ok((extra, delete_extra))
+        })
+        .await?;
+        match deleted {
+            true => report.deleted = extra,
+            false => report.extra = extra,
+        }
         Ok(report)
+    }
+}
+
+/// What `dir` holds beyond `known` (the version's paths), outermost first: a directory the
+/// version lacks is one entry, not its contents. Links are not followed.
+fn extras(dir: &Path, known: &std::collections::HashSet<String>) -> std::io::Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut pending = vec![String::new()];
+    while let Some(rel) = pending.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(crate::copy::file::TEMP_PREFIX) {
+                continue;
+            }
+            let path = match rel.is_empty() {
+                true => name,
+                false => format!("{rel}/{name}"),
+            };
+            if !known.contains(&path) {
+                found.push(path);
+            } else if entry.file_type()?.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes `path` (a file, a link, or a directory and what it holds), never following a link.
+fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path)?.is_dir() {
+        true => std::fs::remove_dir_all(path),
+        false => std::fs::remove_file(path),
     }
 }
 
