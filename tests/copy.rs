@@ -416,3 +416,64 @@ fn not_enough_space_is_refused_before_copying() {
     assert!(stderr.contains("not enough space"), "{stderr}");
     assert!(!leftover, "nothing was written");
 }
+
+#[test]
+fn excluded_paths_are_neither_copied_nor_deleted_and_a_dry_run_lists_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    for (path, body) in [
+        ("keep/a.bin", "a"),
+        ("keep/b.tmp", "tmp"),
+        (".git/HEAD", "ref"),
+        ("logs/run.txt", "log"),
+        ("logs/deep/run.txt", "deep log"),
+    ] {
+        std::fs::create_dir_all(src.join(path).parent().unwrap()).unwrap();
+        std::fs::write(src.join(path), body).unwrap();
+    }
+    std::fs::create_dir_all(dst.join("keep")).unwrap();
+    std::fs::write(dst.join("keep/local.tmp"), "mine").unwrap();
+    std::fs::write(dst.join("stale"), "old").unwrap();
+    let exclude = [
+        "--exclude",
+        "*.tmp",
+        "--exclude",
+        ".git",
+        "--exclude",
+        "/logs/*.txt",
+        "--delete",
+    ];
+
+    let mut args = exclude.to_vec();
+    args.push("--dry-run");
+    let planned = summary(&lanes_copy(&src, &dst, &args));
+    assert_eq!(
+        planned["would_copy"],
+        serde_json::json!(["keep/a.bin", "logs/deep/run.txt"])
+    );
+    assert_eq!(planned["would_delete"], serde_json::json!(["stale"]));
+    assert!(
+        !dst.join("keep/a.bin").exists(),
+        "a dry run changes nothing"
+    );
+
+    let done = summary(&lanes_copy(&src, &dst, &exclude));
+    assert_eq!(done["files_copied"], 2);
+    assert_eq!(done["deleted"], 1);
+    assert_eq!(std::fs::read(dst.join("keep/a.bin")).unwrap(), b"a");
+    assert_eq!(
+        std::fs::read(dst.join("logs/deep/run.txt")).unwrap(),
+        b"deep log"
+    );
+    assert!(!dst.join("keep/b.tmp").exists() && !dst.join(".git").exists());
+    assert!(!dst.join("logs/run.txt").exists() && !dst.join("stale").exists());
+    assert_eq!(
+        std::fs::read(dst.join("keep/local.tmp")).unwrap(),
+        b"mine",
+        "an excluded destination file is never deleted"
+    );
+
+    let bad = lanes_copy(&src, &dst, &["--exclude", "a["]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--exclude \"a[\""));
+}

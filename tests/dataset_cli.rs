@@ -300,4 +300,24 @@ fn a_bucket_lists_its_datasets_and_a_pull_says_what_it_left_or_removes_it() {
     assert_eq!(now, ["sub"]);
     assert_eq!(std::fs::read(out.join("sub/a")).unwrap(), b"a");
     assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"keep");
+
+    // A push leaves out what --exclude names.
+    std::fs::create_dir_all(src.join(".git")).unwrap();
+    std::fs::write(src.join(".git/HEAD"), b"ref").unwrap();
+    std::fs::write(src.join("sub/scratch.tmp"), b"t").unwrap();
+    push(
+        &data,
+        &config,
+        &src,
+        "texts",
+        &["--exclude", ".git", "--exclude", "*.tmp"],
+    );
+    let files = ok_json(lanes(&data, &config, &["--json", "ls", "texts"]));
+    let paths: Vec<&str> = files
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["sub", "sub/a"]);
 }

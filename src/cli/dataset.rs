@@ -36,6 +36,8 @@ pub enum Command {
         commit: bool,
         /// Where file hashes are remembered between pushes (none: hash every file).
         hash_cache: Option<std::path::PathBuf>,
+        /// Paths left out of the version.
+        exclude: crate::copy::exclude::Exclude,
     },
     Commit {
         reference: String,
@@ -133,6 +135,7 @@ pub async fn run(
             tag,
             commit,
             hash_cache,
+            exclude,
         } => {
             let (bucket, name, selector) = stored(&reference)?;
             if selector != Selector::Latest {
@@ -141,6 +144,7 @@ pub async fn run(
             let report = open(bucket.as_deref())
                 .await?
                 .with_hash_cache(hash_cache)
+                .with_exclude(exclude)
                 .push(&dir, &name, &message, tag.as_deref(), commit)
                 .await?;
             let text = push_summary(&name, &report);

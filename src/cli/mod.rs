@@ -163,6 +163,11 @@ pub enum DatasetCommand {
         /// file whose inode, size, mtime and ctime are unchanged keeps its remembered hash).
         #[arg(long)]
         rehash: bool,
+        /// Leave out paths matching PATTERN (repeatable): a name anywhere (`*.tmp`, `.git`)
+        /// or, with a `/`, a path from the root (`logs/*.txt`, `/build`); `**` crosses
+        /// directories.
+        #[arg(long, value_name = "PATTERN")]
+        exclude: Vec<String>,
     },
     /// Commit an uncommitted version: [bucket/]name:version.
     Commit {
@@ -232,6 +237,11 @@ pub struct CopyArgs {
     /// Say what would be copied and deleted; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Leave out paths matching PATTERN (repeatable), on both sides: not copied, never
+    /// deleted. A name anywhere (`*.tmp`, `.git`) or, with a `/`, a path from the root
+    /// (`logs/*.txt`, `/build`); `**` crosses directories.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -453,6 +463,7 @@ async fn run_dataset(
             tag,
             no_commit,
             rehash,
+            exclude,
         } => C::Push {
             dir,
             reference,
@@ -460,6 +471,7 @@ async fn run_dataset(
             tag,
             commit: !no_commit,
             hash_cache: (!rehash).then(|| data_dir.join("push-cache")),
+            exclude: crate::copy::exclude::Exclude::new(&exclude).map_err(anyhow::Error::msg)?,
         },
         DatasetCommand::Commit { reference } => C::Commit { reference },
         DatasetCommand::Versions { reference } => C::Versions { reference },
@@ -687,6 +699,7 @@ async fn run_copy(args: CopyArgs) -> anyhow::Result<()> {
         delete: args.delete,
         jobs: args.jobs.unwrap_or_else(crate::copy::default_jobs).max(1),
         dry_run: args.dry_run,
+        exclude: crate::copy::exclude::Exclude::new(&args.exclude).map_err(anyhow::Error::msg)?,
     };
     let progress = crate::copy::Progress::new(args.json);
     let (src, dst) = (args.src.clone(), args.dst.clone());
@@ -698,6 +711,18 @@ async fn run_copy(args: CopyArgs) -> anyhow::Result<()> {
     } else {
         for failure in &summary.failures {
             eprintln!("failed: {}: {}", failure.path.display(), failure.error);
+        }
+        for path in &summary.would_copy {
+            println!(
+                "would copy   {}",
+                crate::text::Shown(&path.to_string_lossy())
+            );
+        }
+        for path in &summary.would_delete {
+            println!(
+                "would delete {}",
+                crate::text::Shown(&path.to_string_lossy())
+            );
         }
         println!(
             "{} files ({}): {} copied ({}), {} skipped, {} links, {} deleted, {} failed, {} verified in {:.2}s ({}/s){}",

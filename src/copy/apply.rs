@@ -95,9 +95,15 @@ pub(super) fn symlink(dst: &Dir, entry: &Entry, target: &Path) -> std::io::Resul
 
 /// Destination entries that the source does not have, outermost only (their contents go with
 /// them). Temporaries are not counted: the compare phase removes them.
-pub(super) fn extras(entries: &[Entry], dst: &Dir, shown: &Path) -> Vec<PathBuf> {
+pub(super) fn extras(
+    entries: &[Entry],
+    dst: &Dir,
+    shown: &Path,
+    exclude: &super::exclude::Exclude,
+) -> Vec<PathBuf> {
     let wanted: HashSet<&Path> = entries.iter().map(|e| e.rel.as_path()).collect();
-    let (present, _) = walk::walk_dir(dst, shown);
+    // Excluded paths are not walked, so never deleted.
+    let (present, _) = walk::walk_dir(dst, shown, exclude);
     let mut extra: Vec<PathBuf> = Vec::new();
     for entry in present {
         if wanted.contains(entry.rel.as_path()) || extra.iter().any(|e| entry.rel.starts_with(e)) {

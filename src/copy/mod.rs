@@ -11,6 +11,7 @@
 //! - a file that cannot be read is reported by path and the rest is still copied.
 
 mod apply;
+pub mod exclude;
 pub(crate) mod file;
 mod plan;
 pub(crate) mod progress;
@@ -51,6 +52,8 @@ pub struct Options {
     pub delete: bool,
     pub jobs: usize,
     pub dry_run: bool,
+    /// Paths left out on both sides: not copied, and never deleted from DST.
+    pub exclude: exclude::Exclude,
 }
 
 /// The outcome of a run, printed as JSON with `--json`.
@@ -70,6 +73,12 @@ pub struct Summary {
     pub checksum: Option<Checksum>,
     pub dry_run: bool,
     pub failures: Vec<FailureReport>,
+    /// With `--dry-run`: the files that would be copied, relative to SRC.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_copy: Vec<PathBuf>,
+    /// With `--dry-run --delete`: what would be removed from DST, relative to it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_delete: Vec<PathBuf>,
 }
 
 impl Summary {
@@ -161,7 +170,7 @@ pub fn run(
     let started = Instant::now();
     let (src, dst) = trees(src, dst)?;
     let src_root = Dir::open(&src).map_err(io(format!("open {}", src.display())))?;
-    let (entries, walk_failures) = walk::walk_dir(&src_root, &src);
+    let (entries, walk_failures) = walk::walk_dir(&src_root, &src, &options.exclude);
     let mut summary = Summary {
         checksum: Some(options.checksum),
         dry_run: options.dry_run,
@@ -187,10 +196,16 @@ pub fn run(
     if options.dry_run {
         summary.files_copied = files_to_copy;
         summary.bytes_copied = need;
+        summary.would_copy = copy_units
+            .iter()
+            .flat_map(|u| u.files.iter().map(|e| e.rel.clone()))
+            .collect();
+        summary.would_copy.sort();
         if options.delete
             && let Some(dst_root) = &existing_dst
         {
-            summary.deleted = apply::extras(&entries, dst_root, &dst).len() as u64;
+            summary.would_delete = apply::extras(&entries, dst_root, &dst, &options.exclude);
+            summary.deleted = summary.would_delete.len() as u64;
         }
         return Ok(finish(summary, started));
     }
@@ -404,7 +419,7 @@ fn finish_tree(
         }
     }
     if options.delete {
-        for extra in apply::extras(entries, dst_root, dst) {
+        for extra in apply::extras(entries, dst_root, dst, &options.exclude) {
             match apply::remove(dst_root, &extra) {
                 Ok(()) => summary.deleted += 1,
                 Err(e) => summary.fail(dst.join(&extra), e),

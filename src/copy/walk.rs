@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use super::exclude::Exclude;
 use crate::fsutil::{self, Dir};
 
 /// What an entry is.
@@ -55,9 +56,9 @@ pub struct Failure {
 /// Walks the directory at `root` (see the module docs); paths in failures are shown under
 /// `root`. Unreadable entries are reported and skipped; special files (sockets, FIFOs,
 /// devices) are skipped silently.
-pub fn walk(root: &Path) -> (Vec<Entry>, Vec<Failure>) {
+pub fn walk(root: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
     match Dir::open(root) {
-        Ok(dir) => walk_dir(&dir, root),
+        Ok(dir) => walk_dir(&dir, root, exclude),
         Err(e) => (
             Vec::new(),
             vec![Failure {
@@ -68,8 +69,9 @@ pub fn walk(root: &Path) -> (Vec<Entry>, Vec<Failure>) {
     }
 }
 
-/// [`walk`] of an open directory; `shown` is how its paths appear in failures.
-pub fn walk_dir(root: &Dir, shown: &Path) -> (Vec<Entry>, Vec<Failure>) {
+/// [`walk`] of an open directory; `shown` is how its paths appear in failures. What `exclude`
+/// names is left out (an excluded directory is not entered).
+pub fn walk_dir(root: &Dir, shown: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
     let mut entries = Vec::new();
     let mut failures = Vec::new();
     let mut pending = vec![PathBuf::new()];
@@ -91,6 +93,9 @@ pub fn walk_dir(root: &Dir, shown: &Path) -> (Vec<Entry>, Vec<Failure>) {
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, _) in names {
             let path = rel.join(&name);
+            if exclude.excludes(&path) {
+                continue;
+            }
             let stat = match dir.stat(&name) {
                 Ok(Some(stat)) => stat,
                 Ok(None) => continue,

@@ -137,6 +137,8 @@ pub struct Repo<S> {
     progress: Progress,
     /// Where push remembers the hashes of the files it read (none: it remembers nothing).
     hash_cache: Option<std::path::PathBuf>,
+    /// Paths a push leaves out.
+    exclude: crate::copy::exclude::Exclude,
 }
 
 fn now() -> u64 {
@@ -166,7 +168,14 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             jobs: jobs.max(1),
             progress: Progress::new(true),
             hash_cache: None,
+            exclude: Default::default(),
         }
+    }
+
+    /// Leaves the paths `exclude` names out of pushed versions.
+    pub fn with_exclude(mut self, exclude: crate::copy::exclude::Exclude) -> Repo<S> {
+        self.exclude = exclude;
+        self
     }
 
     /// Lets push remember file hashes under `dir` (see [`super::hashcache`]), so a re-push

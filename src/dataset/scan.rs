@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::manifest::{Entry, EntryKind, link_stays_inside};
+use crate::copy::exclude::Exclude;
 use crate::copy::walk::{self, Kind};
 
 /// Why a directory cannot be pushed.
@@ -20,14 +21,14 @@ pub struct ScanError {
 /// Walks `root` into manifest entries sorted by path, reading no file: files have no SHA-256
 /// yet. Everything a manifest could not describe safely is refused here, before any body is
 /// read or sent.
-pub fn walk_tree(root: &Path) -> Result<Vec<Entry>, ScanError> {
+pub fn walk_tree(root: &Path, exclude: &Exclude) -> Result<Vec<Entry>, ScanError> {
     if !root.is_dir() {
         return Err(ScanError {
             path: root.to_owned(),
             reason: "not a directory".into(),
         });
     }
-    let (walked, failures) = walk::walk(root);
+    let (walked, failures) = walk::walk(root, exclude);
     if let Some(failure) = failures.into_iter().next() {
         return Err(ScanError {
             path: failure.path,
@@ -121,7 +122,7 @@ impl<R: std::io::Read> std::io::Read for Counted<R> {
 
 /// Scans `root`: manifest entries sorted by path, every file hashed, on `jobs` threads.
 pub fn scan(root: &Path, jobs: usize) -> Result<Vec<Entry>, ScanError> {
-    let mut entries = walk_tree(root)?;
+    let mut entries = walk_tree(root, &Exclude::default())?;
     let hashes = crate::copy::parallel(&entries, jobs, |entry| match entry.kind {
         EntryKind::File => read_body(&root.join(&entry.path), entry.size, 0).map(Some),
         _ => Ok(None),

@@ -42,8 +42,8 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 ));
             }
         }
-        let root = dir.to_owned();
-        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root))
+        let (root, exclude) = (dir.to_owned(), self.exclude.clone());
+        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??;
         let parent = self.resolve(name, &Selector::Latest).await.ok();
