@@ -320,4 +320,36 @@ fn a_bucket_lists_its_datasets_and_a_pull_says_what_it_left_or_removes_it() {
         .map(|e| e["path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, ["sub", "sub/a"]);
+
+    // A re-push of the same tree makes no version and says its message was not recorded.
+    let again = push(
+        &data,
+        &config,
+        &src,
+        "texts",
+        &["--exclude", ".git", "--exclude", "*.tmp", "-m", "retrained"],
+    );
+    assert_eq!(again["unchanged"], true);
+    assert_eq!(again["version"], "v1");
+    assert_eq!(again["message_not_recorded"], "retrained");
+    let text = lanes(
+        &data,
+        &config,
+        &[
+            "push",
+            src.to_str().unwrap(),
+            "texts",
+            "--exclude",
+            ".git",
+            "--exclude",
+            "*.tmp",
+            "-m",
+            "x",
+        ],
+    );
+    let said = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        said.contains("unchanged") && said.contains("NOT recorded"),
+        "{said}"
+    );
 }

@@ -347,6 +347,23 @@ fn buckets_table(buckets: &Buckets) -> Output {
 
 /// One line saying what a push made and what it uploaded.
 fn push_summary(name: &str, report: &crate::dataset::repo::PushReport) -> String {
+    if report.unchanged {
+        let mut text = format!(
+            "{name}:{} unchanged — the tree is that version's ({} files, {}); no new version\n",
+            report.version,
+            report.files,
+            human(report.bytes)
+        );
+        if let Some(message) = &report.message_not_recorded {
+            text.push_str(&format!(
+                "the message {} was NOT recorded; {name}:{} keeps {}\n",
+                crate::text::shown(message),
+                report.version,
+                crate::text::shown(report.kept_message.as_deref().unwrap_or_default())
+            ));
+        }
+        return text;
+    }
     format!(
         "{name}:{} {} — {} files, {}; uploaded {} new bodies ({})\n",
         report.version,

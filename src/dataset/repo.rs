@@ -100,7 +100,7 @@ pub struct VersionRow {
 }
 
 /// What a push did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PushReport {
     pub version: String,
     pub committed: bool,
@@ -108,6 +108,16 @@ pub struct PushReport {
     pub bytes: u64,
     pub bodies_uploaded: usize,
     pub bytes_uploaded: u64,
+    /// The tree was the latest version's: no version was made, `version` is that one.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
+    /// With `unchanged`: the push's message, which no version records (the existing
+    /// version keeps its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_not_recorded: Option<String>,
+    /// With `unchanged`: the message the existing version has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_message: Option<String>,
 }
 
 /// What a pull did.

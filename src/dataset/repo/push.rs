@@ -82,6 +82,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 bytes: parent.size(),
                 bodies_uploaded: 0,
                 bytes_uploaded: 0,
+                unchanged: true,
+                message_not_recorded: (!message.is_empty() && message != parent.message)
+                    .then(|| message.to_owned()),
+                kept_message: Some(parent.message.clone()),
             });
         }
         let parent = parent.map(|m| m.version);
@@ -107,6 +111,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             bytes: manifest.size(),
             bodies_uploaded: uploaded,
             bytes_uploaded,
+            ..Default::default()
         })
     }
 
