@@ -10,10 +10,11 @@ async fn main() -> std::process::ExitCode {
     let cli = lanes::cli::Cli::parse();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
-            // The NFS client's own chatter (every connection at INFO) stays out: Lanes
-            // reports each NFS failure itself, naming the server.
+            // The NFS client's chatter (every connection at INFO) and the AWS credential
+            // chain's per-provider warnings stay out: Lanes reports each such failure itself,
+            // naming the server or saying which settings to give.
             EnvFilter::try_from_env("LANES_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,nfs_rs=error")),
+                .unwrap_or_else(|_| EnvFilter::new("info,nfs_rs=error,aws_config=error")),
         )
         .with_writer(std::io::stderr);
     match cli.log_format {

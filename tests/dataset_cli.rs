@@ -353,3 +353,80 @@ fn a_bucket_lists_its_datasets_and_a_pull_says_what_it_left_or_removes_it() {
         "{said}"
     );
 }
+
+/// A stand-in for the EC2 instance metadata service: records each request line, hands out a
+/// session token, and answers 404 to everything else (no region, no role).
+fn fake_imds() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_ok() {
+                record.lock().unwrap().push(line.trim().to_owned());
+            }
+            // The rest of the headers, then the answer.
+            let mut header = String::new();
+            while reader.read_line(&mut header).is_ok_and(|n| n > 2) {
+                header.clear();
+            }
+            let answer: &[u8] = if line.starts_with("PUT /latest/api/token") {
+                b"HTTP/1.1 200 OK\r\nx-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\
+                  content-length: 5\r\n\r\ntoken"
+            } else {
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+            };
+            let _ = (&stream).write_all(answer);
+        }
+    });
+    (address, seen)
+}
+
+#[test]
+fn an_s3_bucket_without_credentials_says_what_to_set_and_never_asks_metadata_for_its_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lanes.yaml");
+    std::fs::write(
+        &config,
+        "datasets:\n  default_bucket: cold\n  buckets:\n    cold: {dataset_path: \"s3://bkt/p\", \
+         region: eu-west-1, endpoint: \"http://127.0.0.1:1\"}\n",
+    )
+    .unwrap();
+    let (imds, seen) = fake_imds();
+    let output = Command::new(env!("CARGO_BIN_EXE_lanes"))
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "dataset",
+            "ls",
+            "cold/",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .env("HOME", dir.path())
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("no S3 credentials were found"), "{said}");
+    assert!(said.contains("credentials: {secretName"), "{said}");
+    assert!(
+        !said.contains("WARN") && !said.contains("DispatchFailure"),
+        "{said}"
+    );
+    let requests = seen.lock().unwrap().clone();
+    assert!(
+        !requests.is_empty(),
+        "the credential chain did not reach the stand-in metadata service"
+    );
+    assert!(
+        !requests.iter().any(|r| r.contains("placement/region")),
+        "asked instance metadata for a region the bucket names: {requests:?}"
+    );
+}

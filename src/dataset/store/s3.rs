@@ -107,7 +107,7 @@ impl S3Store {
                 .clone()
                 .unwrap_or_else(|| "us-east-1".into()),
         );
-        let mut config = aws_sdk_s3::config::Builder::new().region(region);
+        let mut config = aws_sdk_s3::config::Builder::new().region(region.clone());
         match (&settings.credentials, &settings.secret) {
             (Some((id, secret)), _) => {
                 config = config.credentials_provider(aws_sdk_s3::config::Credentials::new(
@@ -118,7 +118,10 @@ impl S3Store {
                 config = config.credentials_provider(secret.clone());
             }
             (None, None) => {
+                // With the bucket's region given, the chain never asks instance metadata for
+                // one (it still tries instance credentials last, as on EC2 nodes it should).
                 let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(region.clone())
                     .load()
                     .await;
                 if let Some(provider) = shared.credentials_provider() {
@@ -271,6 +274,19 @@ fn remote<E: std::error::Error + Send + Sync + 'static>(
     key: &str,
     err: SdkError<E>,
 ) -> Error {
+    if lacks_credentials(&err) {
+        return Error::Remote {
+            what,
+            key: key.to_owned(),
+            message: "no S3 credentials were found (tried AWS_ACCESS_KEY_ID / \
+                      AWS_SECRET_ACCESS_KEY, AWS profiles, web identity, container and instance \
+                      credentials): give the bucket `credentials: {secretName: NAME}` (a Secret \
+                      holding access_key_id and access_key), or set AWS_ACCESS_KEY_ID and \
+                      AWS_SECRET_ACCESS_KEY"
+                .into(),
+            unavailable: false,
+        };
+    }
     let unavailable = matches!(
         err,
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)
@@ -281,6 +297,24 @@ fn remote<E: std::error::Error + Send + Sync + 'static>(
         message: DisplayErrorContext(&err).to_string(),
         unavailable,
     }
+}
+
+/// Whether the request failed because no credential provider had any.
+fn lacks_credentials<E: std::error::Error + 'static>(err: &SdkError<E>) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(credentials) =
+            e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+        {
+            return matches!(
+                credentials,
+                aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_)
+                    | aws_credential_types::provider::error::CredentialsError::ProviderError(_)
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn status<E>(err: &SdkError<E>) -> Option<u16> {
