@@ -430,3 +430,68 @@ fn an_s3_bucket_without_credentials_says_what_to_set_and_never_asks_metadata_for
         "asked instance metadata for a region the bucket names: {requests:?}"
     );
 }
+
+#[test]
+fn gc_removes_only_bodies_no_version_names_and_only_old_enough_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let config = root.join("lanes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "datasets:\n  default_bucket: team\n  buckets:\n    team: {{dataset_path: \"file://{}/team\"}}\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let data = root.join("data");
+    let src = root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("kept"), b"in v1").unwrap();
+    ok_json(lanes(&data, &config, &["--json", "create", "ds"]));
+    push(&data, &config, &src, "ds", &[]);
+    // An open version with a body of its own, then removed: that body is named by nothing.
+    std::fs::write(src.join("dropped"), b"only in v2").unwrap();
+    push(&data, &config, &src, "ds", &["--no-commit"]);
+    ok_json(lanes(&data, &config, &["--json", "rm", "ds:v2"]));
+    let bodies = || {
+        let mut all = Vec::new();
+        let mut pending = vec![root.join("team/blobs")];
+        while let Some(d) = pending.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                match e.file_type().unwrap().is_dir() {
+                    true => pending.push(e.path()),
+                    false => all.push(e.path()),
+                }
+            }
+        }
+        all.len()
+    };
+    assert_eq!(bodies(), 2);
+
+    // Young bodies stay by default (a push may still be uploading them).
+    let young = ok_json(lanes(&data, &config, &["--json", "gc"]));
+    assert_eq!(young["too_young"], 1);
+    assert_eq!(young["unreferenced"], serde_json::json!([]));
+    // A dry run lists and keeps; a run removes exactly that body.
+    let planned = ok_json(lanes(
+        &data,
+        &config,
+        &["--json", "gc", "--min-age", "0s", "--dry-run"],
+    ));
+    assert_eq!(planned["unreferenced"].as_array().unwrap().len(), 1);
+    assert_eq!(planned["referenced"], 1);
+    assert_eq!(bodies(), 2);
+    let text = lanes(&data, &config, &["gc", "team", "--min-age", "0s"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("removed 1 bodies"));
+    assert_eq!(bodies(), 1);
+    let out = root.join("out");
+    ok_json(lanes(
+        &data,
+        &config,
+        &["--json", "pull", "ds", out.to_str().unwrap()],
+    ));
+    assert_eq!(std::fs::read(out.join("kept")).unwrap(), b"in v1");
+    let bad = lanes(&data, &config, &["gc", "--min-age", "5w"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("s, m, h or d"));
+}

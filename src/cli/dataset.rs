@@ -63,6 +63,11 @@ pub enum Command {
     Resolve {
         reference: String,
     },
+    Gc {
+        bucket: Option<String>,
+        dry_run: bool,
+        min_age: std::time::Duration,
+    },
 }
 
 async fn repo_for(bucket: &Bucket, jobs: usize) -> anyhow::Result<Repo<BucketStore>> {
@@ -114,6 +119,32 @@ pub async fn run(
     };
     Ok(match command {
         Command::Buckets => buckets_table(buckets),
+        Command::Gc {
+            bucket,
+            dry_run,
+            min_age,
+        } => {
+            let report = open(bucket.as_deref()).await?.gc(min_age, dry_run).await?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            let mut text = String::new();
+            if dry_run {
+                for key in &report.unreferenced {
+                    text.push_str(&format!("would remove {key}\n"));
+                }
+            }
+            text.push_str(&format!(
+                "{verb} {} bodies no version names; kept {} named and {} unnamed but younger \
+                 than {}s\n",
+                report.unreferenced.len(),
+                report.referenced,
+                report.too_young,
+                min_age.as_secs()
+            ));
+            Output {
+                json: json!(report),
+                text,
+            }
+        }
         Command::Create { name, description } => {
             let (bucket, name, selector) = stored(&name)?;
             if selector != Selector::Latest {

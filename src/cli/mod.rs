@@ -214,6 +214,37 @@ pub enum DatasetCommand {
         /// [BUCKET/]NAME[:vN|:TAG], or git+https://HOST/REPO[@REF].
         reference: String,
     },
+    /// Remove the bucket's bodies that no version (committed or not) names.
+    Gc {
+        /// The bucket (default: the default bucket).
+        bucket: Option<String>,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unnamed bodies younger than this (`90s`, `30m`, `12h`, `7d`): a push names
+        /// its bodies only when it ends, so this must exceed your longest push.
+        #[arg(long, default_value = "7d", value_parser = parse_age)]
+        min_age: std::time::Duration,
+    },
+}
+
+/// `90s`, `30m`, `12h`, `7d` (a bare number: seconds).
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not an age like 90s, 30m, 12h or 7d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(number.saturating_mul(scale)))
 }
 
 #[derive(Debug, Args)]
@@ -488,6 +519,15 @@ async fn run_dataset(
         },
         DatasetCommand::Rm { reference } => C::Rm { reference },
         DatasetCommand::Resolve { reference } => C::Resolve { reference },
+        DatasetCommand::Gc {
+            bucket,
+            dry_run,
+            min_age,
+        } => C::Gc {
+            bucket,
+            dry_run,
+            min_age,
+        },
     };
     let output = dataset::run(command, &buckets, args.jobs.max(1), args.json).await?;
     if args.json {

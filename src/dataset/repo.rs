@@ -22,7 +22,10 @@ use super::store::{self, ObjectStore};
 use crate::copy::progress::Progress;
 use crate::error::Kind;
 
+mod gc;
 mod pull;
+
+pub use gc::GcReport;
 mod push;
 
 /// Failures of dataset operations.

@@ -174,6 +174,11 @@ impl ObjectStore for FsStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let keys = self.list_modified(prefix).await?;
+        Ok(keys.into_iter().map(|(key, _)| key).collect())
+    }
+
+    async fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let dir = self.path(prefix)?;
         let prefix = prefix.trim_end_matches('/').to_owned();
         blocking("list", &prefix.clone(), move || {
@@ -194,7 +199,13 @@ impl ObjectStore for FsStore {
                     if kind.is_dir() {
                         pending.push((entry.path(), child));
                     } else if kind.is_file() {
-                        keys.push(child);
+                        let modified = entry
+                            .metadata()?
+                            .modified()?
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs();
+                        keys.push((child, modified));
                     }
                 }
             }

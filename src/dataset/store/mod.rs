@@ -85,6 +85,11 @@ pub trait ObjectStore: Send + Sync {
     fn exists(&self, key: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Keys under `prefix` (a directory-like prefix ending in '/'), in ascending order.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// [`ObjectStore::list`] with each object's last modification (seconds since the epoch).
+    fn list_modified(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<(String, u64)>>> + Send;
     /// Removes an object; removing a missing object succeeds.
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
 }
@@ -141,6 +146,9 @@ impl ObjectStore for BucketStore {
     }
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         delegate!(self, s => s.list(prefix))
+    }
+    async fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        delegate!(self, s => s.list_modified(prefix))
     }
     async fn delete(&self, key: &str) -> Result<()> {
         delegate!(self, s => s.delete(key))

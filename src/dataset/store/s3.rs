@@ -417,6 +417,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let keys = self.list_modified(prefix).await?;
+        Ok(keys.into_iter().map(|(key, _)| key).collect())
+    }
+
+    async fn list_modified(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let full = self.key(prefix)?;
         let strip = if self.prefix.is_empty() {
             String::new()
@@ -435,7 +440,8 @@ impl ObjectStore for S3Store {
             let page = page.map_err(|e| remote("list", prefix, e))?;
             for object in page.contents() {
                 if let Some(key) = object.key().and_then(|k| k.strip_prefix(&strip)) {
-                    keys.push(key.to_owned());
+                    let modified = object.last_modified().map_or(0, |t| t.secs().max(0) as u64);
+                    keys.push((key.to_owned(), modified));
                 }
             }
         }
