@@ -494,4 +494,14 @@ fn gc_removes_only_bodies_no_version_names_and_only_old_enough_ones() {
     assert_eq!(std::fs::read(out.join("kept")).unwrap(), b"in v1");
     let bad = lanes(&data, &config, &["gc", "--min-age", "5w"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("s, m, h or d"));
+
+    // A missing directory says so; a file where a directory belongs says that.
+    let missing = lanes(&data, &config, &["push", "/nonexistent/tree", "ds"]);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/tree: it does not exist")
+    );
+    let file = root.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let not_dir = lanes(&data, &config, &["pull", "ds", file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&not_dir.stderr).contains("is not a directory"));
 }

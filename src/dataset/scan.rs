@@ -22,11 +22,26 @@ pub struct ScanError {
 /// yet. Everything a manifest could not describe safely is refused here, before any body is
 /// read or sent.
 pub fn walk_tree(root: &Path, exclude: &Exclude) -> Result<Vec<Entry>, ScanError> {
-    if !root.is_dir() {
-        return Err(ScanError {
-            path: root.to_owned(),
-            reason: "not a directory".into(),
-        });
+    match std::fs::metadata(root) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(ScanError {
+                path: root.to_owned(),
+                reason: "not a directory".into(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ScanError {
+                path: root.to_owned(),
+                reason: "it does not exist".into(),
+            });
+        }
+        Err(e) => {
+            return Err(ScanError {
+                path: root.to_owned(),
+                reason: e.to_string(),
+            });
+        }
     }
     let (walked, failures) = walk::walk(root, exclude);
     if let Some(failure) = failures.into_iter().next() {

@@ -64,6 +64,12 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         delete_extra: bool,
     ) -> Result<PullReport> {
         let manifest = self.resolve(name, selector).await?;
+        if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a directory; pull into a directory",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let root = Arc::new(Dir::open(dir).map_err(io(format!("open {}", dir.display())))?);
         let mut dirs: Vec<Entry> = manifest
