@@ -497,8 +497,9 @@ async fn the_node_mounts_the_export_once_recovers_stale_mounts_and_kills_hung_he
         })
         .await;
     assert!(stats.is_ok(), "{stats:?}");
+    // Well inside the hung mount's 4 s deadline: it did not wait for it.
     assert!(
-        healthy.elapsed() < Duration::from_secs(2),
+        healthy.elapsed() < Duration::from_secs(3),
         "{:?}",
         healthy.elapsed()
     );
