@@ -127,7 +127,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             + 1;
         loop {
             manifest.version = format!("v{next}");
-            let body = serde_json::to_vec_pretty(&*manifest).expect("serializable");
+            let body = serde_json::to_vec(&*manifest).expect("serializable");
             if self
                 .store
                 .put_if_absent(&format!("datasets/{name}/versions/v{next}.json"), body)
