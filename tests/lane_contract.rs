@@ -69,6 +69,11 @@ async fn bytes(c: &mut Clients, id: &str, path: &Path) -> VolumeUsage {
         .unwrap()
 }
 
+/// One contract at a time (each test takes its turn before its setup): a lane's setup (a
+/// server in a private mount namespace, a loop device) must not see another lane's volumes
+/// mid-test.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The contract itself.
 async fn contract(setup: Setup) {
     let plugin = match &setup.data_dir {
@@ -281,6 +286,7 @@ async fn contract(setup: Setup) {
 
 #[tokio::test]
 async fn the_local_lane_on_a_plain_directory() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     if !privileged("lane contract: local") {
         return;
     }
@@ -353,6 +359,7 @@ impl Drop for Btrfs {
 
 #[tokio::test]
 async fn the_local_lane_on_btrfs_with_quotas() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     if !privileged("lane contract: local on btrfs") {
         return;
     }
@@ -380,6 +387,7 @@ async fn the_local_lane_on_btrfs_with_quotas() {
 
 #[tokio::test]
 async fn the_fast_rwo_lane_with_xfs() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     if !privileged("lane contract: fast-rwo") {
         return;
     }
@@ -398,6 +406,7 @@ async fn the_fast_rwo_lane_with_xfs() {
 
 #[tokio::test]
 async fn the_shared_rwx_lane_on_juicefs() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let test = "lane contract: shared-rwx";
     if !privileged(test) {
         return;
@@ -431,6 +440,7 @@ async fn the_shared_rwx_lane_on_juicefs() {
 
 /// The legacy-rwx contract, the node mounting the export (`export`) or each volume (`volume`).
 async fn legacy_rwx(mount: &str) {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let test = format!("lane contract: legacy-rwx, mount: {mount}");
     let Some(server) = common::nfs::Ganesha::start(&test) else {
         return;

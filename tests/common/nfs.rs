@@ -142,8 +142,14 @@ impl Ganesha {
     pub fn resume(&mut self) {
         assert!(self.server.is_none(), "ganesha is running already");
         let dir = self.dir.path();
+        // The private mount namespace (for rpcbind's own /run) starts as a copy of every mount
+        // there is, other tests' volumes included; copies the server does not need are let
+        // go at once, or they would keep those volumes' filesystems (and loop devices) busy
+        // after the tests unmount them.
         let script = format!(
-            "mount -t tmpfs tmpfs /run && mkdir -p /run/rpcbind && rpcbind -w -f & \
+            "awk '$5 ~ \"^/tmp/\" {{print $5}}' /proc/self/mountinfo | sort -r | \
+             xargs -r -n1 umount -l 2>/dev/null; \
+             mount -t tmpfs tmpfs /run && mkdir -p /run/rpcbind && rpcbind -w -f & \
              sleep 0.2; exec ganesha.nfsd -F -f {conf} -L {log} -p {pid} -N NIV_WARN",
             conf = dir.join("ganesha.conf").display(),
             log = dir.join("ganesha.log").display(),
