@@ -102,6 +102,17 @@ pub(super) fn extras(
     exclude: &super::exclude::Exclude,
 ) -> Vec<PathBuf> {
     let wanted: HashSet<&Path> = entries.iter().map(|e| e.rel.as_path()).collect();
+    beyond(&wanted, dst, shown, exclude)
+}
+
+/// What `dst` holds beyond the `wanted` paths, outermost only, links never followed,
+/// temporaries not counted; `shown` is how `dst` appears in messages.
+pub(crate) fn beyond(
+    wanted: &HashSet<&Path>,
+    dst: &Dir,
+    shown: &Path,
+    exclude: &super::exclude::Exclude,
+) -> Vec<PathBuf> {
     // Excluded paths are not walked, so never deleted.
     let (present, _) = walk::walk_dir(dst, shown, exclude);
     let mut extra: Vec<PathBuf> = Vec::new();
@@ -117,8 +128,8 @@ pub(super) fn extras(
     extra
 }
 
-/// Removes one extra (a file, a link, or a whole directory).
-pub(super) fn remove(dst: &Dir, rel: &Path) -> std::io::Result<()> {
+/// Removes one extra (a file, a link, or a whole directory), through `dst`'s descriptor.
+pub(crate) fn remove(dst: &Dir, rel: &Path) -> std::io::Result<()> {
     let parent = dst.walk(rel.parent().unwrap_or(Path::new("")))?;
     parent.remove_tree(rel.file_name().unwrap_or(OsStr::new(".")))
 }

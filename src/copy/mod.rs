@@ -10,7 +10,7 @@
 //!   written;
 //! - a file that cannot be read is reported by path and the rest is still copied.
 
-mod apply;
+pub(crate) mod apply;
 pub mod exclude;
 pub(crate) mod file;
 mod plan;

@@ -253,6 +253,70 @@ pub async fn require_mounted(
     })
 }
 
+/// A bind mount the node ledger holds: what is bound, where, and for which volume.
+#[derive(Debug)]
+pub struct RecordedBind<'a> {
+    pub source: PathBuf,
+    pub path: &'a Path,
+    pub volume: &'a str,
+}
+
+/// The binds the ledger holds for `records`: each staging path (a bind of the volume's
+/// directory, `data_of`; `None` skips the record) and each target (a bind of its staging
+/// path), a volume's staging paths before its targets, which are bound from them.
+pub fn recorded_binds<'a>(
+    records: &'a [VolumeRecord],
+    data_of: impl Fn(&super::VolumeId) -> Option<PathBuf>,
+) -> Vec<RecordedBind<'a>> {
+    let mut binds = Vec::new();
+    for record in records {
+        let Some(data) = super::VolumeId::parse(&record.volume_id)
+            .ok()
+            .and_then(|id| data_of(&id))
+        else {
+            continue;
+        };
+        let volume = record.volume_id.as_str();
+        for staged in &record.staged {
+            let (source, path) = (data.clone(), staged.path.as_path());
+            binds.push(RecordedBind {
+                source,
+                path,
+                volume,
+            });
+        }
+        for published in &record.published {
+            if let Some(staging) = &published.staging {
+                binds.push(RecordedBind {
+                    source: staging.clone(),
+                    path: &published.target,
+                    volume,
+                });
+            }
+        }
+    }
+    binds
+}
+
+/// Binds again each of `binds` that `stale` picks ([`replace`]), logging each outcome: a
+/// failure is retried by the next call or check.
+pub fn rebind_stale(
+    ctx: &NodeContext,
+    table: &[MountEntry],
+    binds: &[RecordedBind],
+    stale: impl Fn(&Path) -> bool,
+) {
+    for bind in binds.iter().filter(|b| stale(b.path)) {
+        let (volume, path) = (bind.volume, bind.path.display());
+        match replace(ctx, table, &bind.source, bind.path) {
+            Ok(()) => tracing::info!(volume, %path, "re-bound to the file system's new mount"),
+            Err(e) => {
+                tracing::warn!(volume, %path, error = %e, "re-binding failed; the next check retries")
+            }
+        }
+    }
+}
+
 /// Detaches the stale mounts at `path` (whose filesystem no longer answers: a dead FUSE
 /// process, a restarted NFS server) and binds `source` there with the flags the top one had.
 pub fn replace(

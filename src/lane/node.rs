@@ -230,12 +230,22 @@ impl NodeContext {
         T: Send + 'static,
         F: FnOnce() -> Result<T> + Send + 'static,
     {
-        match tokio::time::timeout(self.mount_timeout, tokio::task::spawn_blocking(f)).await {
+        self.blocking_within(what, self.mount_timeout, f).await
+    }
+
+    /// [`NodeContext::blocking`] under another deadline (work that may itself wait out a
+    /// mount deadline, then probe).
+    pub async fn blocking_within<T, F>(&self, what: &str, deadline: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        match tokio::time::timeout(deadline, tokio::task::spawn_blocking(f)).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => Err(NodeError::Internal(format!("{what} task failed: {e}"))),
             Err(_) => Err(NodeError::Unavailable(format!(
-                "{what} did not finish within {}s; the node's disk may be hung",
-                self.mount_timeout.as_secs()
+                "{what} did not finish within {}s; the node's disk or a server may be hung",
+                deadline.as_secs()
             ))),
         }
     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Advance, Error, Finish, PullReport, Repo, Result, blob_key, io};
+use crate::copy::apply;
 use crate::dataset::manifest::{Entry, EntryKind};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::hex;
@@ -138,6 +139,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             .filter(|e| e.kind == EntryKind::Symlink)
             .cloned()
             .collect();
+        let after = root.clone();
         blocking(move || {
             for entry in &links {
                 place_link(&root, entry)?;
@@ -145,16 +147,23 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             Ok(())
         })
         .await?;
-        let known: std::collections::HashSet<String> =
-            manifest.entries.iter().map(|e| e.path.clone()).collect();
-        let top = dir.to_owned();
+        let known: Vec<PathBuf> = manifest
+            .entries
+            .iter()
+            .map(|e| e.path.clone().into())
+            .collect();
+        let shown = dir.to_owned();
         let (extra, deleted) = blocking(move || {
-            let extra = extras(&top, &known).map_err(io(format!("list {}", top.display())))?;
+            let wanted = known.iter().map(PathBuf::as_path).collect();
+            let mut extra = apply::beyond(&wanted, &after, &shown, &Default::default());
+            extra.sort();
             if delete_extra {
                 for path in &extra {
-                    remove(&top.join(path)).map_err(io(format!("remove {path}")))?;
+                    apply::remove(&after, path)
+                        .map_err(io(format!("remove {}", path.display())))?;
                 }
             }
+            let extra: Vec<String> = extra.iter().map(|p| p.display().to_string()).collect();
             Ok((extra, delete_extra))
         })
         .await?;
@@ -163,41 +172,6 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             false => report.extra = extra,
         }
         Ok(report)
-    }
-}
-
-/// What `dir` holds beyond `known` (the version's paths), outermost first: a directory the
-/// version lacks is one entry, not its contents. Links are not followed.
-fn extras(dir: &Path, known: &std::collections::HashSet<String>) -> std::io::Result<Vec<String>> {
-    let mut found = Vec::new();
-    let mut pending = vec![String::new()];
-    while let Some(rel) = pending.pop() {
-        for entry in std::fs::read_dir(dir.join(&rel))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(crate::copy::file::TEMP_PREFIX) {
-                continue;
-            }
-            let path = match rel.is_empty() {
-                true => name,
-                false => format!("{rel}/{name}"),
-            };
-            if !known.contains(&path) {
-                found.push(path);
-            } else if entry.file_type()?.is_dir() {
-                pending.push(path);
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Removes `path` (a file, a link, or a directory and what it holds), never following a link.
-fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path)?.is_dir() {
-        true => std::fs::remove_dir_all(path),
-        false => std::fs::remove_file(path),
     }
 }
 

@@ -138,11 +138,12 @@ fn rebind(
     device: (u32, u32),
     records: &[VolumeRecord],
 ) {
-    let mut paths: Vec<&Path> = Vec::new();
-    for record in records {
-        paths.extend(record.staged.iter().map(|s| s.path.as_path()));
-        paths.extend(record.published.iter().map(|p| p.target.as_path()));
-    }
+    let binds = bind::recorded_binds(records, |id| {
+        (id.fs() == Some(fs.profile.as_str()))
+            .then(|| lane.data_path(id).ok())
+            .flatten()
+    });
+    let paths: Vec<&Path> = binds.iter().map(|b| b.path).collect();
     // A stat per path tells whether any is of another FUSE connection (or of none, ENOTCONN);
     // only then is the mount table read.
     let suspect = |path: &&Path| match probe(path) {
@@ -156,41 +157,11 @@ fn rebind(
     let Ok(table) = mountinfo::read_for(&paths) else {
         return;
     };
-    let stale = |path: &Path| {
+    bind::rebind_stale(ctx, &table, &binds, |path| {
         mountinfo::at(&table, path).last().is_some_and(|top| {
             top.fs_type.starts_with("fuse.juicefs") && (top.major, top.minor) != device
         })
-    };
-    for record in records {
-        let Ok(id) = VolumeId::parse(&record.volume_id) else {
-            continue;
-        };
-        if id.fs() != Some(fs.profile.as_str()) {
-            continue;
-        }
-        let Ok(data) = lane.data_path(&id) else {
-            continue;
-        };
-        let staged = record.staged.iter().map(|s| (data.as_path(), &s.path));
-        let published = record
-            .published
-            .iter()
-            .filter_map(|p| Some((p.staging.as_deref()?, &p.target)));
-        // Staging paths first: targets are bound from them.
-        for (source, path) in staged.chain(published) {
-            if !stale(path) {
-                continue;
-            }
-            match bind::replace(ctx, &table, source, path) {
-                Ok(()) => {
-                    tracing::info!(volume = %record.volume_id, path = %path.display(), "re-bound to the new JuiceFS mount")
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %record.volume_id, path = %path.display(), error = %e, "re-binding failed; the next check retries")
-                }
-            }
-        }
-    }
+    });
 }
 
 /// Waits until this process's mount enforces the quota of the volume at `data`: a statfs of a

@@ -73,6 +73,16 @@ impl Export {
         format!("{}/{}", self.config.prefix, id.dir())
     }
 
+    /// Where nodes that stage the volume keep their markers.
+    pub fn staged(&self, id: &VolumeId) -> String {
+        format!("{}/{STAGED}", self.volume(id))
+    }
+
+    /// The marker of node `node` (a safe name) for the volume.
+    pub fn marker(&self, id: &VolumeId, node: &str) -> String {
+        format!("{}/{node}", self.staged(id))
+    }
+
     fn meta_path(&self, id: &VolumeId) -> String {
         format!("{}/{}", self.volume(id), super::meta::FILE)
     }
@@ -258,7 +268,7 @@ impl NfsLane {
             // Not a volume (a record-less directory is not Lanes' to remove).
             return Ok(());
         };
-        let markers = format!("{}/{STAGED}", export.volume(id));
+        let markers = export.staged(id);
         let nodes: Vec<String> = (export.client.list(&markers).await?)
             .unwrap_or_default()
             .into_iter()

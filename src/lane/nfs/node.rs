@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use super::config::Scope;
 use super::mount::NodeExport;
-use super::{DATA, Export, LANE, STAGED};
+use super::{DATA, Export, LANE};
 use crate::lane::bind;
 use crate::lane::capability::{Access, Capability};
 use crate::lane::ledger::VolumeRecord;
@@ -90,16 +90,9 @@ impl NfsNode {
     {
         let ctx = self.ctx.clone();
         let deadline = self.ctx.mount_timeout + 2 * crate::mount::health::PROBE_DEADLINE;
-        match tokio::time::timeout(deadline, tokio::task::spawn_blocking(move || f(&ctx))).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(NodeError::Internal(format!(
-                "the legacy-rwx lane's task failed: {e}"
-            ))),
-            Err(_) => Err(NodeError::Unavailable(format!(
-                "the legacy-rwx lane did not finish within {}s; an NFS server may be hung",
-                deadline.as_secs()
-            ))),
-        }
+        self.ctx
+            .blocking_within("the legacy-rwx lane", deadline, move || f(&ctx))
+            .await
     }
 
     /// The volume's mount there and answering, stale binds of the volume (or, after a remount
@@ -174,13 +167,16 @@ impl NfsNode {
     async fn mark(&self, volume_id: &str) -> Result<()> {
         let id = VolumeId::parse(volume_id)?;
         let export = self.export(&id)?;
-        let client = &export.export.client;
-        let volume = export.export.volume(&id);
-        if client.stat(&format!("{volume}/{DATA}")).await? != Some(true) {
+        let (export, client) = (&export.export, &export.export.client);
+        if client
+            .stat(&format!("{}/{DATA}", export.volume(&id)))
+            .await?
+            != Some(true)
+        {
             return Err(Error::UnknownVolume(id.to_string()).into());
         }
-        client.mkdir(&format!("{volume}/{STAGED}"), 0o755).await?;
-        let marker = format!("{volume}/{STAGED}/{}", self.marker);
+        client.mkdir(&export.staged(&id), 0o755).await?;
+        let marker = export.marker(&id, &self.marker);
         let body = format!("{}\n", crate::lane::volumes::now_unix());
         client.write(&marker, body.as_bytes()).await?;
         Ok(())
@@ -190,7 +186,7 @@ impl NfsNode {
     /// Best effort: unstage must not wait on a dead server; a marker left behind makes the
     /// controller refuse the delete, saying which node and which file.
     async fn unmark(&self, export: &NodeExport, id: &VolumeId) {
-        let marker = format!("{}/{STAGED}/{}", export.export.volume(id), self.marker);
+        let marker = export.export.marker(id, &self.marker);
         let removed = tokio::time::timeout(
             crate::mount::health::PROBE_DEADLINE,
             export.export.client.remove(&marker, false),
@@ -253,53 +249,32 @@ impl NfsNode {
 /// longer answers. Probes run side by side, so many hung paths cost one probe deadline.
 /// Failures are logged: the next call or check retries.
 fn rebind(ctx: &NodeContext, export: &NodeExport, records: &[VolumeRecord]) {
-    let prefix = format!("{LANE}/{}/", export.profile());
-    let mut pairs: Vec<(PathBuf, PathBuf, &str)> = Vec::new();
-    for record in records.iter().filter(|r| r.volume_id.starts_with(&prefix)) {
-        let Ok(id) = VolumeId::parse(&record.volume_id) else {
-            continue;
-        };
-        let data = export.data_path(&id);
-        // Staging paths first: targets are bound from them.
-        for staged in &record.staged {
-            pairs.push((data.clone(), staged.path.clone(), &record.volume_id));
-        }
-        for published in &record.published {
-            if let Some(staging) = &published.staging {
-                pairs.push((staging.clone(), published.target.clone(), &record.volume_id));
-            }
-        }
-    }
-    let stale: Vec<bool> = std::thread::scope(|scope| {
-        let probes: Vec<_> = pairs
+    let binds = bind::recorded_binds(records, |id| {
+        (id.lane() == LANE && id.fs() == Some(export.profile())).then(|| export.data_path(id))
+    });
+    let stale: std::collections::HashSet<&Path> = std::thread::scope(|scope| {
+        let probes: Vec<_> = binds
             .iter()
-            .map(|(_, path, _)| scope.spawn(move || matches!(probe(path), Err(Probe::Failed(_)))))
+            .map(|b| {
+                scope
+                    .spawn(move || matches!(probe(b.path), Err(Probe::Failed(_))).then_some(b.path))
+            })
             .collect();
         probes
             .into_iter()
-            .map(|p| p.join().unwrap_or(false))
+            .filter_map(|p| p.join().ok().flatten())
             .collect()
     });
-    if !stale.iter().any(|s| *s) {
+    if stale.is_empty() {
         return;
     }
-    let paths: Vec<&Path> = pairs.iter().map(|(_, path, _)| path.as_path()).collect();
+    let paths: Vec<&Path> = binds.iter().map(|b| b.path).collect();
     let Ok(table) = mountinfo::read_for(&paths) else {
         return;
     };
-    for ((source, path, volume), stale) in pairs.iter().zip(stale) {
-        if !stale || mountinfo::at(&table, path).is_empty() {
-            continue;
-        }
-        match bind::replace(ctx, &table, source, path) {
-            Ok(()) => {
-                tracing::info!(volume, path = %path.display(), "re-bound to the new NFS mount")
-            }
-            Err(e) => {
-                tracing::warn!(volume, path = %path.display(), error = %e, "re-binding failed; the next check retries")
-            }
-        }
-    }
+    bind::rebind_stale(ctx, &table, &binds, |path| {
+        stale.contains(path) && !mountinfo::at(&table, path).is_empty()
+    });
 }
 
 #[async_trait::async_trait]
