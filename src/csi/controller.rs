@@ -230,10 +230,20 @@ impl Controller for ControllerService {
                 }
                 let kind = profile.lane;
                 let lane = self.0.controllers.get(kind.as_str()).ok_or_else(|| {
+                    let provisioner = if kind.node_local() {
+                        "each node's plugin provisions it: name the node-local driver \
+                         (`lanes node --local-driver-name`, default local.lanes.csi.dev) as \
+                         its StorageClass's provisioner"
+                    } else {
+                        "the controller Deployment provisions it: name the shared driver \
+                         (default lanes.csi.dev) as its StorageClass's provisioner"
+                    };
                     Status::invalid_argument(format!(
-                        "profile {} is on lane {}, which this controller does not serve",
+                        "profile {} is on lane {}, which driver {} does not provision here; {}",
                         params.profile,
-                        kind.as_str()
+                        kind.as_str(),
+                        self.0.driver_name,
+                        provisioner
                     ))
                 })?;
                 tracing::Span::current().record("lane", lane.kind());
@@ -499,11 +509,14 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         self.0
             .call("ControllerGetCapabilities", async {
+                // Where the node grows its volumes itself, the resizer is told there is no
+                // controller step (it then only records the new size and leaves the rest to
+                // kubelet's NodeExpandVolume).
+                let expand = (!self.0.expand_at_node).then_some(rpc::Type::ExpandVolume);
                 let capabilities = [
                     rpc::Type::CreateDeleteVolume,
                     rpc::Type::ListVolumes,
                     rpc::Type::GetCapacity,
-                    rpc::Type::ExpandVolume,
                     rpc::Type::VolumeCondition,
                     rpc::Type::GetVolume,
                     rpc::Type::SingleNodeMultiWriter,
@@ -512,6 +525,7 @@ impl Controller for ControllerService {
                     rpc::Type::CloneVolume,
                 ]
                 .into_iter()
+                .chain(expand)
                 .map(|kind| ControllerServiceCapability {
                     r#type: Some(controller_service_capability::Type::Rpc(Rpc {
                         r#type: kind as i32,

@@ -39,11 +39,21 @@ pub struct Roles {
     pub node: bool,
 }
 
-/// State shared by the services of one plugin process. Built once at start-up.
+/// The driver name a node plugin's node-local lanes answer to (see `lanes node
+/// --local-endpoint`).
+pub const DEFAULT_LOCAL_DRIVER_NAME: &str = "local.lanes.csi.dev";
+
+/// State shared by the services of one plugin socket. Built once at start-up; a node plugin
+/// that also provisions its node-local lanes serves a second socket from a copy that shares
+/// every lane, guard and cache, and differs in name, roles and controller lanes.
+#[derive(Clone)]
 pub struct Plugin {
     pub driver_name: String,
     pub node_id: String,
     pub roles: Roles,
+    /// NodeExpandVolume grows the volume itself (the controller half runs on the node, and
+    /// ControllerExpandVolume is not offered): the node-local driver's socket.
+    pub expand_at_node: bool,
     /// The controller lanes (controller role).
     pub controllers: crate::lane::ControllerLanes,
     pub mounter: Arc<dyn Mounter>,

@@ -27,6 +27,26 @@ use crate::text::Shown;
 pub struct NodeService(pub Arc<Plugin>);
 
 impl NodeService {
+    /// On the node-local driver's socket, the controller half of an expansion (a bigger disk
+    /// image, a higher quota) runs here, before the node half: no ControllerExpandVolume
+    /// comes (see ControllerGetCapabilities). Growing is idempotent and never shrinks, so a
+    /// repeat, or a call without a capacity range, leaves the volume as it is.
+    async fn grow_here(&self, volume_id: &str, range: Option<CapacityRange>) -> Result<(), Status> {
+        let Some(range) = range.filter(|_| self.0.expand_at_node) else {
+            return Ok(());
+        };
+        let id = VolumeId::parse(volume_id)?;
+        let Some(controller) = self.0.controllers.get(id.lane()) else {
+            return Ok(());
+        };
+        let range = crate::lane::Range {
+            required: range.required_bytes,
+            limit: range.limit_bytes,
+        };
+        controller.expand(&id, range).await?;
+        Ok(())
+    }
+
     /// Checks a path named by the request (see [`crate::mount::safe`]), links refused up front.
     fn request_path(&self, field: &'static str, text: &str) -> Result<RequestPath, Status> {
         let path = self.0.confinement.check(field, text)?;
@@ -248,6 +268,7 @@ impl Node for NodeService {
                     Self::access(lane, &capability)?;
                 }
                 let _guard = self.0.guard(&req.volume_id)?;
+                self.grow_here(&req.volume_id, req.capacity_range).await?;
                 let capacity = lane.expand(&req.volume_id, &path).await?;
                 Ok(NodeExpandVolumeResponse {
                     capacity_bytes: crate::lane::to_wire(capacity),

@@ -43,6 +43,7 @@ use crate::lane::nfs::NfsLane;
 use crate::lane::nfs::controller::NfsController;
 use crate::lane::nfs::node::NfsNode;
 use crate::lane::node::{NodeContext, NodeLane};
+use crate::lane::profile::{LaneKind, LaneScope};
 use crate::lane::{ControllerLanes, NodeLanes};
 use crate::metrics::Metrics;
 use crate::mount::linux::LinuxMounter;
@@ -61,6 +62,20 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub config: Config,
     pub metrics_address: Option<SocketAddr>,
+    /// Which lanes the controller role provisions.
+    pub lanes: LaneScope,
+    /// A node plugin's second socket, for its node-local lanes.
+    pub local: Option<LocalSocket>,
+}
+
+/// The socket on which a node plugin provisions and serves its node-local lanes (local,
+/// fast-rwo) under a driver name of their own: a csi-provisioner with `--node-deployment`
+/// beside it sends the CreateVolume calls of its node here, so quotas, loop devices and mkfs
+/// happen in the privileged node plugin, on the disk they are about.
+#[derive(Debug, Clone)]
+pub struct LocalSocket {
+    pub endpoint: String,
+    pub driver_name: String,
 }
 
 /// Why the plugin could not start or stopped abnormally.
@@ -231,12 +246,37 @@ async fn shutdown_signal() {
 /// Opens the lanes and serves the requested roles until a shutdown signal.
 pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
     let socket = socket_path(&options.endpoint)?;
+    let local_socket = match &options.local {
+        Some(local) => Some(socket_path(&local.endpoint)?),
+        None => None,
+    };
     std::fs::create_dir_all(&options.data_dir).map_err(|source| ServeError::Io {
         context: format!("create data dir {}", options.data_dir.display()),
         source,
     })?;
-    let _held = lock_data_dir(&options.data_dir, options.roles)?;
-    let plugin = Arc::new(build(&options, &socket)?);
+    // A node plugin provisioning its node-local lanes is their controller too.
+    let held = Roles {
+        controller: options.roles.controller || options.local.is_some(),
+        node: options.roles.node,
+    };
+    let _held = lock_data_dir(&options.data_dir, held)?;
+    let uncovered = [Some(&socket), local_socket.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|path| path.parent().map(Path::to_owned));
+    let plugin = Arc::new(build(&options, uncovered.collect())?);
+    let local_plugin = options.local.as_ref().map(|local| {
+        Arc::new(Plugin {
+            driver_name: local.driver_name.clone(),
+            roles: Roles {
+                controller: true,
+                node: true,
+            },
+            expand_at_node: true,
+            controllers: plugin.controllers.clone().only(LaneScope::NodeLocal),
+            ..Plugin::clone(&plugin)
+        })
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(address) = options.metrics_address {
         let listener = tokio::net::TcpListener::bind(address)
@@ -260,20 +300,42 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         );
     }
     let (listener, socket_id) = bind(&socket)?;
-    tracing::info!(
-        endpoint = %socket.display(),
-        driver = %options.driver_name,
-        node = %options.node_id,
-        controller = options.roles.controller,
-        node_service = options.roles.node,
-        "serving CSI"
-    );
-    let served = serve(plugin, listener).await;
+    announce(&socket, &plugin);
+    let served = match (local_plugin, &local_socket) {
+        (Some(local_plugin), Some(local_socket)) => {
+            let (local_listener, local_id) = match bind(local_socket) {
+                Ok(bound) => bound,
+                Err(e) => {
+                    remove_own_socket(&socket, socket_id);
+                    return Err(e);
+                }
+            };
+            announce(local_socket, &local_plugin);
+            let (main, local) =
+                tokio::join!(serve(plugin, listener), serve(local_plugin, local_listener));
+            remove_own_socket(local_socket, local_id);
+            main.and(local)
+        }
+        _ => serve(plugin, listener).await,
+    };
     let _ = stop_tx.send(true);
     remove_own_socket(&socket, socket_id);
     served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs what one socket serves.
+fn announce(socket: &Path, plugin: &Plugin) {
+    tracing::info!(
+        endpoint = %socket.display(),
+        driver = %plugin.driver_name,
+        node = %plugin.node_id,
+        controller = plugin.roles.controller,
+        node_service = plugin.roles.node,
+        lanes = ?plugin.controllers,
+        "serving CSI"
+    );
 }
 
 /// How often the node checks that the JuiceFS mounts its volumes use still answer.
@@ -283,7 +345,7 @@ const NFS_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The plugin's shared state: the lanes (controller and node halves), the dataset cache (node
 /// role), and what the edge needs.
-fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
+fn build(options: &ServeOptions, uncovered: Vec<PathBuf>) -> Result<Plugin, ServeError> {
     let lane = LocalLane::open(
         &options.data_dir,
         &options.node_id,
@@ -295,7 +357,9 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         options.config.local.clone(),
         options.config.profiles.clone(),
     )?;
-    if options.roles.controller {
+    let provisions_here = (options.roles.controller && options.lanes.serves(LaneKind::Local))
+        || options.local.is_some();
+    if provisions_here {
         // Leftovers of creates and deletes are the controller's to finish or undo.
         lane.recover()?;
         block.recover()?;
@@ -308,6 +372,7 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         !options.roles.node,
     ));
     match lane.enforcement_gap() {
+        _ if !provisions_here => {}
         Some(gap) => tracing::warn!("{gap}"),
         None => tracing::info!(
             enforcement = lane.enforcement(),
@@ -393,17 +458,16 @@ fn build(options: &ServeOptions, socket: &Path) -> Result<Plugin, ServeError> {
         driver_name: options.driver_name.clone(),
         node_id: options.node_id.clone(),
         roles: options.roles,
-        controllers,
+        expand_at_node: false,
+        controllers: controllers.only(options.lanes),
         mounter,
         // Serving both roles, this process holds both data-dir locks: no other Lanes process
         // can share the directory, so the in-memory guard is enough.
         inflight: InFlight::new(
-            (!(options.roles.controller && options.roles.node)).then_some(locks),
+            (!((options.roles.controller || options.local.is_some()) && options.roles.node))
+                .then_some(locks),
         ),
-        confinement: Confinement::new(
-            [options.data_dir.clone()],
-            socket.parent().map(Path::to_owned),
-        ),
+        confinement: Confinement::new([options.data_dir.clone()], uncovered),
         lanes,
         profiles: options.config.profiles.clone(),
         metrics: metrics.clone(),

@@ -229,6 +229,7 @@ fn harness(local: Arc<FakeNode>) -> Harness {
             controller: true,
             node: true,
         },
+        expand_at_node: false,
         controllers: ControllerLanes::new([controller.clone() as Arc<dyn ControllerLane>]),
         mounter,
         inflight: Default::default(),

@@ -133,7 +133,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The controller lanes of this process, looked up by a volume ID's lane part or a
 /// profile's lane.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct ControllerLanes {
     lanes: std::collections::BTreeMap<&'static str, std::sync::Arc<dyn controller::ControllerLane>>,
 }
@@ -154,6 +154,14 @@ impl ControllerLanes {
         }
     }
 
+    /// The lanes of `scope` only.
+    pub fn only(mut self, scope: profile::LaneScope) -> Self {
+        self.lanes.retain(|kind, _| {
+            profile::LaneKind::from_name(kind).is_none_or(|lane| scope.serves(lane))
+        });
+        self
+    }
+
     /// The controller lane called `kind`.
     pub fn get(&self, kind: &str) -> Option<&dyn controller::ControllerLane> {
         self.lanes.get(kind).map(|lane| lane.as_ref())
@@ -167,6 +175,7 @@ impl ControllerLanes {
 
 /// The node lanes of this process, looked up by the lane part of a volume ID (or, for inline
 /// volumes, by what the request or the ledger says they are).
+#[derive(Clone)]
 pub struct NodeLanes {
     /// What every node lane shares (the ledger, the mounter, deadlines).
     pub ctx: std::sync::Arc<node::NodeContext>,

@@ -34,6 +34,49 @@ impl LaneKind {
             LaneKind::LegacyRwx => "legacy-rwx",
         }
     }
+
+    /// Every lane, in the order they are documented.
+    pub const ALL: [LaneKind; 4] = [
+        LaneKind::Local,
+        LaneKind::FastRwo,
+        LaneKind::SharedRwx,
+        LaneKind::LegacyRwx,
+    ];
+
+    /// The lane called `name`.
+    pub fn from_name(name: &str) -> Option<LaneKind> {
+        LaneKind::ALL.into_iter().find(|lane| lane.as_str() == name)
+    }
+
+    /// Whether a volume lives on one node's own disk, so that it is provisioned there, by
+    /// that node's plugin (a cluster's node DaemonSet), never by a central controller.
+    pub fn node_local(self) -> bool {
+        matches!(self, LaneKind::Local | LaneKind::FastRwo)
+    }
+}
+
+/// Which lanes a controller provisions: a cluster splits them between the controller
+/// Deployment (`shared`) and each node's plugin (`node-local`); one machine serves `all`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LaneScope {
+    /// Every lane (one machine, tests).
+    #[default]
+    All,
+    /// Lanes whose volumes any node reaches: shared-rwx, legacy-rwx.
+    Shared,
+    /// Lanes whose volumes live on one node: local, fast-rwo.
+    NodeLocal,
+}
+
+impl LaneScope {
+    /// Whether this scope provisions `lane`.
+    pub fn serves(self, lane: LaneKind) -> bool {
+        match self {
+            LaneScope::All => true,
+            LaneScope::Shared => !lane.node_local(),
+            LaneScope::NodeLocal => lane.node_local(),
+        }
+    }
 }
 
 /// Filesystems a block volume can be formatted with.

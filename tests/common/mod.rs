@@ -63,6 +63,8 @@ pub struct Plugin {
     log: Option<PathBuf>,
     /// A cgroup (v2) the plugin is started in, as a container runtime would.
     pub cgroup: Option<PathBuf>,
+    /// The role and its own arguments (`standalone` unless a test says otherwise).
+    pub role: Vec<String>,
 }
 
 impl Plugin {
@@ -91,6 +93,7 @@ impl Plugin {
             args: Vec::new(),
             log: None,
             cgroup: None,
+            role: vec!["standalone".into()],
         };
         plugin.spawn();
         plugin
@@ -114,6 +117,7 @@ impl Plugin {
             env: vec![("LANES_LOG".into(), "debug".into())],
             args: args.iter().map(|a| a.to_string()).collect(),
             cgroup: None,
+            role: vec!["standalone".into()],
         };
         plugin.spawn();
         plugin
@@ -127,6 +131,12 @@ impl Plugin {
             .unwrap_or_default()
     }
 
+    /// Starts `role` (with its own arguments, e.g. `["controller", "--lanes", "shared"]`) on a
+    /// config file of `config` instead of the standalone plugin.
+    pub fn role(role: &[&str], config: &str) -> Plugin {
+        Plugin::configured(config, None, &[], None, role)
+    }
+
     /// Starts with a config file of `config` (YAML) and moto's test credentials in place of
     /// any ambient AWS settings.
     pub fn with_config(config: &str, failpoint: Option<&str>) -> Plugin {
@@ -135,12 +145,12 @@ impl Plugin {
 
     /// [`Plugin::with_config`] on a data directory of the caller's.
     pub fn with_config_at(config: &str, data_dir: &Path) -> Plugin {
-        Plugin::configured(config, None, &[], Some(data_dir))
+        Plugin::configured(config, None, &[], Some(data_dir), &["standalone"])
     }
 
     /// [`Plugin::with_config`] with extra environment variables.
     pub fn with_config_env(config: &str, failpoint: Option<&str>, env: &[(&str, &str)]) -> Plugin {
-        Plugin::configured(config, failpoint, env, None)
+        Plugin::configured(config, failpoint, env, None, &["standalone"])
     }
 
     fn configured(
@@ -148,6 +158,7 @@ impl Plugin {
         failpoint: Option<&str>,
         env: &[(&str, &str)],
         data_dir: Option<&Path>,
+        role: &[&str],
     ) -> Plugin {
         let root = tempfile::Builder::new()
             .prefix("lanes-test-")
@@ -169,6 +180,7 @@ impl Plugin {
             args: Vec::new(),
             log: None,
             cgroup: None,
+            role: role.iter().map(|a| a.to_string()).collect(),
         };
         plugin.spawn();
         plugin
@@ -185,7 +197,8 @@ impl Plugin {
         let _ = std::fs::remove_file(self.root.path().join("ready"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_lanes"));
         command
-            .args(["standalone", "--node-id", "test-node", "--endpoint"])
+            .args(&self.role)
+            .args(["--node-id", "test-node", "--endpoint"])
             .arg(&self.socket)
             .arg("--data-dir")
             .arg(&self.data_dir)
