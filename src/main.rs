@@ -2,12 +2,11 @@
 
 use std::io::IsTerminal;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = lanes::cli::Cli::parse();
+    let cli = lanes::cli::Cli::parse_args();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             // The NFS client's chatter (every connection at INFO) and the AWS credential

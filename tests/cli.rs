@@ -207,3 +207,37 @@ fn every_command_and_argument_says_what_it_is() {
         missing.join("\n")
     );
 }
+
+#[test]
+fn copy_refuses_the_flags_it_has_no_use_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a"), b"a").unwrap();
+    let dst = dir.path().join("dst");
+    for args in [
+        vec!["copy", "--data-dir", "/var/lib/lanes"],
+        vec!["--config", "/etc/lanes.yaml", "copy"],
+    ] {
+        let out = lanes()
+            .args(&args)
+            .arg(&src)
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("`lanes copy` takes no --"), "{stderr}");
+        assert!(!dst.exists(), "{args:?}: refused before copying");
+    }
+    // The environment is not the command line: a container's LANES_DATA_DIR is fine.
+    let out = lanes()
+        .env("LANES_DATA_DIR", "/var/lib/lanes")
+        .arg("copy")
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(dst.join("a")).unwrap(), b"a");
+}

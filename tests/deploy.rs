@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use std::path::Path;
 
@@ -753,6 +754,33 @@ fn chart_rules(docs: &[Value], args: &[&str]) {
                 .and_then(|c| c.args.clone())
                 .unwrap_or_default()
         };
+        // Liveness: kubelet probes the livenessprobe sidecar, which calls CSI Probe on the
+        // socket the Lanes container serves.
+        let lanes = pod.containers.iter().find(|c| c.name == "lanes").unwrap();
+        let probe = lanes
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref());
+        let port = match probe.map(|get| &get.port) {
+            Some(IntOrString::String(name)) => lanes
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+            Some(IntOrString::Int(port)) => Some(*port),
+            None => None,
+        };
+        let sidecar = args_of("liveness-probe");
+        assert!(
+            sidecar.contains(&format!("--health-port={}", port.unwrap_or(-1))),
+            "{args:?}: {role}: the liveness probe goes to the livenessprobe sidecar: {sidecar:?}"
+        );
+        assert!(
+            sidecar.contains(&"--csi-address=/csi/csi.sock".to_owned())
+                && args_of("lanes").contains(&"--endpoint=unix:///csi/csi.sock".to_owned()),
+            "{args:?}: {role}: the sidecar probes the Lanes socket"
+        );
         match role {
             "controller" => {
                 assert!(args_of("lanes").contains(&"--lanes=shared".to_owned()));

@@ -31,7 +31,7 @@ use csi::{Clients, Report};
     about = "Kubernetes CSI storage for ML platforms"
 )]
 pub struct Cli {
-    /// Where Lanes keeps volumes and state.
+    /// Where Lanes keeps volumes and state (every command but copy and completion).
     #[arg(
         long,
         global = true,
@@ -39,7 +39,8 @@ pub struct Cli {
         default_value = "/var/lib/lanes"
     )]
     pub data_dir: PathBuf,
-    /// YAML configuration file; every setting has an embedded default.
+    /// YAML configuration file; every setting has an embedded default (every command but
+    /// copy and completion).
     #[arg(long, global = true, env = "LANES_CONFIG")]
     pub config: Option<PathBuf>,
     /// Log lines as text (colours only on a terminal) or as one JSON object each (clusters'
@@ -54,6 +55,33 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments. `--data-dir` and `--config` are global (before or
+    /// after the subcommand) but mean nothing to `copy` and `completion`: given there, they
+    /// are refused rather than silently ignored.
+    pub fn parse_args() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.get_matches_mut();
+        if let Some((name @ ("copy" | "completion"), sub)) = matches.subcommand() {
+            for (id, flag) in [("data_dir", "--data-dir"), ("config", "--config")] {
+                if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                    command
+                        .error(
+                            clap::error::ErrorKind::ArgumentConflict,
+                            format!(
+                                "`lanes {name}` takes no {flag}: it uses no data directory or \
+                                 config"
+                            ),
+                        )
+                        .exit();
+                }
+            }
+        }
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
 }
 
 /// How log lines are written.
