@@ -32,6 +32,15 @@ static TEMP: AtomicU64 = AtomicU64::new(0);
 /// Replaces `path` with `bytes` atomically: readers see the old record or the new one, never
 /// a mix. The temporary lives beside `path` (same directory, same filesystem).
 pub fn atomic_write(path: &Path, bytes: &[u8], durability: Durability) -> std::io::Result<()> {
+    atomic_write_with(path, durability, |file| file.write_all(bytes))
+}
+
+/// [`atomic_write`] of what `write` writes (streamed: a large record is never held whole).
+pub fn atomic_write_with(
+    path: &Path,
+    durability: Durability,
+    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let temp = dir.join(format!(
@@ -40,8 +49,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8], durability: Durability) -> std::i
         TEMP.fetch_add(1, Ordering::Relaxed)
     ));
     let written = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(bytes)?;
+        let file = std::fs::File::create(&temp)?;
+        let mut buffered = std::io::BufWriter::with_capacity(1 << 16, &file);
+        write(&mut buffered)?;
+        buffered.flush()?;
+        drop(buffered);
         if durability == Durability::Synced {
             file.sync_all()?;
         }

@@ -4,8 +4,30 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// glibc malloc arenas for the process, unless `MALLOC_ARENA_MAX` says otherwise. glibc's
+/// default (8 per core) lets every thread of the blocking pool keep freed memory in an arena
+/// of its own: a dataset fill of 120,000 files peaked at 131 MiB resident for 34 MiB of live
+/// heap; with 4 arenas, 95 MiB (README, "Memory").
+const MALLOC_ARENAS: i32 = 4;
+
+fn main() -> std::process::ExitCode {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator settings; called before any thread starts.
+        unsafe { nix::libc::mallopt(nix::libc::M_ARENA_MAX, MALLOC_ARENAS) };
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("lanes: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let cli = lanes::cli::Cli::parse_args();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(

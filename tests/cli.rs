@@ -219,12 +219,7 @@ fn copy_refuses_the_flags_it_has_no_use_for() {
         vec!["copy", "--data-dir", "/var/lib/lanes"],
         vec!["--config", "/etc/lanes.yaml", "copy"],
     ] {
-        let out = lanes()
-            .args(&args)
-            .arg(&src)
-            .arg(&dst)
-            .output()
-            .unwrap();
+        let out = lanes().args(&args).arg(&src).arg(&dst).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("`lanes copy` takes no --"), "{stderr}");
@@ -238,6 +233,10 @@ fn copy_refuses_the_flags_it_has_no_use_for() {
         .arg(&dst)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(dst.join("a")).unwrap(), b"a");
 }

@@ -5,7 +5,6 @@
 //! shallowly, hashed, and their files moved into the blob store, so both end as the same kind
 //! of tree and share bodies with each other.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,10 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::fill::Progress;
 use super::{Cache, Error, Record, Result, now_ns, remove_any};
 use crate::dataset::gitpolicy::Admitted;
-use crate::dataset::manifest::{Entry, EntryKind};
+use crate::dataset::manifest::{Digest, Entry, EntryKind};
 use crate::dataset::pin::Pin;
 use crate::dataset::repo::{Repo, blob_key};
-use crate::dataset::scan::hex;
 use crate::dataset::store::{BucketStore, ObjectStore};
 use crate::dataset::{Selector, git, scan};
 use crate::error::Kind;
@@ -43,11 +41,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl Cache {
-    fn blob_path(&self, sha256: &str, mode: u32) -> PathBuf {
+    fn blob_path(&self, sha256: &Digest, mode: u32) -> PathBuf {
+        let hex = sha256.to_string();
         self.root
             .join("blobs")
-            .join(&sha256[..2])
-            .join(format!("{sha256}.{:03o}", file_mode(mode)))
+            .join(&hex[..2])
+            .join(format!("{hex}.{:03o}", file_mode(mode)))
     }
 
     /// Builds the tree of `pin` (see the module doc) and returns its path.
@@ -80,19 +79,20 @@ impl Cache {
         progress: &Arc<Progress>,
     ) -> Result<PathBuf> {
         let (entries, repo) = self.entries_of(pin, scratch).await?;
-        let groups = bodies_of(&entries);
-        progress.files_total.store(
-            groups.values().map(Vec::len).sum::<usize>() as u64,
-            Ordering::Relaxed,
-        );
+        let (order, groups) = bodies_of(&entries);
+        progress
+            .files_total
+            .store(order.len() as u64, Ordering::Relaxed);
         progress.bytes_total.store(
-            groups.values().flatten().map(|e| e.size).sum(),
+            order.iter().map(|&i| entries[i as usize].size).sum(),
             Ordering::Relaxed,
         );
+        let first = |group: &std::ops::Range<usize>| &entries[order[group.start] as usize];
         let incoming: u64 = groups
             .iter()
-            .filter(|((sha, mode), _)| !self.blob_path(sha, *mode).exists())
-            .map(|(_, group)| group[0].size)
+            .map(first)
+            .filter(|e| !self.blob_path(&digest_of(e), e.mode).exists())
+            .map(|e| e.size)
             .sum();
         let (this, room_pin) = (self.clone(), pin.clone());
         blocking(move || this.make_room(incoming, &room_pin)).await?;
@@ -119,7 +119,8 @@ impl Cache {
         let jobs = self.settings().jobs.max(1);
         let mut tasks = tokio::task::JoinSet::new();
         let failed = |e: tokio::task::JoinError| Error::internal(format!("cache task failed: {e}"));
-        for ((sha, mode), group) in groups {
+        let (entries, order) = (Arc::new(entries), Arc::new(order));
+        for group in groups {
             if tasks.len() >= jobs
                 && let Some(done) = tasks.join_next().await
             {
@@ -132,11 +133,14 @@ impl Cache {
                 scratch.to_owned(),
                 progress.clone(),
             );
+            let (entries, order) = (entries.clone(), order.clone());
             tasks.spawn(async move {
+                let group: Vec<&Entry> =
+                    order[group].iter().map(|&i| &entries[i as usize]).collect();
                 let body = Body {
                     repo: repo.as_ref(),
-                    sha: &sha,
-                    mode,
+                    sha: &digest_of(group[0]),
+                    mode: group[0].mode,
                     scratch: &scratch,
                     progress: &progress,
                 };
@@ -146,6 +150,9 @@ impl Cache {
         while let Some(done) = tasks.join_next().await {
             done.map_err(failed)??;
         }
+        drop(order);
+        let entries = Arc::try_unwrap(entries)
+            .map_err(|_| Error::internal("a cache task outlived the fill"))?;
 
         let (this, pin) = (self.clone(), pin.clone());
         blocking(move || this.finish_tree(pin, entries, dirs, &tree)).await
@@ -194,7 +201,7 @@ impl Cache {
     async fn link_group(
         self: &Arc<Self>,
         body: Body<'_>,
-        group: &[Entry],
+        group: &[&Entry],
         tree: &Path,
     ) -> Result<()> {
         let mut blob = self.ensure_blob_for(&body, group[0].size).await?;
@@ -210,7 +217,7 @@ impl Cache {
                 liar.path, liar.size, body.sha
             )));
         }
-        for entry in group {
+        for &entry in group {
             let target = tree.join(&entry.path);
             match link(&blob, &target) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -286,7 +293,7 @@ impl Cache {
     async fn ensure_blob(
         self: &Arc<Self>,
         repo: Option<&Repo<BucketStore>>,
-        sha256: &str,
+        sha256: &Digest,
         mode: u32,
         size: u64,
         scratch: &Path,
@@ -294,7 +301,7 @@ impl Cache {
     ) -> Result<PathBuf> {
         let blob = self.blob_path(sha256, mode);
         let temp = scratch.join(format!("blob-{sha256}-{mode:o}"));
-        let (check_blob, check_temp, sha) = (blob.clone(), temp.clone(), sha256.to_owned());
+        let (check_blob, check_temp, sha) = (blob.clone(), temp.clone(), *sha256);
         let local = blocking(move || Ok(local_copy(&check_blob, &check_temp, &sha))).await?;
         if local {
             return place_blob(&temp, &blob, mode).map(|()| blob);
@@ -315,7 +322,7 @@ impl Cache {
                 tracing::warn!(object = %blob_key(sha256), "a body the manifest names is missing from the bucket");
                 return Err(damaged(format!("body {sha256} is missing from the bucket")));
             };
-            if hex(&digest) == sha256 {
+            if digest[..] == sha256.0[..] {
                 place_blob(&temp, &blob, mode)?;
                 progress.bytes_downloaded.fetch_add(size, Ordering::Relaxed);
                 let n = DOWNLOADED.fetch_add(1, Ordering::Relaxed) + 1;
@@ -325,7 +332,7 @@ impl Cache {
                 return Ok(blob);
             }
             tracing::warn!(
-                body = sha256,
+                body = %sha256,
                 attempt,
                 "downloaded body does not match its SHA-256; fetching again"
             );
@@ -351,8 +358,8 @@ impl Cache {
         let entries = scan::scan(&checkout, self.settings().jobs.clamp(1, 8))
             .map_err(crate::dataset::repo::Error::from)?;
         for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
-            let sha = entry.sha256.as_deref().unwrap_or_default();
-            let blob = self.blob_path(sha, entry.mode);
+            let sha = entry.sha256.unwrap_or(Digest([0; 32]));
+            let blob = self.blob_path(&sha, entry.mode);
             if !blob.exists() {
                 place_blob(&checkout.join(&entry.path), &blob, entry.mode)?;
             }
@@ -382,17 +389,17 @@ fn link(blob: &Path, target: &Path) -> std::io::Result<()> {
 
 /// True when a verified copy of body `sha256` is ready: `blob` itself (re-hashed; a damaged
 /// one is removed), or a copy at `temp` of the same body cached with another mode.
-fn local_copy(blob: &Path, temp: &Path, sha256: &str) -> bool {
+fn local_copy(blob: &Path, temp: &Path, sha256: &Digest) -> bool {
     let verified = |path: &Path| {
         std::fs::File::open(path)
             .and_then(crate::copy::file::sha256)
-            .is_ok_and(|d| hex(&d) == sha256)
+            .is_ok_and(|d| d[..] == sha256.0[..])
     };
     if blob.exists() {
         if verified(blob) {
             return true;
         }
-        tracing::warn!(body = sha256, "cached body is damaged; fetching it again");
+        tracing::warn!(body = %sha256, "cached body is damaged; fetching it again");
         let _ = std::fs::remove_file(blob);
     }
     let Some(shard) = blob.parent() else {
@@ -404,7 +411,7 @@ fn local_copy(blob: &Path, temp: &Path, sha256: &str) -> bool {
         let same_body = sibling
             .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with(sha256) && path != blob);
+            .is_some_and(|n| n.starts_with(&sha256.to_string()) && path != blob);
         if same_body && std::fs::copy(&path, temp).is_ok() {
             if verified(temp) {
                 return true;
@@ -431,21 +438,36 @@ fn place_blob(temp: &Path, blob: &Path, mode: u32) -> Result<()> {
 /// One body to fetch: its hash and mode, where it comes from, and where to report progress.
 struct Body<'a> {
     repo: Option<&'a Repo<BucketStore>>,
-    sha: &'a str,
+    sha: &'a Digest,
     mode: u32,
     scratch: &'a Path,
     progress: &'a Progress,
 }
 
-/// The files of a tree grouped by (body, mode): each group is one fetch and many links.
-fn bodies_of(entries: &[Entry]) -> HashMap<(String, u32), Vec<Entry>> {
-    let mut groups: HashMap<(String, u32), Vec<Entry>> = HashMap::new();
-    for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
-        let sha = entry.sha256.clone().unwrap_or_default();
-        groups
-            .entry((sha, file_mode(entry.mode)))
-            .or_default()
-            .push(entry.clone());
+/// The body a file entry names (a validated manifest gives every file one).
+fn digest_of(entry: &Entry) -> Digest {
+    entry.sha256.unwrap_or(Digest([0; 32]))
+}
+
+/// The files of a tree as indices into `entries`, ordered by (body, mode), and the runs of
+/// that order that share one body and mode: each run is one fetch and many links. Nothing of
+/// an entry is copied (a tree of a million files is held once).
+fn bodies_of(entries: &[Entry]) -> (Vec<u32>, Vec<std::ops::Range<usize>>) {
+    let key = |i: &u32| {
+        let entry = &entries[*i as usize];
+        (digest_of(entry), file_mode(entry.mode))
+    };
+    let mut order: Vec<u32> = (0..entries.len() as u32)
+        .filter(|&i| entries[i as usize].kind == EntryKind::File)
+        .collect();
+    order.sort_unstable_by_key(key);
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for end in 1..=order.len() {
+        if end == order.len() || key(&order[end]) != key(&order[start]) {
+            groups.push(start..end);
+            start = end;
+        }
     }
-    groups
+    (order, groups)
 }

@@ -7,6 +7,7 @@
 //! not have moved them (the rule git applies to its index). The cache is best effort: one that
 //! cannot be read is empty, one that cannot be written is skipped, and neither fails a push.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::manifest::Digest;
 use super::scan::hex;
 
 /// Times closer than this to when a file was looked at make its entry untrustworthy.
@@ -44,16 +46,34 @@ impl Stamp {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Remembered {
     stamp: Stamp,
-    sha256: String,
+    sha256: Digest,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct Stored {
     format: u32,
     files: HashMap<String, Remembered>,
+}
+
+/// What [`HashCache::save`] writes: the same document as [`Stored`], its files taken one by
+/// one from an iterator as they are written out (never gathered into a map first).
+#[derive(Serialize)]
+#[serde(bound(serialize = "OneShotMap<I>: Serialize"))]
+struct Streamed<I> {
+    format: u32,
+    files: OneShotMap<I>,
+}
+
+/// A map serialized straight from an iterator, once.
+struct OneShotMap<I>(Cell<Option<I>>);
+
+impl<'a, I: Iterator<Item = (&'a str, Remembered)>> Serialize for OneShotMap<I> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.take().into_iter().flatten())
+    }
 }
 
 /// The remembered hashes of one pushed directory.
@@ -90,36 +110,32 @@ impl HashCache {
     /// The hash remembered for `rel` when the file is still as it was then.
     pub fn lookup(&self, rel: &str, stamp: &Stamp) -> Option<[u8; 32]> {
         let remembered = self.files.get(rel).filter(|r| r.stamp == *stamp)?;
-        let mut digest = [0u8; 32];
-        for (i, byte) in digest.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(remembered.sha256.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(digest)
+        Some(remembered.sha256.0)
     }
 
     /// Replaces what is kept with `hashed` (path, stamp, hash, and when the stamp was taken in
     /// nanoseconds since the epoch), leaving out racy entries. Best effort, atomic.
-    pub fn save(&self, hashed: impl IntoIterator<Item = (String, Stamp, [u8; 32], i64)>) {
+    pub fn save<'a>(&self, hashed: impl IntoIterator<Item = (&'a str, Stamp, [u8; 32], i64)>) {
         let Some(path) = &self.path else { return };
         let files = hashed
             .into_iter()
             .filter(|(_, stamp, _, seen)| stamp.mtime_ns.max(stamp.ctime_ns) < seen - RACY_NS)
             .map(|(rel, stamp, sha256, _)| {
-                let sha256 = hex(&sha256);
+                let sha256 = Digest(sha256);
                 (rel, Remembered { stamp, sha256 })
-            })
-            .collect();
-        let stored = Stored {
+            });
+        let stored = Streamed {
             format: FORMAT,
-            files,
+            files: OneShotMap(Cell::new(Some(files))),
         };
         let written = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| {
-                let bytes = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
                 // Losing it costs a re-hash, never a wrong answer: no sync needed.
-                crate::fsutil::atomic_write(path, &bytes, crate::fsutil::Durability::Process)
+                crate::fsutil::atomic_write_with(path, crate::fsutil::Durability::Process, |out| {
+                    serde_json::to_writer(out, &stored).map_err(std::io::Error::other)
+                })
             });
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "push hash cache not written");
@@ -151,10 +167,7 @@ mod tests {
 
         let cache = HashCache::open(&dir.path().join("cache"), &root);
         assert_eq!(cache.lookup("a", &stamp), None, "nothing remembered yet");
-        cache.save([
-            ("a".to_owned(), stamp, sha, later),
-            ("racy".to_owned(), stamp, sha, now_ns()),
-        ]);
+        cache.save([("a", stamp, sha, later), ("racy", stamp, sha, now_ns())]);
         let cache = HashCache::open(&dir.path().join("cache"), &root);
         assert_eq!(cache.lookup("a", &stamp), Some(sha));
         assert_eq!(
@@ -174,7 +187,7 @@ mod tests {
             HashCache::open(&dir.path().join("cache"), dir.path()).lookup("a", &stamp),
             None
         );
-        HashCache::disabled().save([("a".to_owned(), stamp, sha, later)]);
+        HashCache::disabled().save([("a", stamp, sha, later)]);
         assert_eq!(HashCache::disabled().lookup("a", &stamp), None);
     }
 }

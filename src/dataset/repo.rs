@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::Manifest;
+use super::manifest::{Digest, Manifest};
 use super::reference::{Selector, check_part};
 use super::scan::ScanError;
 use super::store::{self, ObjectStore};
@@ -162,8 +162,9 @@ fn now() -> u64 {
 }
 
 /// The object key of a body.
-pub fn blob_key(sha256: &str) -> String {
-    format!("blobs/sha256/{}/{sha256}", &sha256[..2])
+pub fn blob_key(sha256: &Digest) -> String {
+    let hex = sha256.to_string();
+    format!("blobs/sha256/{}/{hex}", &hex[..2])
 }
 
 /// The number of a version ID (`v<N>`); `None` for anything else (tags can never look like
@@ -498,7 +499,7 @@ fn check_tag(tag: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::scan::{hex, scan};
+    use crate::dataset::scan::scan;
     use crate::dataset::store::fs::FsStore;
     use rand::{Rng, SeedableRng};
     use sha2::{Digest as _, Sha256};
@@ -702,7 +703,7 @@ mod tests {
         std::fs::write(src.join("data"), b"genuine").unwrap();
         repo.create("ds", "").await.unwrap();
         repo.push(&src, "ds", "", None, true).await.unwrap();
-        let hash = hex(&Sha256::digest(b"genuine"));
+        let hash = Digest(Sha256::digest(b"genuine").into());
         std::fs::write(dir.path().join("bucket").join(blob_key(&hash)), b"tampered").unwrap();
         let out = dir.path().join("out");
         let err = repo.pull("ds", &Selector::Latest, &out).await.unwrap_err();

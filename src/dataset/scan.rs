@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::manifest::{Entry, EntryKind, link_stays_inside};
+use super::manifest::{Digest, Entry, EntryKind, link_stays_inside};
 use crate::copy::exclude::Exclude;
 use crate::copy::walk::{self, Kind};
 
@@ -149,7 +149,7 @@ pub fn scan(root: &Path, jobs: usize) -> Result<Vec<Entry>, ScanError> {
         })?;
         if let Some(read) = read {
             entry.size = read.size;
-            entry.sha256 = Some(hex(&read.sha256));
+            entry.sha256 = Some(Digest(read.sha256));
         }
     }
     Ok(entries)
@@ -157,7 +157,12 @@ pub fn scan(root: &Path, jobs: usize) -> Result<Vec<Entry>, ScanError> {
 
 /// Lowercase hex of a digest.
 pub fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    digest
+        .iter()
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]])
+        .map(char::from)
+        .collect()
 }
 
 #[cfg(test)]
@@ -178,7 +183,7 @@ mod tests {
         assert_eq!(paths, vec!["a", "a/empty", "a/x", "link", "top"]);
         let x = entries.iter().find(|e| e.path == "a/x").unwrap();
         assert_eq!(
-            x.sha256.as_deref(),
+            x.sha256.map(|d| d.to_string()).as_deref(),
             Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
         );
         assert_eq!(entries.iter().filter(|e| e.sha256.is_some()).count(), 2);

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::{Repo, Result};
+use crate::dataset::manifest::Digest;
 use crate::dataset::store::ObjectStore;
 
 /// What a collection found and did.
@@ -53,8 +54,8 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             ..Default::default()
         };
         for (key, modified) in bodies {
-            let digest = key.rsplit('/').next().unwrap_or_default();
-            if named.contains(digest) {
+            let digest = key.rsplit('/').next().and_then(Digest::parse);
+            if digest.is_some_and(|d| named.contains(&d)) {
                 report.referenced += 1;
             } else if now.saturating_sub(modified) < min_age.as_secs() {
                 report.too_young += 1;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Advance, Error, Finish, PullReport, Repo, Result, blob_key, io};
 use crate::copy::apply;
-use crate::dataset::manifest::{Entry, EntryKind};
+use crate::dataset::manifest::{Digest, Entry, EntryKind};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::hex;
 use crate::dataset::store::ObjectStore;
@@ -181,13 +181,13 @@ async fn pull_file<S: ObjectStore>(
     root: &Arc<Dir>,
     entry: &Entry,
 ) -> Result<Option<u64>> {
-    let expected = entry.sha256.clone().unwrap_or_default();
+    let expected = entry.sha256.unwrap_or(Digest([0; 32]));
     let (parent_rel, name) = split(&entry.path);
     let (root, shown, check, sha) = (
         root.clone(),
         entry.path.clone(),
         name.clone(),
-        expected.clone(),
+        expected,
     );
     let (parent, identical) = blocking(move || {
         let parent = root
@@ -210,7 +210,7 @@ async fn pull_file<S: ObjectStore>(
             "body {expected} of {} is missing from the bucket",
             entry.path
         ))),
-        Ok(Some(digest)) if hex(&digest) != expected => Err(Error::Corrupt(format!(
+        Ok(Some(digest)) if digest[..] != expected.0[..] => Err(Error::Corrupt(format!(
             "body of {} does not match its SHA-256 ({} != {expected}); not placed",
             entry.path,
             hex(&digest)
@@ -231,10 +231,10 @@ async fn pull_file<S: ObjectStore>(
 }
 
 /// True when `name` in `dir` is a regular file whose SHA-256 is `sha256`.
-fn same_body(dir: &Dir, name: &OsStr, sha256: &str) -> bool {
+fn same_body(dir: &Dir, name: &OsStr, sha256: &Digest) -> bool {
     dir.open_file(name)
         .and_then(crate::copy::file::sha256)
-        .is_ok_and(|d| hex(&d) == sha256)
+        .is_ok_and(|d| d[..] == sha256.0[..])
 }
 
 /// Checks the verified temporary's size, gives it its mode and renames it into place.

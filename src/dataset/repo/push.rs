@@ -6,16 +6,16 @@
 //! again; no version exists until every body it names is in the bucket.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
 use super::{Error, Finish, PushReport, Repo, Result, blob_key, check_tag, now, version_number};
 use crate::dataset::hashcache::{HashCache, Stamp, now_ns};
-use crate::dataset::manifest::{Entry, EntryKind, FORMAT, Manifest};
+use crate::dataset::manifest::{Digest, Entry, EntryKind, FORMAT, Manifest};
 use crate::dataset::reference::Selector;
-use crate::dataset::scan::{ReadBody, ScanError, hex, read_body, walk_tree};
+use crate::dataset::scan::{ReadBody, ScanError, read_body, walk_tree};
 use crate::dataset::store::{Blob, ObjectStore};
 
 /// Bodies up to this size are read into memory, hashed, and sent with one conditional PUT;
@@ -43,31 +43,40 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             }
         }
         let (root, exclude) = (dir.to_owned(), self.exclude.clone());
-        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
+        let entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??;
         let parent = self.resolve(name, &Selector::Latest).await.ok();
         // Bodies of the parent version are in the bucket already (bodies are never removed
         // while a version names them).
-        let known: HashSet<String> = parent
+        let known: HashSet<Digest> = parent
             .iter()
-            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256.clone()))
+            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256))
             .collect();
         let cache = Arc::new(match &self.hash_cache {
             Some(cache_dir) => HashCache::open(cache_dir, dir),
             None => HashCache::disabled(),
         });
+        let shared = Arc::new(entries);
         let sent = self
-            .send_bodies(dir, &entries, Arc::new(known), cache.clone())
+            .send_bodies(dir, shared.clone(), Arc::new(known), cache.clone())
             .await?;
-        let mut remember = Vec::with_capacity(sent.hashed.len());
-        for (index, read, stamp, seen) in sent.hashed {
-            entries[index].size = read.size;
-            entries[index].sha256 = Some(hex(&read.sha256));
-            remember.push((entries[index].path.clone(), stamp, read.sha256, seen));
+        let mut entries = Arc::try_unwrap(shared)
+            .map_err(|_| Error::Invalid("an upload task outlived the push".into()))?;
+        for (index, read, _, _) in &sent.hashed {
+            entries[*index].size = read.size;
+            entries[*index].sha256 = Some(Digest(read.sha256));
         }
         // The hashes are facts about the files whatever happens to this push next.
-        let _ = tokio::task::spawn_blocking(move || cache.save(remember)).await;
+        let hashed = sent.hashed;
+        let entries = tokio::task::spawn_blocking(move || {
+            cache.save(hashed.iter().map(|(index, read, stamp, seen)| {
+                (entries[*index].path.as_str(), *stamp, read.sha256, *seen)
+            }));
+            entries
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?;
         let (uploaded, bytes_uploaded) = (sent.uploaded, sent.bytes_uploaded);
         // Nothing changed since the latest version: that version is the answer (every body
         // was known, so nothing was sent).
@@ -163,15 +172,13 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     async fn send_bodies(
         &self,
         dir: &Path,
-        entries: &[Entry],
-        known: Arc<HashSet<String>>,
+        entries: Arc<Vec<Entry>>,
+        known: Arc<HashSet<Digest>>,
         cache: Arc<HashCache>,
     ) -> Result<Sent> {
-        let files: Vec<(usize, String, PathBuf)> = entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.kind == EntryKind::File)
-            .map(|(index, e)| (index, e.path.clone(), dir.join(&e.path)))
+        // Indices, not copies of the paths: a tree of a million files is held once.
+        let files: Vec<u32> = (0..entries.len() as u32)
+            .filter(|&i| entries[i as usize].kind == EntryKind::File)
             .collect();
         let total = entries.iter().filter(|e| e.kind == EntryKind::File);
         let progress = self.progress.clone();
@@ -205,7 +212,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             sent.hashed.push((index, read, stamp, seen));
             Ok::<_, Error>(())
         };
-        for (index, rel, path) in files {
+        for index in files {
+            let index = index as usize;
+            let rel = entries[index].path.clone();
+            let path = dir.join(&rel);
             if tasks.len() >= jobs
                 && let Some(done) = tasks.join_next().await
             {
@@ -228,12 +238,12 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                         reason: e.to_string(),
                     })?
                 };
-                let sha256 = hex(&read.sha256);
+                let sha256 = Digest(read.sha256);
                 let fresh = !known.contains(&sha256)
                     && claimed
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(sha256.clone());
+                        .insert(sha256);
                 let key = blob_key(&sha256);
                 // Small bodies: one conditional PUT (the server refuses it if the body is
                 // there). Large ones: ask first, so an existing body is never sent again.
@@ -268,7 +278,7 @@ fn recall_or_read(
     path: &Path,
     rel: &str,
     cache: &HashCache,
-    known: &HashSet<String>,
+    known: &HashSet<Digest>,
 ) -> std::io::Result<(ReadBody, Stamp, i64)> {
     let seen = now_ns();
     let meta = std::fs::symlink_metadata(path)?;
@@ -277,7 +287,7 @@ fn recall_or_read(
     }
     let stamp = Stamp::of(&meta);
     if let Some(sha256) = cache.lookup(rel, &stamp)
-        && known.contains(&hex(&sha256))
+        && known.contains(&Digest(sha256))
     {
         let size = meta.len();
         let read = ReadBody {
