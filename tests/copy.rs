@@ -477,3 +477,37 @@ fn excluded_paths_are_neither_copied_nor_deleted_and_a_dry_run_lists_paths() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--exclude \"a[\""));
 }
+
+#[test]
+fn a_large_file_is_hashed_on_both_sides_at_once_and_still_checked() {
+    // Above the size where the source and the copy are hashed in parallel.
+    let root = tempfile::tempdir().unwrap();
+    let (src, dst) = (root.path().join("src"), root.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    let mut body: Vec<u8> = (0..(80u32 << 20) / 4).flat_map(|i| i.to_le_bytes()).collect();
+    std::fs::write(src.join("shard"), &body).unwrap();
+
+    let first = summary(&lanes_copy(&src, &dst, &["--checksum", "sha256"]));
+    assert_eq!(first["files_copied"], 1, "{first}");
+    assert_eq!(std::fs::read(dst.join("shard")).unwrap(), body);
+    let again = summary(&lanes_copy(&src, &dst, &["--checksum", "sha256"]));
+    assert_eq!(again["files_copied"], 0, "identical: skipped {again}");
+
+    // One byte in the middle of the copy changes, size and time kept: found and copied again.
+    let meta = std::fs::metadata(dst.join("shard")).unwrap();
+    body[40 << 20] ^= 1;
+    std::fs::write(dst.join("shard"), &body).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(dst.join("shard"))
+        .unwrap()
+        .set_times(std::fs::FileTimes::new().set_modified(meta.modified().unwrap()))
+        .unwrap();
+    let repaired = summary(&lanes_copy(&src, &dst, &["--checksum", "sha256"]));
+    assert_eq!(repaired["files_copied"], 1, "{repaired}");
+    assert_eq!(
+        std::fs::read(dst.join("shard")).unwrap(),
+        std::fs::read(src.join("shard")).unwrap()
+    );
+    no_temporaries(&dst);
+}

@@ -57,6 +57,26 @@ pub fn sha256(mut reader: impl Read) -> std::io::Result<[u8; 32]> {
     }
 }
 
+/// Files of at least this size have their two SHA-256s (source and copy) computed on two
+/// cores at once.
+pub const PARALLEL_HASH: u64 = 64 << 20;
+
+/// SHA-256 of an open file by positional reads, leaving its offset alone.
+fn sha256_at(file: &File) -> std::io::Result<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; BUFFER];
+    let mut offset = 0u64;
+    loop {
+        let n = file.read_at(&mut buffer, offset)?;
+        if n == 0 {
+            return Ok(hasher.finalize().into());
+        }
+        hasher.update(&buffer[..n]);
+        offset += n as u64;
+    }
+}
+
 /// How a copy is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verify {
@@ -114,6 +134,26 @@ fn write_temp(
     let written = match verify {
         // std::io::copy uses copy_file_range (reflink / in-kernel copy) between files.
         Verify::Size | Verify::Nothing => std::io::copy(&mut input, &mut output)?,
+        Verify::Sha256 if expected >= PARALLEL_HASH => {
+            // One core hashes the source (positional reads of the same open file); the other
+            // copies it in the kernel and hashes what was written.
+            let (source_hash, copied) = std::thread::scope(|scope| {
+                let source = scope.spawn(|| sha256_at(&input));
+                let copied = std::io::copy(&mut &input, &mut output)
+                    .and_then(|written| Ok((written, sha256(dst.open_file(temp)?)?)));
+                let source = source
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread failed")));
+                (source, copied)
+            });
+            let (written, written_hash) = copied?;
+            if written_hash != source_hash? {
+                return Err(std::io::Error::other(
+                    "SHA-256 of the written copy differs from the source",
+                ));
+            }
+            written
+        }
         Verify::Sha256 => {
             let (written, source_hash) = copy_hashing(&mut input, &mut output)?;
             let written_hash = sha256(dst.open_file(temp)?)?;
