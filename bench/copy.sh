@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Benchmark: `lanes copy` against rsync and cp on the same generated trees, in one run.
 #
-#   bench/copy.sh [RUNS]      (default 3; medians are reported)
+#   bench/copy.sh [RUNS]                      (default 3; medians are reported)
+#   TREES="tiny huge" bench/copy.sh [RUNS]    (only these trees)
 #
-# Trees: 10,000 files of 100 KiB, and 8 files of 256 MiB (random bytes). Page cache is
-# dropped before each timed run. Installs rsync when it is missing. Needs root (drop_caches).
+# Trees: small = 10,000 files of 100 KiB; large = 8 files of 256 MiB; tiny = 100,000 files
+# of 1-8 KiB, four directory levels deep; huge = one 4 GiB file (random bytes). Page cache
+# is dropped before each timed run. Also the peak RSS of lanes and rsync on the tiny tree.
+# Installs rsync when it is missing. Needs root (drop_caches).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
+trees=${TREES:-small large tiny huge}
 for tool in rsync bc; do
   command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }
 done
@@ -18,17 +22,29 @@ trap 'rm -rf "$work"' EXIT
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(df -h "$work" | awk 'NR==2{print $1" "$2}')"
 echo "generating trees in $work ..."
-mkdir -p "$work/small" "$work/large"
-python3 - "$work" <<'PY'
+mkdir -p "$work/small" "$work/large" "$work/tiny" "$work/huge"
+python3 - "$work" "$trees" <<'PY'
 import os, random, sys
-work = sys.argv[1]
+work, trees = sys.argv[1], sys.argv[2].split()
 rng = random.Random(42)
-for d in range(100):
+if "tiny" in trees:
+    # 100,000 files in 10 x 10 x 10 x 10 directories (four levels), 1-8 KiB each.
+    for i in range(100_000):
+        d = f"{work}/tiny/a{i // 10000 % 10}/b{i // 1000 % 10}/c{i // 100 % 10}/d{i // 10 % 10}"
+        if i % 10 == 0:
+            os.makedirs(d, exist_ok=True)
+        with open(f"{d}/f{i}", "wb") as out:
+            out.write(rng.randbytes(rng.randint(1024, 8192)))
+if "huge" in trees:
+    with open(f"{work}/huge/shard", "wb") as out:
+        for _ in range(4096):
+            out.write(os.urandom(1 << 20))
+for d in range(100 if "small" in trees else 0):
     os.makedirs(f"{work}/small/d{d:03}", exist_ok=True)
     for f in range(100):
         with open(f"{work}/small/d{d:03}/f{f:03}", "wb") as out:
             out.write(rng.randbytes(100 * 1024))
-for f in range(8):
+for f in range(8 if "large" in trees else 0):
     with open(f"{work}/large/f{f}", "wb") as out:
         for _ in range(256):
             out.write(os.urandom(1 << 20))
@@ -45,7 +61,7 @@ t() {
 }
 median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-for tree in small large; do
+for tree in $trees; do
   for run in $(seq "$runs"); do
     rm -rf "$work/dst"*
     t "$tree.cp"            cp -a "$work/$tree" "$work/dst-cp"
@@ -63,15 +79,24 @@ for tree in small large; do
   drop
   diff -r "$work/$tree" "$work/dst-cp" >/dev/null 2>&1 || true
 done
-for f in $(seq 3); do t sha.openssl openssl dgst -sha256 "$work/large/f0"; done
-for f in $(seq 3); do t sha.lanes "$lanes" copy "$work/large" "$work/dst-sha-$f" --checksum sha256 --jobs 1 --json; rm -rf "$work/dst-sha-$f"; done
+if [[ " $trees " == *" large "* ]]; then
+  for f in $(seq 3); do t sha.openssl openssl dgst -sha256 "$work/large/f0"; done
+  for f in $(seq 3); do t sha.lanes "$lanes" copy "$work/large" "$work/dst-sha-$f" --checksum sha256 --jobs 1 --json; rm -rf "$work/dst-sha-$f"; done
+fi
+if [[ " $trees " == *" tiny "* ]]; then
+  command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
+  peak() { drop; /usr/bin/time -v "$@" 2>&1 >/dev/null | awk '/Maximum resident/ {printf "%.0f", $6 / 1024}'; }
+  rss_lanes=$(peak "$lanes" copy "$work/tiny" "$work/dst-rss-lanes" --json)
+  rss_rsync=$(peak rsync -a "$work/tiny/" "$work/dst-rss-rsync/")
+  rm -rf "$work"/dst-rss-*
+fi
 
 printf '\n%-8s %-34s %9s %9s %7s\n' tree case lanes peer ratio
 row() { # tree label lanes-key peer-key
   local l p; l=$(median "$1.$3"); p=$(median "$1.$4")
   printf '%-8s %-34s %8.2fs %8.2fs %7.2f\n' "$1" "$2" "$l" "$p" "$(echo "$l / $p" | bc -l)"
 }
-for tree in small large; do
+for tree in $trees; do
   row $tree "first copy vs rsync -a"            lanes rsync
   row $tree "first copy vs cp -a"               lanes cp
   row $tree "unchanged re-run vs rsync -a"      lanes-rerun rsync-rerun
@@ -79,7 +104,12 @@ for tree in small large; do
   row $tree "sha256 re-run vs rsync --checksum" lanes-sha-rerun rsync-sum-rerun
 done
 echo
-echo "SHA-256, one 256 MiB file, cold cache: openssl $(median sha.openssl)s;" \
-     "lanes copy --checksum sha256 --jobs 1 of 8 x 256 MiB: $(median sha.lanes)s" \
-     "($(echo "2048 / $(median sha.lanes)" | bc) MiB/s incl. write + read-back verify)"
+if [ -f "$work/sha.lanes.times" ]; then
+  echo "SHA-256, one 256 MiB file, cold cache: openssl $(median sha.openssl)s;" \
+       "lanes copy --checksum sha256 --jobs 1 of 8 x 256 MiB: $(median sha.lanes)s" \
+       "($(echo "2048 / $(median sha.lanes)" | bc) MiB/s incl. write + read-back verify)"
+fi
+if [ -n "${rss_lanes:-}" ]; then
+  echo "peak RSS, first copy of the tiny tree: lanes ${rss_lanes} MiB, rsync -a ${rss_rsync} MiB (rsync: its largest process)"
+fi
 echo "(ratio = lanes / peer; below 1.0 means lanes is faster)"

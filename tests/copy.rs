@@ -484,7 +484,9 @@ fn a_large_file_is_hashed_on_both_sides_at_once_and_still_checked() {
     let root = tempfile::tempdir().unwrap();
     let (src, dst) = (root.path().join("src"), root.path().join("dst"));
     std::fs::create_dir(&src).unwrap();
-    let mut body: Vec<u8> = (0..(80u32 << 20) / 4).flat_map(|i| i.to_le_bytes()).collect();
+    let mut body: Vec<u8> = (0..(80u32 << 20) / 4)
+        .flat_map(|i| i.to_le_bytes())
+        .collect();
     std::fs::write(src.join("shard"), &body).unwrap();
 
     let first = summary(&lanes_copy(&src, &dst, &["--checksum", "sha256"]));

@@ -183,12 +183,7 @@ async fn pull_file<S: ObjectStore>(
 ) -> Result<Option<u64>> {
     let expected = entry.sha256.unwrap_or(Digest([0; 32]));
     let (parent_rel, name) = split(&entry.path);
-    let (root, shown, check, sha) = (
-        root.clone(),
-        entry.path.clone(),
-        name.clone(),
-        expected,
-    );
+    let (root, shown, check, sha) = (root.clone(), entry.path.clone(), name.clone(), expected);
     let (parent, identical) = blocking(move || {
         let parent = root
             .walk(&parent_rel)

@@ -43,7 +43,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             }
         }
         let (root, exclude) = (dir.to_owned(), self.exclude.clone());
-        let entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
+        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??;
         let parent = self.resolve(name, &Selector::Latest).await.ok();
@@ -57,21 +57,16 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             Some(cache_dir) => HashCache::open(cache_dir, dir),
             None => HashCache::disabled(),
         });
-        let shared = Arc::new(entries);
         let sent = self
-            .send_bodies(dir, shared.clone(), Arc::new(known), cache.clone())
+            .send_bodies(dir, &mut entries, Arc::new(known), cache.clone())
             .await?;
-        let mut entries = Arc::try_unwrap(shared)
-            .map_err(|_| Error::Invalid("an upload task outlived the push".into()))?;
-        for (index, read, _, _) in &sent.hashed {
-            entries[*index].size = read.size;
-            entries[*index].sha256 = Some(Digest(read.sha256));
-        }
         // The hashes are facts about the files whatever happens to this push next.
         let hashed = sent.hashed;
         let entries = tokio::task::spawn_blocking(move || {
-            cache.save(hashed.iter().map(|(index, read, stamp, seen)| {
-                (entries[*index].path.as_str(), *stamp, read.sha256, *seen)
+            cache.save(hashed.iter().map(|&(index, stamp, seen)| {
+                let entry = &entries[index as usize];
+                let sha256 = entry.sha256.map_or([0; 32], |d| d.0);
+                (entry.path.as_str(), stamp, sha256, seen)
             }));
             entries
         })
@@ -149,20 +144,21 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     }
 }
 
-/// What [`Repo::send_bodies`] did: each file's hash (by entry index, with the file's stamp and
-/// when it was taken) and what was uploaded.
 /// What one body's task found: its entry's index, the read, the file's stamp and when it was
 /// taken, and whether this push uploaded the body.
 type Done = (usize, ReadBody, Stamp, i64, bool);
 
+/// What [`Repo::send_bodies`] did: for the hash cache, each hashed file's entry index, stamp
+/// and when it was taken (the hash and size went into the entry itself); what was uploaded.
 struct Sent {
-    hashed: Vec<(usize, ReadBody, Stamp, i64)>,
+    hashed: Vec<(u32, Stamp, i64)>,
     uploaded: usize,
     bytes_uploaded: u64,
 }
 
 impl<S: ObjectStore + Clone + 'static> Repo<S> {
-    /// Hashes every file of `entries` (under `dir`) and uploads each body that is neither in
+    /// Hashes every file of `entries` (under `dir`), recording each file's size and hash in
+    /// its entry, and uploads each body that is neither in
     /// `known` nor already sent by this push, as soon as it is hashed: reading, hashing and
     /// sending overlap. A file `cache` remembers, whose body is `known`, is not read at all.
     /// A body of at most [`SMALL_BODY`] bytes is read once, hashed and sent from memory with
@@ -172,7 +168,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     async fn send_bodies(
         &self,
         dir: &Path,
-        entries: Arc<Vec<Entry>>,
+        entries: &mut [Entry],
         known: Arc<HashSet<Digest>>,
         cache: Arc<HashCache>,
     ) -> Result<Sent> {
@@ -199,9 +195,13 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         // Test hook: `LANES_FAILPOINT=dataset.push.uploaded:N` dies after N uploads, before
         // the manifest is written.
         let kill_at = crate::failpoint::count("dataset.push.uploaded");
-        let record = |sent: &mut Sent, done: Result<Result<Done>, tokio::task::JoinError>| {
+        let record = |sent: &mut Sent,
+                      entries: &mut [Entry],
+                      done: Result<Result<Done>, tokio::task::JoinError>| {
             let (index, read, stamp, seen, created) =
                 done.map_err(|e| Error::Invalid(e.to_string()))??;
+            entries[index].size = read.size;
+            entries[index].sha256 = Some(Digest(read.sha256));
             if created {
                 sent.uploaded += 1;
                 sent.bytes_uploaded += read.size;
@@ -209,7 +209,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     crate::failpoint::kill("dataset.push.uploaded");
                 }
             }
-            sent.hashed.push((index, read, stamp, seen));
+            sent.hashed.push((index as u32, stamp, seen));
             Ok::<_, Error>(())
         };
         for index in files {
@@ -219,7 +219,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             if tasks.len() >= jobs
                 && let Some(done) = tasks.join_next().await
             {
-                record(&mut sent, done)?;
+                record(&mut sent, entries, done)?;
             }
             let (store, progress) = (self.store.clone(), progress.clone());
             let (hashing, claimed) = (hashing.clone(), claimed.clone());
@@ -265,7 +265,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             });
         }
         while let Some(done) = tasks.join_next().await {
-            record(&mut sent, done)?;
+            record(&mut sent, entries, done)?;
         }
         Ok(sent)
     }
