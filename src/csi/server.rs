@@ -68,6 +68,17 @@ pub struct ServeOptions {
     pub local: Option<LocalSocket>,
 }
 
+impl ServeOptions {
+    /// The roles this process holds the data directory for: a node plugin provisioning its
+    /// node-local lanes is their controller too.
+    fn held(&self) -> Roles {
+        Roles {
+            controller: self.roles.controller || self.local.is_some(),
+            node: self.roles.node,
+        }
+    }
+}
+
 /// The socket on which a node plugin provisions and serves its node-local lanes (local,
 /// fast-rwo) under a driver name of their own: a csi-provisioner with `--node-deployment`
 /// beside it sends the CreateVolume calls of its node here, so quotas, loop devices and mkfs
@@ -254,12 +265,7 @@ pub async fn run(options: ServeOptions) -> Result<(), ServeError> {
         context: format!("create data dir {}", options.data_dir.display()),
         source,
     })?;
-    // A node plugin provisioning its node-local lanes is their controller too.
-    let held = Roles {
-        controller: options.roles.controller || options.local.is_some(),
-        node: options.roles.node,
-    };
-    let _held = lock_data_dir(&options.data_dir, held)?;
+    let _held = lock_data_dir(&options.data_dir, options.held())?;
     let uncovered = [Some(&socket), local_socket.as_ref()]
         .into_iter()
         .flatten()
@@ -463,10 +469,10 @@ fn build(options: &ServeOptions, uncovered: Vec<PathBuf>) -> Result<Plugin, Serv
         mounter,
         // Serving both roles, this process holds both data-dir locks: no other Lanes process
         // can share the directory, so the in-memory guard is enough.
-        inflight: InFlight::new(
-            (!((options.roles.controller || options.local.is_some()) && options.roles.node))
-                .then_some(locks),
-        ),
+        inflight: InFlight::new({
+            let held = options.held();
+            (!(held.controller && held.node)).then_some(locks)
+        }),
         confinement: Confinement::new([options.data_dir.clone()], uncovered),
         lanes,
         profiles: options.config.profiles.clone(),

