@@ -12,15 +12,21 @@ if [ -z "$helm" ]; then
 fi
 rendered=$(mktemp)
 trap 'rm -f "$rendered"' EXIT
-"$helm" template lanes deploy/helm/lanes --namespace lanes-system --set createNamespace=true >"$rendered"
+"$helm" template lanes deploy/helm/lanes --namespace lanes-system --set createNamespace=true --include-crds >"$rendered"
 mkdir -p "$out"
 rm -f "$out"/*.yaml
-# Each document starts with `---` and `# Source: lanes/templates/FILE`; documents of one
-# template go to deploy/kubernetes/FILE, in the order Helm would apply them.
+# Each document starts with `---` and `# Source: lanes/templates/FILE` (or lanes/crds/FILE);
+# documents of one template go to deploy/kubernetes/FILE (a CRD to 00-crd-FILE, applied
+# first), in the order Helm would apply them.
 awk -v out="$out" '
   /^---$/ { pending = 1; next }
+  pending && /^# Source: lanes\/crds\// {
+    file = out "/00-crd-" substr($0, length("# Source: lanes/crds/") + 1)
+  }
   pending && /^# Source: lanes\/templates\// {
     file = out "/" substr($0, length("# Source: lanes/templates/") + 1)
+  }
+  pending && /^# Source: lanes\/(crds|templates)\// {
     if (!(file in seen)) {
       seen[file] = 1
       print "# Rendered from deploy/helm/lanes by scripts/render-manifests.sh: edit the chart." > file

@@ -23,7 +23,14 @@ struct RawConfig {
     mount_timeout_seconds: Option<u64>,
     datasets: RawDatasets,
     cache: RawCache,
+    access: RawAccess,
     profiles: std::collections::BTreeMap<String, crate::lane::profile::RawProfile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawAccess {
+    user_from: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -55,6 +62,8 @@ pub struct Config {
     pub cache: CacheSettings,
     /// The storage profiles StorageClasses pick from.
     pub profiles: crate::lane::Profiles,
+    /// Where the node reads the user a pod runs for (`access.user_from`).
+    pub user_from: crate::access::UserSource,
 }
 
 /// A configuration file that could not be used.
@@ -155,6 +164,11 @@ impl Config {
             git: GitPolicy::from_raw(raw.datasets.git.clone()).map_err(invalid)?,
             profiles: crate::lane::Profiles::from_raw(raw.profiles).map_err(invalid)?,
             datasets: Buckets::from_raw(raw.datasets, data_dir).map_err(invalid)?,
+            user_from: match raw.access.user_from {
+                Some(text) => crate::access::UserSource::parse(&text)
+                    .map_err(|e| invalid(format!("access.user_from: {e}")))?,
+                None => Default::default(),
+            },
         })
     }
 }
@@ -191,6 +205,7 @@ mod tests {
             "cache:\n  max_bytes: 0\n",
             "cache:\n  publish_timeout_seconds: 0\n",
             "cache:\n  max_byte: 1Gi\n",
+            "access:\n  user_from: field:x\n",
             "datasets:\n  buckets: {a: {dataset_path: \"gs://x\"}}\n",
         ] {
             let err = Config::parse(bad, "t", Path::new("/d"))

@@ -7,6 +7,7 @@
 // than the default when their future types are laid out.
 #![recursion_limit = "256"]
 
+pub mod access;
 pub mod cache;
 pub mod cli;
 pub mod config;

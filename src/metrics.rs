@@ -18,6 +18,7 @@ pub struct Metrics {
     seconds: HistogramVec,
     fill_bytes: IntGaugeVec,
     fill_files: IntGaugeVec,
+    access: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,6 +64,17 @@ impl Metrics {
             "lanes_dataset_download_files",
             "Files of a dataset being cached on this node: done and total",
         );
+        let access = IntCounterVec::new(
+            Opts::new(
+                "lanes_access_decisions_total",
+                "Permission decisions on owned volumes at NodePublishVolume, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(access.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(calls.clone()))
             .expect("registered once");
@@ -75,7 +87,13 @@ impl Metrics {
             seconds,
             fill_bytes,
             fill_files,
+            access,
         }
+    }
+
+    /// Counts one permission decision: `allowed`, `read-only`, `denied` or `unavailable`.
+    pub fn access_decision(&self, outcome: &str) {
+        self.access.with_label_values(&[outcome]).inc();
     }
 
     /// Records one finished call and the name of its gRPC code (`Ok`, `NotFound`, ...).
@@ -192,9 +210,10 @@ mod tests {
         let metrics = Metrics::new();
         metrics.record("CreateVolume", "Ok", Instant::now());
         metrics.fill_progress("bucket/name:v1", &Default::default());
+        metrics.access_decision("denied");
         let readme = include_str!("../README.md");
         let families = metrics.registry.gather();
-        assert_eq!(families.len(), 4, "a new metric: document it in the README");
+        assert_eq!(families.len(), 5, "a new metric: document it in the README");
         for family in families {
             let row = readme
                 .lines()

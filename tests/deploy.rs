@@ -3,12 +3,16 @@
 
 mod common;
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use std::path::Path;
@@ -94,6 +98,9 @@ fn check_typed(value: &Value, source: &str) {
         "Service" => typed::<Service>(value),
         "Pod" => typed::<Pod>(value),
         "PersistentVolumeClaim" => typed::<PersistentVolumeClaim>(value),
+        "CustomResourceDefinition" => typed::<CustomResourceDefinition>(value),
+        "ValidatingAdmissionPolicy" => typed::<ValidatingAdmissionPolicy>(value),
+        "ValidatingAdmissionPolicyBinding" => typed::<ValidatingAdmissionPolicyBinding>(value),
         // No Rust type in k8s-openapi (CRDs of external-snapshotter and prometheus-operator).
         "VolumeSnapshotClass" => volume_snapshot_class(value),
         "ServiceMonitor" => service_monitor(value),
@@ -147,6 +154,8 @@ fn manifests_parse_into_kubernetes_types_without_losing_fields() {
         "DaemonSet",
         "StorageClass",
         "ClusterRole",
+        "CustomResourceDefinition",
+        "ValidatingAdmissionPolicy",
     ] {
         assert!(
             kinds.iter().any(|k| k == wanted),
@@ -800,4 +809,115 @@ fn chart_rules(docs: &[Value], args: &[&str]) {
         }
     }
     assert_eq!(roles_seen, ["controller", "node"], "{args:?}");
+}
+
+#[test]
+fn the_shipped_crds_are_the_ones_the_code_generates() {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/helm/lanes/crds/storagegroups.lanes.csi.dev.yaml");
+    assert_eq!(
+        std::fs::read_to_string(&chart).unwrap(),
+        lanes::access::group::crd_yaml(),
+        "{} is stale: run `lanes crds > {0}` and scripts/render-manifests.sh",
+        chart.display()
+    );
+}
+
+/// The admission policy's CEL, evaluated the way the API server does: variables in order, then
+/// each validation; `Ok(())` admits, `Err(message)` is the first refusal.
+fn admit(policy: &ValidatingAdmissionPolicy, object: Value, username: &str) -> Result<(), String> {
+    let spec = policy.spec.as_ref().unwrap();
+    let mut context = cel::Context::default();
+    context.add_variable("object", &object).unwrap();
+    context
+        .add_variable(
+            "request",
+            serde_json::json!({"userInfo": {"username": username}}),
+        )
+        .unwrap();
+    let mut variables = serde_json::Map::new();
+    let run = |expression: &str, variables: &serde_json::Map<String, Value>| {
+        let mut scope = context.new_inner_scope();
+        scope.add_variable("variables", variables).unwrap();
+        let program = cel::Program::compile(expression)
+            .unwrap_or_else(|e| panic!("{expression}: does not compile: {e}"));
+        let value = program
+            .execute(&scope)
+            .unwrap_or_else(|e| panic!("{expression}: {e}"));
+        value.json().unwrap()
+    };
+    for variable in spec.variables.as_deref().unwrap_or_default() {
+        let value = run(&variable.expression, &variables);
+        variables.insert(variable.name.clone(), value);
+    }
+    for validation in spec.validations.as_deref().unwrap_or_default() {
+        if run(&validation.expression, &variables) != Value::Bool(true) {
+            let message = run(
+                validation.message_expression.as_deref().unwrap(),
+                &variables,
+            );
+            return Err(message.as_str().unwrap().to_owned());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_admission_policy_pins_a_pods_user_to_its_creator() {
+    let policy: ValidatingAdmissionPolicy = manifest("admission.yaml");
+    let binding: ValidatingAdmissionPolicyBinding = manifest("admission.yaml");
+    let binding = binding.spec.unwrap();
+    assert_eq!(binding.policy_name, policy.metadata.name);
+    assert_eq!(binding.validation_actions.unwrap(), ["Deny"]);
+    let pod = |labels: Value, annotations: Value| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}})
+    };
+    let alice = serde_json::json!({"lanes.csi.dev/user": "alice"});
+    let none = serde_json::json!({});
+    // Own name, or none: admitted.
+    assert_eq!(
+        admit(&policy, pod(alice.clone(), none.clone()), "alice"),
+        Ok(())
+    );
+    assert_eq!(
+        admit(&policy, pod(none.clone(), none.clone()), "bob"),
+        Ok(())
+    );
+    assert_eq!(
+        admit(
+            &policy,
+            pod(serde_json::json!({"app": "x"}), none.clone()),
+            "bob"
+        ),
+        Ok(())
+    );
+    // Someone else's name, as a label or an annotation: refused, saying who and why.
+    let refused = admit(&policy, pod(alice.clone(), none.clone()), "bob").unwrap_err();
+    assert!(
+        refused.contains("names alice") && refused.contains("comes from bob"),
+        "{refused}"
+    );
+    assert!(admit(&policy, pod(none.clone(), alice.clone()), "bob").is_err());
+    // Kubernetes' workload controllers make pods from templates already checked.
+    assert_eq!(
+        admit(
+            &policy,
+            pod(alice.clone(), none.clone()),
+            "system:serviceaccount:kube-system:replicaset-controller"
+        ),
+        Ok(())
+    );
+    // Workload templates are checked against their creator.
+    let deployment = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "spec": {"template": {"metadata": {"labels": alice}}}});
+    assert_eq!(admit(&policy, deployment.clone(), "alice"), Ok(()));
+    assert!(admit(&policy, deployment, "mallory").is_err());
+    let cronjob = serde_json::json!({"apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": "c"},
+        "spec": {"jobTemplate": {"spec": {"template": {"metadata": {"annotations": alice}}}}}});
+    assert_eq!(admit(&policy, cronjob.clone(), "alice"), Ok(()));
+    assert!(admit(&policy, cronjob, "mallory").is_err());
 }

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod csi;
 pub mod dataset;
+pub mod storage;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -110,6 +111,10 @@ pub enum Command {
     /// The storage profiles StorageClasses pick from: lane, backend, availability here and
     /// now, whether capacity is enforced, what each is best for.
     Profiles(ProfilesArgs),
+    /// Personal and group storage (admins): who may do what; grant and revoke levels.
+    Storage(storage::StorageArgs),
+    /// Print the CustomResourceDefinitions Lanes serves (YAML), as deploy/ holds them.
+    Crds,
     /// Print a shell completion script: `lanes completion bash > /etc/bash_completion.d/lanes`.
     Completion {
         /// bash, zsh, fish, elvish or powershell.
@@ -503,6 +508,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(args) => return run_cache(args, cli.config.as_deref(), &cli.data_dir),
         Command::Profiles(args) => {
             return run_profiles(args, cli.config.as_deref(), &cli.data_dir).await;
+        }
+        Command::Storage(args) => return storage::run(args).await,
+        Command::Crds => {
+            print!("{}", crate::access::group::crd_yaml());
+            return Ok(());
         }
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::status::missing;
 use super::{Plugin, caps};
+use crate::access::Ownership;
 use crate::lane::controller::{ControllerLane, Segments};
 use crate::lane::dataset::DATASET_KEY;
 use crate::lane::local::CreateRequest;
@@ -31,6 +32,13 @@ pub const PVC_DATASET_ANNOTATION: &str = "lanes.csi.dev/dataset";
 /// Marks ListVolumes tokens as ours.
 const TOKEN_PREFIX: &str = "after:";
 
+/// What a PVC's annotations ask of the volume made for it.
+#[derive(Debug, Default)]
+struct Claim {
+    dataset: Option<String>,
+    ownership: Option<Ownership>,
+}
+
 /// Controller service over the shared plugin state.
 #[derive(Debug, Clone)]
 pub struct ControllerService(pub Arc<Plugin>);
@@ -44,6 +52,7 @@ impl ControllerService {
                 .dataset
                 .iter()
                 .map(|pin| (DATASET_KEY.to_owned(), pin.clone()))
+                .chain(meta.params.ownership.iter().flat_map(Ownership::context))
                 .collect(),
             content_source: meta.content_source.as_deref().and_then(content_source),
             // No segments: reachable from every node (the spec's empty list).
@@ -146,21 +155,19 @@ impl ControllerService {
             .try_for_each(|c| lane.access(&caps::capability(c)?).map(drop))
     }
 
-    /// The dataset a PVC asks for in its `lanes.csi.dev/dataset` annotation. csi-provisioner
-    /// names the PVC in the parameters when run with `--extra-create-metadata`; without those
-    /// parameters, or without a Kubernetes API, there is none.
-    async fn pvc_dataset(
-        &self,
-        parameters: &HashMap<String, String>,
-    ) -> Result<Option<String>, Status> {
+    /// What the PVC's annotations ask of its volume: a dataset (`lanes.csi.dev/dataset`) and
+    /// an owner (`lanes.csi.dev/owner` or `lanes.csi.dev/group`). csi-provisioner names the
+    /// PVC in the parameters when run with `--extra-create-metadata`; without those
+    /// parameters, or without a Kubernetes API, the PVC asks nothing.
+    async fn claim(&self, parameters: &HashMap<String, String>) -> Result<Claim, Status> {
         let (Some(name), Some(namespace)) = (
             parameters.get("csi.storage.k8s.io/pvc/name"),
             parameters.get("csi.storage.k8s.io/pvc/namespace"),
         ) else {
-            return Ok(None);
+            return Ok(Claim::default());
         };
         let Some(client) = self.0.kube().await else {
-            return Ok(None);
+            return Ok(Claim::default());
         };
         let api: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client, namespace);
         let pvc = match api.get_opt(name).await {
@@ -168,22 +175,20 @@ impl ControllerService {
             Err(kube::Error::Api(status)) if status.code == 404 => None,
             Err(e) => {
                 return Err(Status::unavailable(format!(
-                    "reading PVC {namespace}/{name} for its {PVC_DATASET_ANNOTATION} annotation: {e}"
+                    "reading PVC {namespace}/{name} for its lanes.csi.dev annotations: {e}"
                 )));
             }
         };
-        let Some(reference) = pvc
-            .and_then(|p| p.metadata.annotations)
-            .and_then(|a| a.get(PVC_DATASET_ANNOTATION).cloned())
-        else {
-            return Ok(None);
-        };
-        crate::dataset::Reference::parse(&reference).map_err(|e| {
-            Status::invalid_argument(format!(
-                "PVC {namespace}/{name} annotation {PVC_DATASET_ANNOTATION}: {e}"
-            ))
-        })?;
-        Ok(Some(reference))
+        let annotations = pvc.and_then(|p| p.metadata.annotations).unwrap_or_default();
+        let invalid = |e: String| Status::invalid_argument(format!("PVC {namespace}/{name}: {e}"));
+        let dataset = annotations.get(PVC_DATASET_ANNOTATION).cloned();
+        if let Some(reference) = &dataset {
+            crate::dataset::Reference::parse(reference)
+                .map_err(|e| invalid(format!("annotation {PVC_DATASET_ANNOTATION}: {e}")))?;
+        }
+        let ownership = Ownership::from_annotations(&annotations, format!("{namespace}/{name}"))
+            .map_err(invalid)?;
+        Ok(Claim { dataset, ownership })
     }
 
     /// Resolves a dataset reference to the version it names now.
@@ -255,9 +260,11 @@ impl Controller for ControllerService {
                         "mutable_parameters are not supported (no MODIFY_VOLUME capability)",
                     ));
                 }
+                let claim = Box::pin(self.claim(&req.parameters)).await?;
                 if params.dataset.is_none() {
-                    params.dataset = Box::pin(self.pvc_dataset(&req.parameters)).await?;
+                    params.dataset = claim.dataset;
                 }
+                params.ownership = claim.ownership;
                 let requisite: Vec<Segments> = req
                     .accessibility_requirements
                     .iter()

@@ -74,6 +74,8 @@ pub struct Plugin {
     /// The Kubernetes API, found on first use (in-cluster or a kubeconfig); `None` when
     /// there is none (standalone use), which turns off what needs it.
     pub kube: Arc<crate::kubeapi::Kube>,
+    /// Who is asking and what they may do (personal and group volumes, node role).
+    pub access: Arc<crate::access::directory::Directory>,
 }
 
 impl std::fmt::Debug for Plugin {

@@ -7,6 +7,7 @@
 //! by what the request or the node ledger says); call it; map its error to a gRPC code
 //! ([`super::status`]). The rules of mounting live in [`crate::lane::node`] and the lanes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -27,6 +28,39 @@ use crate::text::Shown;
 pub struct NodeService(pub Arc<Plugin>);
 
 impl NodeService {
+    /// Applies personal and group permissions to a publish: refuses (PERMISSION_DENIED, or
+    /// UNAVAILABLE when it cannot know), or answers whether the mount must be read-only
+    /// whatever the pod asked. Unowned volumes pass as before.
+    async fn admit(&self, context: &HashMap<String, String>) -> Result<bool, Status> {
+        use crate::access::{Decision, Ownership, directory::PodRef};
+        let Some(ownership) = Ownership::from_context(context).map_err(Status::invalid_argument)?
+        else {
+            return Ok(false);
+        };
+        let metrics = &self.0.metrics;
+        let Some(pod) = PodRef::from_context(context) else {
+            metrics.access_decision("denied");
+            return Err(Status::permission_denied(format!(
+                "{} is owned, and the CO named no pod to decide for: the CSIDriver must set \
+                 podInfoOnMount: true",
+                ownership.describe()
+            )));
+        };
+        let decision = self.0.access.decide(&ownership, &pod).await.map_err(|e| {
+            metrics.access_decision("unavailable");
+            Status::unavailable(e.to_string())
+        })?;
+        metrics.access_decision(decision.outcome());
+        match decision {
+            Decision::AsAsked => Ok(false),
+            Decision::ReadOnly => {
+                tracing::info!(pod.namespace = %pod.namespace, pod.name = %pod.name, volume = %ownership.describe(), "read access only: mounting read-only");
+                Ok(true)
+            }
+            Decision::Denied(message) => Err(Status::permission_denied(message)),
+        }
+    }
+
     /// On the node-local driver's socket, the controller half of an expansion (a bigger disk
     /// image, a higher quota) runs here, before the node half: no ControllerExpandVolume
     /// comes (see ControllerGetCapabilities). Growing is idempotent and never shrinks, so a
@@ -192,13 +226,15 @@ impl Node for NodeService {
                     "" => None,
                     text => Some(self.request_path("staging_target_path", text)?),
                 };
+                // Inline volumes are the pod's own: only claims carry an owner.
+                let read_only_by_grant = !inline && self.admit(&req.volume_context).await?;
                 let _guard = self.0.guard(&req.volume_id)?;
                 lane.publish(Publish {
                     volume_id: &req.volume_id,
                     target: &target,
                     staging: staging.as_ref(),
                     capability: &capability,
-                    readonly: req.readonly,
+                    readonly: req.readonly || read_only_by_grant,
                     context: &req.volume_context,
                 })
                 .await?;

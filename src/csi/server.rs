@@ -481,6 +481,12 @@ fn build(options: &ServeOptions, uncovered: Vec<PathBuf>) -> Result<Plugin, Serv
         failpoint,
         data_dir: options.data_dir.clone(),
         sources,
+        access: Arc::new(crate::access::directory::Directory::new(
+            kube.clone(),
+            &options.node_id,
+            &options.driver_name,
+            options.config.user_from.clone(),
+        )),
         kube,
     })
 }

@@ -244,6 +244,14 @@ fn harness(local: Arc<FakeNode>) -> Harness {
             config.datasets.clone(),
             1,
         )),
+        access: Arc::new(crate::access::directory::Directory::new(
+            Arc::new(crate::kubeapi::Kube::none(
+                "no Kubernetes API in handler tests",
+            )),
+            "node",
+            "lanes.csi.dev",
+            Default::default(),
+        )),
         kube: Arc::new(crate::kubeapi::Kube::none(
             "no Kubernetes API in handler tests",
         )),

@@ -34,6 +34,9 @@ pub struct CreateParams {
     /// A dataset reference whose data the volume starts with (pinned at creation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
+    /// Whom the volume belongs to (personal or group storage), from the PVC's annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<crate::access::Ownership>,
 }
 
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
