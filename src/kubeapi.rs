@@ -9,6 +9,7 @@ use tokio::sync::OnceCell;
 #[derive(Default)]
 pub struct Kube {
     client: OnceCell<Result<kube::Client, String>>,
+    fail_fast: OnceCell<Result<kube::Client, String>>,
 }
 
 impl std::fmt::Debug for Kube {
@@ -23,7 +24,8 @@ impl Kube {
     /// A factory that hands out `client` (tests point it at their own API server).
     pub fn with(client: kube::Client) -> Kube {
         Kube {
-            client: OnceCell::new_with(Some(Ok(client))),
+            client: OnceCell::new_with(Some(Ok(client.clone()))),
+            fail_fast: OnceCell::new_with(Some(Ok(client))),
         }
     }
 
@@ -31,6 +33,7 @@ impl Kube {
     pub fn none(reason: &str) -> Kube {
         Kube {
             client: OnceCell::new_with(Some(Err(reason.to_owned()))),
+            fail_fast: OnceCell::new_with(Some(Err(reason.to_owned()))),
         }
     }
 
@@ -41,6 +44,22 @@ impl Kube {
                 kube::Client::try_default().await.map_err(|e| {
                     format!("no Kubernetes API reachable (in-cluster or kubeconfig): {e}")
                 })
+            })
+            .await
+            .clone()
+    }
+
+    /// A client that does not retry an answer of 429/503/504 itself: for callers that must
+    /// see at once that the API is unavailable (the node's permission decisions fail closed
+    /// and retry on their own terms) rather than wait through minutes of back-off.
+    pub async fn fail_fast(&self) -> Result<kube::Client, String> {
+        self.fail_fast
+            .get_or_init(|| async {
+                let mut config = kube::Config::infer().await.map_err(|e| {
+                    format!("no Kubernetes API reachable (in-cluster or kubeconfig): {e}")
+                })?;
+                config.default_retry = false;
+                kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
             })
             .await
             .clone()

@@ -15,8 +15,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
+use kube::runtime::events;
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::{WatchStreamExt, events};
 use tokio::sync::OnceCell;
 
 use super::{Decision, Ownership, StorageGroup, UserSource, decide};
@@ -24,6 +24,9 @@ use crate::kubeapi::Kube;
 
 /// How long the first publish of an owned volume waits for the caches' first full list.
 const WARM_UP: Duration = Duration::from_secs(5);
+/// The pause before listing again after a watch failed, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The pod a NodePublishVolume is for, as kubelet names it (`podInfoOnMount`).
 #[derive(Debug, Clone)]
@@ -53,6 +56,16 @@ impl PodRef {
 pub struct Unknown {
     volume: String,
     reason: String,
+}
+
+/// An API error as a person reads it: the server's message and code, or the transport's.
+fn shown(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Objects of one kind kept by a watch, by `namespace/name`.
@@ -91,40 +104,52 @@ where
         });
         let feed = Arc::downgrade(&watched);
         tokio::spawn(async move {
-            let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
-            let mut listing = HashMap::new();
-            while let Some(event) = stream.next().await {
-                let Some(watched) = feed.upgrade() else {
-                    return;
-                };
-                let mut state = watched.state.write().unwrap_or_else(|e| e.into_inner());
-                match event {
-                    Ok(Event::Init) => listing.clear(),
-                    Ok(Event::InitApply(object)) => {
-                        listing.insert(key_of(&object), object);
-                    }
-                    Ok(Event::InitDone) => {
-                        state.objects = std::mem::take(&mut listing);
-                        state.healthy = true;
-                        watched.synced.notify_waiters();
-                    }
-                    Ok(Event::Apply(object)) => {
-                        state.objects.insert(key_of(&object), object);
-                    }
-                    Ok(Event::Delete(object)) => {
-                        state.objects.remove(&key_of(&object));
-                    }
-                    Err(e) => {
-                        if state.healthy {
-                            tracing::warn!(
-                                kind,
-                                error = %e,
-                                "watch failed: access decisions read from the API until it is listed again"
-                            );
+            let mut pause = RETRY_FIRST;
+            // Each round lists everything afresh, then follows the watch until it fails; the
+            // cache counts as healthy only between a full list and the next failure.
+            loop {
+                let mut stream = std::pin::pin!(watcher::watcher(api.clone(), config.clone()));
+                let mut listing = HashMap::new();
+                while let Some(event) = stream.next().await {
+                    let Some(watched) = feed.upgrade() else {
+                        return;
+                    };
+                    let mut state = watched.state.write().unwrap_or_else(|e| e.into_inner());
+                    match event {
+                        Ok(Event::Init) => listing.clear(),
+                        Ok(Event::InitApply(object)) => {
+                            listing.insert(key_of(&object), object);
                         }
-                        state.healthy = false;
+                        Ok(Event::InitDone) => {
+                            state.objects = std::mem::take(&mut listing);
+                            state.healthy = true;
+                            pause = RETRY_FIRST;
+                            watched.synced.notify_waiters();
+                        }
+                        Ok(Event::Apply(object)) => {
+                            state.objects.insert(key_of(&object), object);
+                        }
+                        Ok(Event::Delete(object)) => {
+                            state.objects.remove(&key_of(&object));
+                        }
+                        Err(e) => {
+                            if state.healthy {
+                                tracing::warn!(
+                                    kind,
+                                    error = %e,
+                                    "watch failed: access decisions read from the API until it is listed again"
+                                );
+                            }
+                            state.healthy = false;
+                            break;
+                        }
                     }
                 }
+                if feed.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_MAX);
             }
         });
         watched
@@ -187,7 +212,7 @@ impl Directory {
     }
 
     async fn caches(&self, volume: &str) -> Result<&Caches, Unknown> {
-        let client = self.kube.client().await.map_err(|reason| Unknown {
+        let client = self.kube.fail_fast().await.map_err(|reason| Unknown {
             volume: volume.to_owned(),
             reason,
         })?;
@@ -208,6 +233,9 @@ impl Directory {
                     controller: self.driver_name.clone(),
                     instance: Some(self.node_name.clone()),
                 };
+                // The first decision waits (a little) for the first full lists; later ones
+                // never wait on a watch.
+                tokio::join!(pods.wait_synced(WARM_UP), groups.wait_synced(WARM_UP));
                 Caches {
                     recorder: events::Recorder::new(client.clone(), reporter),
                     client,
@@ -216,10 +244,6 @@ impl Directory {
                 }
             })
             .await;
-        tokio::join!(
-            caches.pods.wait_synced(WARM_UP),
-            caches.groups.wait_synced(WARM_UP)
-        );
         Ok(caches)
     }
 
@@ -229,7 +253,7 @@ impl Directory {
         let caches = self.caches(&volume).await?;
         let unknown = |what: &str, e: kube::Error| Unknown {
             volume: volume.clone(),
-            reason: format!("reading {what} from the Kubernetes API: {e}"),
+            reason: format!("reading {what} from the Kubernetes API: {}", shown(&e)),
         };
         let pod_key = format!("{}/{}", pod.namespace, pod.name);
         let cached =

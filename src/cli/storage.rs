@@ -33,14 +33,18 @@ pub enum StorageCommand {
         /// Every namespace (needs cluster-wide list rights).
         #[arg(long, short = 'A')]
         all_namespaces: bool,
+        /// Print JSON: an array with one object per volume.
         #[arg(long)]
         json: bool,
     },
     /// Give USER a level (read, write or admin) in GROUP, or many from `--from FILE`
     /// (lines `user,level`); makes the StorageGroup if it does not exist.
     Grant {
+        /// The StorageGroup (in the namespace).
         group: String,
+        /// The user, as Kubernetes authenticates them.
         user: Option<String>,
+        /// read, write or admin.
         level: Option<String>,
         /// A CSV file of `user,level` lines (`#` comments and a `user,level` header allowed).
         #[arg(long = "from", conflicts_with_all = ["user", "level"])]
@@ -48,8 +52,11 @@ pub enum StorageCommand {
     },
     /// Take USER out of GROUP, or many from `--from FILE` (the first column of each line).
     Revoke {
+        /// The StorageGroup (in the namespace).
         group: String,
+        /// The user to take out.
         user: Option<String>,
+        /// A CSV file whose lines' first column names the users to take out.
         #[arg(long = "from", conflicts_with = "user")]
         from: Option<PathBuf>,
         /// Allow leaving the group with no admin.

@@ -7,8 +7,10 @@
 //! after the given resourceVersion, then new ones as they happen, one JSON line each), POST
 //! (create; 409 if it exists), PATCH (merge or apply: the body is merged in; apply creates),
 //! PATCH of the `status` subresource (only `status` changes), and DELETE. Every change bumps
-//! one resourceVersion counter, as the API server's etcd revision does. Not modelled:
-//! label/field selectors, optimistic concurrency on writes, admission.
+//! one resourceVersion counter, as the API server's etcd revision does. A list or watch of
+//! `/api/v1/<plural>` or `/apis/<group>/<version>/<plural>` spans every namespace. `set_down`
+//! makes it answer 503 and end its watches, as an unreachable API server would look. Not
+//! modelled: label/field selectors, optimistic concurrency on writes, admission.
 
 #![allow(dead_code)]
 
@@ -42,6 +44,7 @@ struct State {
 pub struct Objects {
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Event>,
+    down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for Objects {
@@ -49,8 +52,31 @@ impl Default for Objects {
         Objects {
             state: Arc::default(),
             changes: broadcast::channel(1024).0,
+            down: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
+}
+
+/// True for a path that lists a kind in every namespace: `/api/v1/pods`, `/apis/g/v/plural`.
+fn all_namespaces(path: &str) -> bool {
+    let segments = path.trim_start_matches('/').split('/').count();
+    (path.starts_with("/api/") && segments == 3) || (path.starts_with("/apis/") && segments == 4)
+}
+
+/// True when `stored` is a collection a list of `asked` includes: itself, or, for an
+/// all-namespaces path (`/api/v1/pods`, `/apis/g/v/plural`), its namespaced collections.
+fn includes(asked: &str, stored: &str) -> bool {
+    if asked == stored {
+        return true;
+    }
+    let Some((prefix, plural)) = asked.rsplit_once('/') else {
+        return false;
+    };
+    all_namespaces(asked)
+        && stored
+            .strip_prefix(&format!("{prefix}/namespaces/"))
+            .and_then(|rest| rest.strip_suffix(&format!("/{plural}")))
+            .is_some_and(|namespace| !namespace.is_empty() && !namespace.contains('/'))
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -94,6 +120,15 @@ impl Objects {
         );
     }
 
+    /// Takes the API server away (every request 503, watches end) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+
+    fn is_down(&self) -> bool {
+        *self.down.borrow()
+    }
+
     /// Makes `collection` exist with no items.
     pub fn empty(&self, collection: &str) {
         self.state
@@ -113,6 +148,16 @@ impl Objects {
             .iter()
             .find(|o| o["metadata"]["name"] == name)
             .cloned()
+    }
+
+    /// Every object in `collection`, as stored now.
+    pub fn get_all(&self, collection: &str) -> Vec<Value> {
+        let state = self.state.lock().unwrap();
+        state
+            .collections
+            .get(collection)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Stores `object` with a new resourceVersion and tells watchers.
@@ -141,15 +186,23 @@ impl Objects {
 
     fn list(&self, collection: &str) -> (u16, Value) {
         let state = self.state.lock().unwrap();
-        match state.collections.get(collection) {
-            Some(items) => (
-                200,
-                json!({"apiVersion": "v1", "kind": "List",
-                       "metadata": {"resourceVersion": state.version.to_string()},
-                       "items": items}),
-            ),
-            None => status(404, "NotFound", format!("{collection} not found")),
+        let mut found = false;
+        let mut items = Vec::new();
+        for (stored, objects) in &state.collections {
+            if includes(collection, stored) {
+                found = true;
+                items.extend(objects.iter().cloned());
+            }
         }
+        if !found && !all_namespaces(collection) {
+            return status(404, "NotFound", format!("{collection} not found"));
+        }
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "List",
+                   "metadata": {"resourceVersion": state.version.to_string()},
+                   "items": items}),
+        )
     }
 
     /// Answers one request: `path` split into collection and name, `subresource` if any.
@@ -157,8 +210,12 @@ impl Objects {
         let parsed: Value = serde_json::from_slice(body)
             .or_else(|_| serde_yaml_ng::from_slice(body))
             .unwrap_or(Value::Null);
+        if self.is_down() {
+            return status(503, "ServiceUnavailable", "the API server is down".into());
+        }
         let collection_exists = self.state.lock().unwrap().collections.contains_key(path);
-        if collection_exists || (*method == Method::POST) {
+        let listed = collection_exists || (all_namespaces(path) && *method == Method::GET);
+        if listed || *method == Method::POST {
             return match *method {
                 Method::GET => self.list(path),
                 Method::POST => self.create(path, parsed),
@@ -265,10 +322,11 @@ impl Objects {
             .unwrap()
             .events
             .iter()
-            .filter(|e| e.version > since && e.collection == collection)
+            .filter(|e| e.version > since && includes(&collection, &e.collection))
             .cloned()
             .collect();
         let (lines, out) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
+        let mut down = self.down.subscribe();
         tokio::spawn(async move {
             let line = |e: &Event| format!("{}\n", json!({"type": e.kind, "object": e.object}));
             let mut last = since;
@@ -278,8 +336,15 @@ impl Objects {
                     return;
                 }
             }
-            while let Ok(event) = live.recv().await {
-                if event.collection == collection
+            loop {
+                let event = tokio::select! {
+                    event = live.recv() => match event {
+                        Ok(event) => event,
+                        Err(_) => return,
+                    },
+                    _ = down.wait_for(|down| *down) => return,
+                };
+                if includes(&collection, &event.collection)
                     && event.version > last
                     && lines.send(Ok(line(&event))).await.is_err()
                 {
@@ -314,6 +379,14 @@ impl KubeStandIn {
                             .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
                             .map(str::to_owned)
                     };
+                    if served.is_down() {
+                        let (code, value) = served.answer(&method, uri.path(), &body);
+                        return (
+                            StatusCode::from_u16(code).unwrap(),
+                            [("content-type", "application/json")],
+                            Body::from(value.to_string()),
+                        );
+                    }
                     if method == Method::GET && param("watch").as_deref() == Some("true") {
                         let since = param("resourceVersion")
                             .and_then(|v| v.parse().ok())
