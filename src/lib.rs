@@ -21,6 +21,7 @@ pub mod kubeapi;
 pub mod lane;
 pub mod metrics;
 pub mod mount;
+pub mod operator;
 pub mod text;
 pub mod units;
 

@@ -494,3 +494,50 @@ async fn admins_grant_and_revoke_with_the_cli() {
     );
     assert!(!out.contains("vision/datasets"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_lets_each_groups_admins_manage_that_group_only() {
+    const ROLES: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/vision/roles";
+    const BINDINGS: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/vision/rolebindings";
+    const NAME: &str = "lanes-storagegroup-vision-admin";
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeStandIn::start(dir.path(), cluster()).await;
+    let _operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_lanes"))
+        .arg("operator")
+        .env("KUBECONFIG", &api.kubeconfig)
+        .env("LANES_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let admins = || -> Option<Vec<String>> {
+        let binding = api.objects.get(BINDINGS, NAME)?;
+        Some(
+            binding["subjects"]
+                .as_array()?
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_owned())
+                .collect(),
+        )
+    };
+    eventually("the admins' RoleBinding", || admins().is_some()).await;
+    assert_eq!(admins().unwrap(), ["erin"]);
+    let role = api.objects.get(ROLES, NAME).unwrap();
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": ["lanes.csi.dev"], "resources": ["storagegroups"],
+                "resourceNames": ["vision"], "verbs": ["get", "update", "patch"]}])
+    );
+    let binding = api.objects.get(BINDINGS, NAME).unwrap();
+    assert_eq!(binding["roleRef"]["name"], NAME);
+    assert_eq!(
+        binding["metadata"]["ownerReferences"][0]["kind"],
+        "StorageGroup"
+    );
+    // A new admin is bound, a demoted one is not.
+    api.objects
+        .put(GROUPS, group(&[("carol", "admin"), ("erin", "write")]));
+    eventually("the new admin bound", || {
+        admins().is_some_and(|a| a == ["carol"])
+    })
+    .await;
+}

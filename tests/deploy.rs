@@ -679,8 +679,25 @@ fn chart_rules(docs: &[Value], args: &[&str]) {
         assert_eq!(subjects, ["lanes-controller", "lanes-node"], "{args:?}");
     }
 
-    let pods = of_kind::<Deployment>(docs)
+    let deployments = of_kind::<Deployment>(docs);
+    // The operator mounts nothing: no privilege, no root, no capabilities.
+    let operator = deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("lanes-operator"))
+        .expect("the operator Deployment");
+    let pod = operator.spec.clone().unwrap().template.spec.unwrap();
+    let security = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(pod.containers[0].args.as_ref().unwrap()[0], "operator");
+    assert_eq!(security.privileged, Some(false), "{args:?}");
+    assert_eq!(security.run_as_non_root, Some(true), "{args:?}");
+    assert_eq!(
+        security.capabilities.unwrap().drop.unwrap(),
+        ["ALL"],
+        "{args:?}"
+    );
+    let pods = deployments
         .into_iter()
+        .filter(|d| d.metadata.name.as_deref() == Some("lanes-controller"))
         .map(|d| ("controller", d.spec.unwrap().template.spec.unwrap()))
         .chain(
             of_kind::<DaemonSet>(docs)

@@ -98,6 +98,8 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Serve the CSI Identity and Node services.
     Node(NodeArgs),
+    /// Kubernetes-side work (a Deployment): each StorageGroup's admins get RBAC to manage it.
+    Operator,
     /// Serve Identity, Controller and Node on one socket (single machine; tests).
     Standalone(ServeArgs),
     /// Talk to a running plugin over its socket.
@@ -510,6 +512,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return run_profiles(args, cli.config.as_deref(), &cli.data_dir).await;
         }
         Command::Storage(args) => return storage::run(args).await,
+        Command::Operator => {
+            let client = kube::Client::try_default()
+                .await
+                .context("no Kubernetes API reachable (in-cluster or kubeconfig)")?;
+            tracing::info!("operator started");
+            crate::operator::run(client).await;
+            return Ok(());
+        }
         Command::Crds => {
             print!("{}", crate::access::group::crd_yaml());
             return Ok(());
