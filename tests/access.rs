@@ -541,3 +541,71 @@ async fn the_operator_lets_each_groups_admins_manage_that_group_only() {
     })
     .await;
 }
+
+/// The benchmark behind bench/access.sh (not a timed test: it reports, it does not judge):
+/// NodePublishVolume latency on an owned volume (permission checks on, caches warm) against
+/// an unowned one (no checks), alternating rounds in the same run.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run bench/access.sh"]
+async fn publish_latency_with_and_without_permission_checks() {
+    if !privileged("publish_latency") {
+        return;
+    }
+    let rounds: usize = std::env::var("LANES_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let per_round: usize = std::env::var("LANES_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeStandIn::start(dir.path(), cluster()).await;
+    let kubeconfig = api.kubeconfig.to_str().unwrap().to_owned();
+    let plugin = Plugin::with_config_env("", None, &[("KUBECONFIG", &kubeconfig)]);
+    let mut c = plugin.clients().await;
+    let owned = stage(&mut c, &plugin, "alice-home").await;
+    let unowned = stage(&mut c, &plugin, "scratch").await;
+    // Warm: the first owned publish starts the watches.
+    let warm = publish(&mut c, &plugin, &owned, "alice", "warm")
+        .await
+        .unwrap();
+    c.node
+        .node_unpublish_volume(common::unpublish_request(&owned.volume.volume_id, &warm))
+        .await
+        .unwrap();
+    let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (which, staged) in [(0, &unowned), (1, &owned)] {
+            for i in 0..per_round {
+                let name = format!("t{round}-{i}");
+                let started = Instant::now();
+                let target = publish(&mut c, &plugin, staged, "alice", &name)
+                    .await
+                    .unwrap();
+                times[which].push(started.elapsed());
+                c.node
+                    .node_unpublish_volume(common::unpublish_request(
+                        &staged.volume.volume_id,
+                        &target,
+                    ))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let quantile = |times: &mut Vec<Duration>, q: f64| {
+        times.sort();
+        times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0
+    };
+    let [mut off, mut on] = times;
+    let (off50, on50) = (quantile(&mut off, 0.5), quantile(&mut on, 0.5));
+    println!(
+        "NodePublishVolume, {} calls each: unowned (no checks) p50 {off50:.3} ms p99 {:.3} ms; \
+         owned (checks, warm) p50 {on50:.3} ms p99 {:.3} ms; ratio p50 {:.3}",
+        rounds * per_round,
+        quantile(&mut off, 0.99),
+        quantile(&mut on, 0.99),
+        on50 / off50
+    );
+}
