@@ -830,14 +830,26 @@ fn chart_rules(docs: &[Value], args: &[&str]) {
 
 #[test]
 fn the_shipped_crds_are_the_ones_the_code_generates() {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy/helm/lanes/crds/storagegroups.lanes.csi.dev.yaml");
-    assert_eq!(
-        std::fs::read_to_string(&chart).unwrap(),
-        lanes::access::group::crd_yaml(),
-        "{} is stale: run `lanes crds > {0}` and scripts/render-manifests.sh",
-        chart.display()
-    );
+    for (file, generated) in [
+        (
+            "storagegroups.lanes.csi.dev.yaml",
+            lanes::access::group::crd_yaml(),
+        ),
+        (
+            "faststages.lanes.csi.dev.yaml",
+            lanes::operator::faststage::crd_yaml(),
+        ),
+    ] {
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/helm/lanes/crds")
+            .join(file);
+        assert_eq!(
+            std::fs::read_to_string(&chart).unwrap_or_default(),
+            generated,
+            "{} is stale: `lanes crds` prints it (then run scripts/render-manifests.sh)",
+            chart.display()
+        );
+    }
 }
 
 /// The admission policy's CEL, evaluated the way the API server does: variables in order, then
@@ -937,4 +949,93 @@ fn the_admission_policy_pins_a_pods_user_to_its_creator() {
         "spec": {"jobTemplate": {"spec": {"template": {"metadata": {"annotations": alice}}}}}});
     assert_eq!(admit(&policy, cronjob.clone(), "alice"), Ok(()));
     assert!(admit(&policy, cronjob, "mallory").is_err());
+}
+
+/// The CEL rules a CRD's spec carries, evaluated on `spec` the way the API server does:
+/// the messages of the rules that refuse it.
+fn refusals(crd_file: &str, spec: Value) -> Vec<String> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/helm/lanes/crds")
+            .join(crd_file),
+    )
+    .unwrap();
+    let crd: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let rules = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"];
+    let mut refused = Vec::new();
+    for rule in rules.as_array().unwrap() {
+        let mut context = cel::Context::default();
+        context.add_variable("self", &spec).unwrap();
+        let program = cel::Program::compile(rule["rule"].as_str().unwrap()).unwrap();
+        let verdict = program.execute(&context).unwrap().json().unwrap();
+        if verdict != Value::Bool(true) {
+            refused.push(rule["message"].as_str().unwrap().to_owned());
+        }
+    }
+    refused
+}
+
+#[test]
+fn a_bad_faststage_is_refused_at_apply_time() {
+    let file = "faststages.lanes.csi.dev.yaml";
+    let ok = |spec: Value| assert_eq!(refusals(file, spec.clone()), Vec::<String>::new(), "{spec}");
+    ok(serde_json::json!({"source": "imagenet"}));
+    ok(
+        serde_json::json!({"source": "imagenet", "fastPvcName": "fast-imagenet",
+        "targetNamespace": "project", "fastCapacity": "1.5Ti", "direction": "syncBack",
+        "deleteAtSource": true}),
+    );
+    let refused = |spec: Value, about: &str| {
+        let said = refusals(file, spec.clone());
+        assert!(
+            said.len() == 1 && said[0].contains(about),
+            "{spec}: {said:?}"
+        );
+    };
+    refused(
+        serde_json::json!({"source": "s", "fastPvcName": "Fast_Imagenet"}),
+        "fastPvcName",
+    );
+    refused(
+        serde_json::json!({"source": "s", "fastPvcName": "x".repeat(64)}),
+        "fastPvcName",
+    );
+    refused(
+        serde_json::json!({"source": "s", "fastPvcName": "-x"}),
+        "fastPvcName",
+    );
+    refused(
+        serde_json::json!({"source": "s", "targetNamespace": "No"}),
+        "targetNamespace",
+    );
+    refused(
+        serde_json::json!({"source": "s", "deleteAtSource": true}),
+        "syncBack only",
+    );
+    refused(
+        serde_json::json!({"source": "s", "direction": "stage", "deleteAtSource": true}),
+        "syncBack only",
+    );
+    refused(
+        serde_json::json!({"source": "s", "fastCapacity": "lots"}),
+        "quantity",
+    );
+    // The checksum mode and the direction are enums in the schema itself.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/helm/lanes/crds")
+            .join(file),
+    )
+    .unwrap();
+    let crd: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(
+        spec["properties"]["checksum"]["enum"],
+        serde_json::json!(["size-mtime", "sha256", "none"])
+    );
+    assert_eq!(
+        spec["properties"]["direction"]["enum"],
+        serde_json::json!(["stage", "syncBack"])
+    );
+    assert_eq!(spec["required"], serde_json::json!(["source"]));
 }

@@ -98,8 +98,9 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Serve the CSI Identity and Node services.
     Node(NodeArgs),
-    /// Kubernetes-side work (a Deployment): each StorageGroup's admins get RBAC to manage it.
-    Operator,
+    /// Kubernetes-side work (a Deployment): FastStage copy Jobs, and RBAC for each
+    /// StorageGroup's admins. Of several replicas, the one holding the Lease acts.
+    Operator(OperatorArgs),
     /// Serve Identity, Controller and Node on one socket (single machine; tests).
     Standalone(ServeArgs),
     /// Talk to a running plugin over its socket.
@@ -123,6 +124,26 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// The image the FastStage copy Jobs run (the operator's own).
+    #[arg(long, env = "LANES_IMAGE", default_value = concat!("ghcr.io/lanes-csi/lanes:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// The driver of the volumes a FastStage may view from another namespace.
+    #[arg(long, default_value = DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+    /// The namespace of the leader-election Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lanes-system")]
+    pub lease_namespace: String,
+    /// This replica's name in the Lease [default: host name and process ID].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How long the leader's Lease lasts unrenewed: a new leader takes over at most this
+    /// long after the old one is gone.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub lease_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -310,6 +331,10 @@ pub struct CopyArgs {
     /// (`logs/*.txt`, `/build`); `**` crosses directories.
     #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
+    /// Report progress to the status of this FastStage (NAMESPACE/NAME) every second, as
+    /// the copy Job of `lanes operator` does (in-cluster credentials or the kubeconfig).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub report_to: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -512,16 +537,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             return run_profiles(args, cli.config.as_deref(), &cli.data_dir).await;
         }
         Command::Storage(args) => return storage::run(args).await,
-        Command::Operator => {
+        Command::Operator(args) => {
+            let config = Config::load(cli.config.as_deref(), &cli.data_dir)?;
             let client = kube::Client::try_default()
                 .await
                 .context("no Kubernetes API reachable (in-cluster or kubeconfig)")?;
-            tracing::info!("operator started");
-            crate::operator::run(client).await;
+            let identity = args.identity.unwrap_or_else(|| {
+                let host = nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{host}-{}", std::process::id())
+            });
+            tracing::info!(%identity, "operator started");
+            crate::operator::run(
+                client,
+                crate::operator::Options {
+                    image: args.image,
+                    profiles: config.profiles,
+                    driver_name: args.driver_name,
+                    lease_namespace: args.lease_namespace,
+                    identity,
+                    lease: std::time::Duration::from_secs(args.lease_seconds),
+                },
+            )
+            .await;
             return Ok(());
         }
         Command::Crds => {
             print!("{}", crate::access::group::crd_yaml());
+            print!("---\n{}", crate::operator::faststage::crd_yaml());
             return Ok(());
         }
         Command::Completion { shell } => {
@@ -824,10 +868,28 @@ async fn run_copy(args: CopyArgs) -> anyhow::Result<()> {
         exclude: crate::copy::exclude::Exclude::new(&args.exclude).map_err(anyhow::Error::msg)?,
     };
     let progress = crate::copy::Progress::new(args.json);
+    let reporter = match &args.report_to {
+        Some(target) => Some(
+            crate::operator::report::Reporter::connect(target, args.checksum)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let following = reporter
+        .clone()
+        .map(|r| tokio::spawn(r.follow(progress.clone())));
     let (src, dst) = (args.src.clone(), args.dst.clone());
+    let copying = progress.clone();
     let summary =
-        tokio::task::spawn_blocking(move || crate::copy::run(&src, &dst, &options, &progress))
+        tokio::task::spawn_blocking(move || crate::copy::run(&src, &dst, &options, &copying))
             .await??;
+    if let Some(following) = following {
+        following.abort();
+    }
+    if let Some(reporter) = &reporter {
+        reporter.finish(&summary).await;
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

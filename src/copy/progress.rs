@@ -18,7 +18,19 @@ pub struct Progress {
 struct Inner {
     files: AtomicU64,
     bytes: AtomicU64,
+    files_total: AtomicU64,
+    bytes_total: AtomicU64,
     done: AtomicBool,
+}
+
+/// How far a copy has come: done and total (totals are 0 until the plan is made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub files: u64,
+    pub bytes: u64,
+    pub files_total: u64,
+    pub bytes_total: u64,
+    pub finished: bool,
 }
 
 impl Progress {
@@ -32,6 +44,8 @@ impl Progress {
 
     /// Starts reporting against these totals.
     pub fn start(&self, files: u64, bytes: u64) {
+        self.inner.files_total.store(files, Ordering::Relaxed);
+        self.inner.bytes_total.store(bytes, Ordering::Relaxed);
         if self.quiet || files == 0 {
             return;
         }
@@ -84,5 +98,17 @@ impl Progress {
 
     pub fn finish(&self) {
         self.inner.done.store(true, Ordering::Relaxed);
+    }
+
+    /// The counts now (for reporters other than the terminal one).
+    pub fn snapshot(&self) -> Snapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Snapshot {
+            files: load(&self.inner.files),
+            bytes: load(&self.inner.bytes),
+            files_total: load(&self.inner.files_total),
+            bytes_total: load(&self.inner.bytes_total),
+            finished: self.inner.done.load(Ordering::Relaxed),
+        }
     }
 }

@@ -1,14 +1,17 @@
-//! `lanes operator`: the Kubernetes-side work that is not a CSI call. Today one reconciler:
-//! each StorageGroup's admins get a Role (and RoleBinding) that lets them, and only them,
-//! edit that one StorageGroup — so `lanes storage grant` run by a group admin works with the
-//! admin's own credentials while Kubernetes RBAC refuses everyone else.
-//!
-//! Every reconcile is a server-side apply of the whole desired state with owner references
-//! to the StorageGroup: repeating it changes nothing, and deleting the group lets Kubernetes'
-//! garbage collector remove what it made. Two replicas applying the same state agree, so the
-//! Deployment runs one replica without leader election for now.
+//! `lanes operator`: the Kubernetes-side work that is not a CSI call. Two reconcilers, run
+//! only by the replica that holds the `lanes-operator` Lease:
+//! - FastStage (`stage.rs`): the fast PVC, the copy Job, live status, cleanup.
+//! - StorageGroup: each group's admins get a Role (and RoleBinding) that lets them, and only
+//!   them, edit that one StorageGroup — so `lanes storage grant` run by a group admin works
+//!   with the admin's own credentials while Kubernetes RBAC refuses everyone else. A
+//!   server-side apply of the whole state with owner references: repeating it changes
+//!   nothing, and deleting the group lets the garbage collector remove what it made.
 
+pub mod faststage;
 pub mod groups;
+pub mod lease;
+pub mod report;
+pub mod stage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,12 +77,63 @@ fn error_policy(group: Arc<StorageGroup>, error: &Error, _ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(10))
 }
 
-/// Runs the operator until the process is stopped.
-pub async fn run(client: kube::Client) {
+/// How the operator runs.
+pub struct Options {
+    /// The Lanes image the copy Jobs run.
+    pub image: String,
+    pub profiles: crate::lane::Profiles,
+    pub driver_name: String,
+    /// Where the Lease lives (the operator's own namespace).
+    pub lease_namespace: String,
+    /// This replica's name in the Lease (its pod name).
+    pub identity: String,
+    /// How long a leader's Lease lasts without renewal.
+    pub lease: Duration,
+}
+
+/// Runs the operator until the process is stopped: waits to lead, then reconciles.
+pub async fn run(client: kube::Client, options: Options) {
+    lease::Election::new(
+        client.clone(),
+        &options.lease_namespace,
+        "lanes-operator",
+        &options.identity,
+        options.lease,
+    )
+    .lead()
+    .await;
+    let reporter = kube::runtime::events::Reporter {
+        controller: MANAGER.to_owned(),
+        instance: Some(options.identity.clone()),
+    };
+    let stages = Arc::new(stage::Context {
+        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        image: options.image,
+        profiles: options.profiles,
+        driver_name: options.driver_name,
+    });
+    let by_label = |job: k8s_openapi::api::batch::v1::Job| {
+        let made_for = job.labels().get(faststage::MADE_FOR)?.clone();
+        let (namespace, name) = made_for.split_once('.')?;
+        Some(kube::runtime::reflector::ObjectRef::new(name).within(namespace))
+    };
+    let faststages = Controller::new(
+        Api::<faststage::FastStage>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<k8s_openapi::api::batch::v1::Job>::all(client.clone()),
+        watcher::Config::default().labels(faststage::MADE_FOR),
+        by_label,
+    )
+    .shutdown_on_signal()
+    .run(stage::reconcile, stage_error, stages)
+    .for_each(|_| async {});
     let context = Arc::new(Context {
         client: client.clone(),
     });
-    Controller::new(
+    let groups = Controller::new(
         Api::<StorageGroup>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -90,6 +144,15 @@ pub async fn run(client: kube::Client) {
     .owns(Api::<Role>::all(client), watcher::Config::default())
     .shutdown_on_signal()
     .run(reconcile, error_policy, context)
-    .for_each(|_| async {})
-    .await;
+    .for_each(|_| async {});
+    tokio::join!(faststages, groups);
+}
+
+fn stage_error(
+    stage: Arc<faststage::FastStage>,
+    error: &stage::Error,
+    _ctx: Arc<stage::Context>,
+) -> Action {
+    tracing::warn!(faststage = %stage.name_any(), %error, "reconcile failed; retrying in 5 s");
+    Action::requeue(Duration::from_secs(5))
 }

@@ -9,8 +9,11 @@
 //! PATCH of the `status` subresource (only `status` changes), and DELETE. Every change bumps
 //! one resourceVersion counter, as the API server's etcd revision does. A list or watch of
 //! `/api/v1/<plural>` or `/apis/<group>/<version>/<plural>` spans every namespace. `set_down`
-//! makes it answer 503 and end its watches, as an unreachable API server would look. Not
-//! modelled: label/field selectors, optimistic concurrency on writes, admission.
+//! makes it answer 503 and end its watches, as an unreachable API server would look. Objects
+//! get `metadata.generation` (1, then one more for each change of `spec`), and a DELETE of
+//! an object with finalizers only marks it (`deletionTimestamp`) until a patch empties them.
+//! Not modelled: label/field selectors, optimistic concurrency on writes, admission,
+//! garbage collection by owner.
 
 #![allow(dead_code)]
 
@@ -170,6 +173,13 @@ impl Objects {
         }
         let items = state.collections.entry(collection.to_owned()).or_default();
         let name = object["metadata"]["name"].clone();
+        let before = items.iter().find(|o| o["metadata"]["name"] == name);
+        let generation = match before {
+            Some(old) if old["spec"] == object["spec"] => old["metadata"]["generation"].clone(),
+            Some(old) => json!(old["metadata"]["generation"].as_i64().unwrap_or(0) + 1),
+            None => json!(1),
+        };
+        object["metadata"]["generation"] = generation;
         items.retain(|o| o["metadata"]["name"] != name);
         if kind != "DELETED" {
             items.push(object.clone());
@@ -243,6 +253,17 @@ impl Objects {
                     .and_then(|items| items.iter().find(|o| o["metadata"]["name"] == name))
                     .cloned();
                 match found {
+                    Some(mut object)
+                        if object["metadata"]["finalizers"]
+                            .as_array()
+                            .is_some_and(|f| !f.is_empty()) =>
+                    {
+                        if object["metadata"]["deletionTimestamp"].is_null() {
+                            object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+                            self.record(&mut state, collection, "MODIFIED", object.clone());
+                        }
+                        (200, object)
+                    }
                     Some(object) => {
                         self.record(&mut state, collection, "DELETED", object.clone());
                         (200, object)
@@ -300,6 +321,14 @@ impl Objects {
                 }
                 merge(&mut object, &patch);
             }
+        }
+        let released = !object["metadata"]["deletionTimestamp"].is_null()
+            && object["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty());
+        if released {
+            self.record(&mut state, collection, "DELETED", object.clone());
+            return (200, object);
         }
         self.record(&mut state, collection, kind, object);
         (200, self.get_locked(&state, collection, name))
