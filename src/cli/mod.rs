@@ -884,6 +884,10 @@ async fn run_copy(args: CopyArgs) -> anyhow::Result<()> {
     let summary =
         tokio::task::spawn_blocking(move || crate::copy::run(&src, &dst, &options, &copying))
             .await??;
+    // Test hook: keep reporting a while after the copy (a copy too quick to be seen live).
+    crate::failpoint::Failpoint::from_env()
+        .delay("copy.report")
+        .await;
     if let Some(following) = following {
         following.abort();
     }

@@ -53,11 +53,14 @@ impl Reporter {
         }
     }
 
-    /// Reports `progress` every [`EVERY`] until the task is dropped.
+    /// Reports `progress` as soon as the copy knows its totals, then every [`EVERY`], until
+    /// the task is dropped.
     pub async fn follow(self, progress: Progress) {
         let started = Instant::now();
+        while progress.snapshot().files_total == 0 && !progress.snapshot().finished {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         loop {
-            tokio::time::sleep(EVERY).await;
             let now = progress.snapshot();
             let rate = now.bytes as f64 / started.elapsed().as_secs_f64().max(0.001);
             let left = now.bytes_total.saturating_sub(now.bytes);
@@ -78,6 +81,7 @@ impl Reporter {
                 "progress": progress_text(now.files, now.files_total, now.bytes, now.bytes_total),
             }))
             .await;
+            tokio::time::sleep(EVERY).await;
         }
     }
 
@@ -91,9 +95,9 @@ impl Reporter {
                 summary.verified
             ),
             (Checksum::SizeMtime, _) => format!(
-                "passed: {} files copied and checked by size; unchanged files kept by size and \
-                 modification time",
-                summary.verified
+                "passed: {} files copied, each checked by size; {} unchanged (same size and \
+                 modification time)",
+                summary.files_copied, summary.files_skipped
             ),
         };
         let files = summary.files_copied + summary.files_skipped;

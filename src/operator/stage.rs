@@ -610,3 +610,182 @@ async fn refuse(stage: &FastStage, ctx: &Context, refusal: Refusal) -> Result<Ac
     }
     Ok(Action::requeue(Duration::from_secs(10)))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Reconcile decisions against a scripted API (tower-test): each test answers the
+    //! requests the reconciler makes, in order, and checks what it asked for.
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use tower_test::mock::{self, Handle};
+
+    type Api = Handle<Request<Body>, Response<Body>>;
+
+    fn context(client: kube::Client) -> Arc<Context> {
+        let config = crate::config::Config::parse(
+            "profiles:\n  fast:\n    lane: fast-rwo\n    default: true\n",
+            "test",
+            std::path::Path::new("/d"),
+        )
+        .unwrap();
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), "lanes-operator".into()),
+            client,
+            image: "lanes:test".into(),
+            profiles: config.profiles,
+            driver_name: "lanes.csi.dev".into(),
+        })
+    }
+
+    fn stage(spec: serde_json::Value, finalizer: bool) -> Arc<FastStage> {
+        let finalizers: Vec<&str> = if finalizer { vec![FINALIZER] } else { vec![] };
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "lanes.csi.dev/v1alpha1", "kind": "FastStage",
+                "metadata": {"name": "s", "namespace": "vision", "uid": "u1",
+                             "generation": 1, "finalizers": finalizers},
+                "spec": spec,
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// Answers the next request: asserts its method and path, replies `status` with `body`.
+    async fn answer(
+        api: &mut Api,
+        method: &str,
+        path: &str,
+        status: u16,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let (request, respond) = api.next_request().await.expect("a request");
+        assert_eq!(request.method().as_str(), method, "{}", request.uri());
+        assert_eq!(request.uri().path(), path);
+        let sent = request.into_body().collect_bytes().await.unwrap();
+        let sent = serde_json::from_slice(&sent).unwrap_or(serde_json::Value::Null);
+        respond.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+        sent
+    }
+
+    fn not_found() -> serde_json::Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+               "code": 404, "message": "not found"})
+    }
+
+    #[tokio::test]
+    async fn the_first_reconcile_only_adds_the_finalizer() {
+        let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(kube::Client::new(service, "default"));
+        let run = tokio::spawn(reconcile(stage(json!({"source": "data"}), false), ctx));
+        let sent = answer(
+            &mut api,
+            "PATCH",
+            "/apis/lanes.csi.dev/v1alpha1/namespaces/vision/faststages/s",
+            200,
+            serde_json::to_value(&*stage(json!({"source": "data"}), true)).unwrap(),
+        )
+        .await;
+        assert_eq!(sent["metadata"]["finalizers"], json!([FINALIZER]));
+        assert!(matches!(run.await.unwrap(), Ok(action) if action == Action::await_change()));
+    }
+
+    #[tokio::test]
+    async fn a_missing_source_fails_the_stage_and_creates_nothing() {
+        let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(kube::Client::new(service, "default"));
+        let run = tokio::spawn(reconcile(stage(json!({"source": "data"}), true), ctx));
+        answer(
+            &mut api,
+            "GET",
+            "/apis/batch/v1/namespaces/vision/jobs/lanes-copy-s",
+            404,
+            not_found(),
+        )
+        .await;
+        answer(
+            &mut api,
+            "GET",
+            "/api/v1/namespaces/vision",
+            200,
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "vision"}}),
+        )
+        .await;
+        answer(
+            &mut api,
+            "GET",
+            "/api/v1/namespaces/vision/persistentvolumeclaims/data",
+            404,
+            not_found(),
+        )
+        .await;
+        let status = answer(
+            &mut api,
+            "PATCH",
+            "/apis/lanes.csi.dev/v1alpha1/namespaces/vision/faststages/s/status",
+            200,
+            serde_json::to_value(&*stage(json!({"source": "data"}), true)).unwrap(),
+        )
+        .await;
+        assert_eq!(status["status"]["phase"], "Failed");
+        assert_eq!(status["status"]["conditions"][0]["reason"], "SourceMissing");
+        assert!(
+            status["status"]["observedGeneration"].is_null(),
+            "looked at again later"
+        );
+        // The event, then nothing else: no PVC, no Job.
+        answer(
+            &mut api,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/vision/events",
+            201,
+            json!({}),
+        )
+        .await;
+        let action = run.await.unwrap().unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    }
+
+    #[tokio::test]
+    async fn a_finished_job_ends_the_stage_without_touching_anything_else() {
+        let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let ctx = context(kube::Client::new(service, "default"));
+        let run = tokio::spawn(reconcile(stage(json!({"source": "data"}), true), ctx));
+        let job = json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "lanes-copy-s", "namespace": "vision",
+                         "labels": {MADE_FOR: "vision.s"}},
+            "status": {"succeeded": 1}});
+        answer(
+            &mut api,
+            "GET",
+            "/apis/batch/v1/namespaces/vision/jobs/lanes-copy-s",
+            200,
+            job,
+        )
+        .await;
+        let status = answer(
+            &mut api,
+            "PATCH",
+            "/apis/lanes.csi.dev/v1alpha1/namespaces/vision/faststages/s/status",
+            200,
+            serde_json::to_value(&*stage(json!({"source": "data"}), true)).unwrap(),
+        )
+        .await;
+        assert_eq!(status["status"]["phase"], "Succeeded");
+        assert_eq!(status["status"]["observedGeneration"], 1);
+        answer(
+            &mut api,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/vision/events",
+            201,
+            json!({}),
+        )
+        .await;
+        assert_eq!(run.await.unwrap().unwrap(), Action::await_change());
+    }
+}

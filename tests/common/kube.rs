@@ -153,6 +153,17 @@ impl Objects {
             .cloned()
     }
 
+    /// Every version `name` in `collection` has had, oldest first (deletions included).
+    pub fn history(&self, collection: &str, name: &str) -> Vec<Value> {
+        let state = self.state.lock().unwrap();
+        state
+            .events
+            .iter()
+            .filter(|e| e.collection == collection && e.object["metadata"]["name"] == name)
+            .map(|e| e.object.clone())
+            .collect()
+    }
+
     /// Every object in `collection`, as stored now.
     pub fn get_all(&self, collection: &str) -> Vec<Value> {
         let state = self.state.lock().unwrap();
