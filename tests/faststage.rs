@@ -81,7 +81,15 @@ struct World {
 }
 
 async fn world() -> World {
-    let dir = tempfile::tempdir().unwrap();
+    world_with(|source| tree(source, 300)).await
+}
+
+/// A world whose source volume `fill` makes (returning its bytes).
+async fn world_with(fill: impl FnOnce(&Path) -> u64) -> World {
+    let dir = tempfile::Builder::new()
+        .prefix("lanes-faststage-")
+        .tempdir_in(std::env::var("LANES_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
+        .unwrap();
     let objects = Objects::default();
     for ns in [NS, "project", "lanes-system"] {
         objects.put(
@@ -118,7 +126,8 @@ async fn world() -> World {
     objects.empty(&stages(NS));
     let api = KubeStandIn::start(dir.path(), objects).await;
     let source = dir.path().join("volumes/imagenet");
-    let source_bytes = tree(&source, 300);
+    std::fs::create_dir_all(&source).unwrap();
+    let source_bytes = fill(&source);
     let config = dir.path().join("lanes.yaml");
     std::fs::write(
         &config,
@@ -641,4 +650,93 @@ async fn of_two_replicas_only_the_leader_acts() {
         .collect();
     assert_eq!(instances, HashSet::from(["op-a".to_owned()]));
     assert_eq!(world.names(&jobs(NS)), ["lanes-copy-once"]);
+}
+
+/// The benchmark behind bench/faststage.sh (it reports, it does not judge): the time from a
+/// FastStage's creation to Succeeded against a bare `lanes copy` of the same tree, alternating,
+/// and the operator's resident memory idle and with 50 FastStages copying.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: run bench/faststage.sh"]
+async fn faststage_overhead_and_operator_memory() {
+    let files: usize = std::env::var("LANES_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let runs: usize = std::env::var("LANES_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let size = (1usize << 30) / files;
+    let world = world_with(|source| {
+        let body: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        for i in 0..files {
+            let dir = source.join(format!("shard{:02}/{:03}", i % 16, i % 250));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut body = body.clone();
+            body[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            std::fs::write(dir.join(format!("sample{i}.bin")), body).unwrap();
+        }
+        (files * size) as u64
+    })
+    .await;
+    let mut operator = world.operator("op-bench");
+    let pid = operator.id().unwrap();
+    let rss = || lanes::cli::bench::rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+    let volumes = world.dir.path().join("volumes");
+    let (mut bare, mut staged) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let dst = volumes.join(format!("bare-{run}"));
+        let started = Instant::now();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_lanes"))
+            .args(["copy", "--json", "--checksum", "size-mtime"])
+            .arg(&world.source)
+            .arg(&dst)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        bare.push(started.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&dst).unwrap();
+
+        let name = format!("bench-{run}");
+        let started = Instant::now();
+        world.stage(
+            &name,
+            json!({"source": "imagenet", "fastPvcName": format!("fast-{name}")}),
+        );
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while world.status(&name)["phase"] != "Succeeded" {
+            assert!(Instant::now() < deadline, "{}", world.status(&name));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        staged.push(started.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(world.dir_of(NS, &format!("fast-{name}"))).unwrap();
+    }
+    let idle = rss();
+    world.hold.store(true, Ordering::Relaxed);
+    for i in 0..50 {
+        world.stage(
+            &format!("many-{i}"),
+            json!({"source": "imagenet", "fastPvcName": format!("fast-many-{i}")}),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (0..50).any(|i| world.status(&format!("many-{i}"))["phase"] != "Copying") {
+        assert!(Instant::now() < deadline, "50 FastStages never all copying");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let busy = rss();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, s) = (median(&mut bare), median(&mut staged));
+    println!(
+        "FastStage {files} files / {} MiB, {runs} runs: bare lanes copy median {b:.3} s {bare:?}; \
+         created-to-Succeeded median {s:.3} s {staged:?}; overhead {:.3} s",
+        (files * size) >> 20,
+        s - b
+    );
+    println!("operator RSS: idle {idle:.1} MiB; 50 FastStages copying {busy:.1} MiB");
+    operator.kill().await.unwrap();
 }
