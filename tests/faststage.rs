@@ -91,10 +91,17 @@ async fn world_with(fill: impl FnOnce(&Path) -> u64) -> World {
         .tempdir_in(std::env::var("LANES_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()))
         .unwrap();
     let objects = Objects::default();
-    for ns in [NS, "project", "lanes-system"] {
+    for ns in [NS, "project", "lanes-system", "closed"] {
+        // `project` accepts FastStages from `vision`; `closed` from nobody.
+        let annotations = if ns == "project" {
+            json!({"lanes.csi.dev/accept-faststages-from": "other, vision"})
+        } else {
+            json!({})
+        };
         objects.put(
             "/api/v1/namespaces",
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": ns, "annotations": annotations}}),
         );
     }
     objects.put(
@@ -399,23 +406,41 @@ async fn stages_with_each_checksum_mode_and_syncs_back() {
         assert!(reasons.iter().any(|r| r == reason), "{reasons:?}");
     }
 
-    // Results go back, without deleting at the source unless asked.
-    let fast = world.dir_of(NS, "fast-sha256");
-    std::fs::write(fast.join("results.txt"), "accuracy 0.93").unwrap();
-    std::fs::remove_file(fast.join("d0/e0/f0.txt")).unwrap();
+    // Results go back with each mode, without deleting at the source unless asked.
+    for mode in ["size-mtime", "sha256", "none"] {
+        let fast = world.dir_of(NS, &format!("fast-{mode}"));
+        std::fs::write(fast.join(format!("results-{mode}.txt")), mode).unwrap();
+        std::fs::remove_file(fast.join("d0/e0/f0.txt")).unwrap();
+        let name = format!("back-{mode}");
+        world.stage(
+            &name,
+            json!({"source": "imagenet", "direction": "syncBack",
+                   "fastPvcName": format!("fast-{mode}"), "checksum": mode}),
+        );
+        let status = world.phase(&name, "Succeeded").await;
+        assert_eq!(status["checksum"], mode);
+        let back = std::fs::read_to_string(world.source.join(format!("results-{mode}.txt")));
+        assert_eq!(back.unwrap(), mode);
+        assert!(
+            world.source.join("d0/e0/f0.txt").exists(),
+            "nothing deleted at the source"
+        );
+    }
+    // Asked to delete at the source: what the fast PVC lacks goes.
     world.stage(
-        "back",
-        json!({"source": "imagenet", "direction": "syncBack",
-                               "fastPvcName": "fast-sha256", "checksum": "sha256"}),
+        "back-delete",
+        json!({"source": "imagenet", "direction": "syncBack", "fastPvcName": "fast-none",
+               "deleteAtSource": true}),
     );
-    world.phase("back", "Succeeded").await;
+    world.phase("back-delete", "Succeeded").await;
+    assert!(!world.source.join("d0/e0/f0.txt").exists());
+    assert!(!world.source.join("results-sha256.txt").exists());
+    assert!(world.source.join("results-none.txt").exists());
+    // No syncBack made a PVC of its own.
     assert_eq!(
-        std::fs::read_to_string(world.source.join("results.txt")).unwrap(),
-        "accuracy 0.93"
-    );
-    assert!(
-        world.source.join("d0/e0/f0.txt").exists(),
-        "nothing deleted at the source"
+        world.names(&pvcs(NS)).len(),
+        4,
+        "the source and three fast PVCs"
     );
 }
 
@@ -481,6 +506,18 @@ async fn bad_requests_get_a_clear_status_and_nothing_is_made() {
             json!({"source": "imagenet", "fastPvcName": "someones"}),
             "NameTaken",
             "PVC vision/someones exists and was not made by this FastStage",
+        ),
+        (
+            "closed",
+            json!({"source": "imagenet", "targetNamespace": "closed"}),
+            "TargetNamespaceClosed",
+            "namespace closed does not accept FastStages from vision",
+        ),
+        (
+            "foreign-back",
+            json!({"source": "imagenet", "direction": "syncBack", "fastPvcName": "someones"}),
+            "NotAFastPVC",
+            "PVC vision/someones was not made by a FastStage of namespace vision",
         ),
         (
             "nowhere",

@@ -73,10 +73,15 @@ pub async fn reconcile(stage: Arc<FastStage>, ctx: Arc<Context>) -> Result<Actio
             .collect();
         let patch =
             json!({"metadata": {"finalizers": kept, "resourceVersion": stage.resource_version()}});
-        stages
+        match stages
             .patch(&plan.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(failed("removing the finalizer"))?;
+        {
+            // Gone already: an earlier pass released it.
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(failed("removing the finalizer")(e)),
+        }
         return Ok(Action::await_change());
     }
     if !stage.finalizers().iter().any(|f| f == FINALIZER) {
@@ -190,19 +195,59 @@ fn is_ours(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, pl
         .is_some_and(|v| *v == plan.made_for())
 }
 
+/// The annotation with which a namespace accepts FastStages from other namespaces.
+pub const ACCEPT_FROM: &str = "lanes.csi.dev/accept-faststages-from";
+
+/// True when `target` lists `source` (or `*`) in its [`ACCEPT_FROM`] annotation.
+fn accepts(target: &Namespace, source: &str) -> bool {
+    target
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ACCEPT_FROM))
+        .is_some_and(|list| {
+            list.split(',')
+                .map(str::trim)
+                .any(|n| n == source || n == "*")
+        })
+}
+
+/// True when a FastStage of the plan's namespace made the object.
+fn made_here(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    plan: &Plan,
+) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MADE_FOR))
+        .and_then(|v| v.split_once('.'))
+        .is_some_and(|(namespace, _)| namespace == plan.namespace)
+}
+
 /// Checks the request against the API: every refusal names what is wrong.
 async fn check(plan: &Plan, ctx: &Context) -> Result<Result<Checked, Refusal>, Error> {
     let client = &ctx.client;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces
+    let Some(target) = namespaces
         .get_opt(&plan.target_namespace)
         .await
         .map_err(failed("reading the target namespace"))?
-        .is_none()
-    {
+    else {
         return Ok(Err(Refusal(
             "TargetNamespaceMissing",
             format!("target namespace {} does not exist", plan.target_namespace),
+        )));
+    };
+    // Whoever may create a FastStage here must not be able to put Jobs and PVCs into (or,
+    // with syncBack, read claims of) a namespace that did not agree to it.
+    if plan.cross_namespace && !accepts(&target, &plan.namespace) {
+        return Ok(Err(Refusal(
+            "TargetNamespaceClosed",
+            format!(
+                "namespace {} does not accept FastStages from {}: its admin must annotate it \
+                 {ACCEPT_FROM}={} (a comma-separated list)",
+                plan.target_namespace, plan.namespace, plan.namespace
+            ),
         )));
     }
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &plan.namespace);
@@ -300,6 +345,18 @@ async fn check(plan: &Plan, ctx: &Context) -> Result<Result<Checked, Refusal>, E
                 format!(
                     "syncBack copies from PVC {}/{}, which does not exist",
                     plan.target_namespace, plan.fast_pvc
+                ),
+            )));
+        }
+        // Only a fast PVC a FastStage of this namespace made can be copied back here: any
+        // other claim of the target namespace is not this namespace's to read.
+        (Direction::SyncBack, Some(pvc)) if !made_here(&pvc.metadata, plan) => {
+            return Ok(Err(Refusal(
+                "NotAFastPVC",
+                format!(
+                    "PVC {}/{} was not made by a FastStage of namespace {}; syncBack copies \
+                     only from fast PVCs staged from here",
+                    plan.target_namespace, plan.fast_pvc, plan.namespace
                 ),
             )));
         }

@@ -227,7 +227,7 @@ impl Objects {
     }
 
     /// Answers one request: `path` split into collection and name, `subresource` if any.
-    fn answer(&self, method: &Method, path: &str, body: &[u8]) -> (u16, Value) {
+    fn answer(&self, method: &Method, path: &str, body: &[u8], apply: bool) -> (u16, Value) {
         let parsed: Value = serde_json::from_slice(body)
             .or_else(|_| serde_yaml_ng::from_slice(body))
             .unwrap_or(Value::Null);
@@ -255,7 +255,7 @@ impl Objects {
                 Some(object) => (200, object),
                 None => status(404, "NotFound", format!("{path} not found")),
             },
-            Method::PATCH | Method::PUT => self.patch(collection, name, subresource, parsed),
+            Method::PATCH | Method::PUT => self.patch(collection, name, subresource, parsed, apply),
             Method::DELETE => {
                 let mut state = self.state.lock().unwrap();
                 let found = state
@@ -308,6 +308,7 @@ impl Objects {
         name: &str,
         subresource: Option<&str>,
         patch: Value,
+        apply: bool,
     ) -> (u16, Value) {
         let mut state = self.state.lock().unwrap();
         let existing = state
@@ -317,8 +318,10 @@ impl Objects {
             .cloned();
         let (mut object, kind) = match existing {
             Some(object) => (object, "MODIFIED"),
-            // Server-side apply creates what is not there; a status patch cannot.
-            None if subresource.is_none() => (json!({"metadata": {"name": name}}), "ADDED"),
+            // Server-side apply creates what is not there; other patches cannot.
+            None if subresource.is_none() && apply => {
+                (json!({"metadata": {"name": name}}), "ADDED")
+            }
             None => return status(404, "NotFound", format!("{collection}/{name} not found")),
         };
         match subresource {
@@ -409,9 +412,17 @@ impl KubeStandIn {
     pub async fn start(dir: &Path, objects: Objects) -> KubeStandIn {
         let served = objects.clone();
         let app = axum::Router::new().fallback(
-            move |method: Method, uri: Uri, body: axum::body::Bytes| {
+            move |method: Method,
+                  uri: Uri,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
                 let served = served.clone();
                 async move {
+                    // Server-side apply (and only it) creates what a patch names.
+                    let apply = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.contains("apply-patch"));
                     let query = uri.query().unwrap_or_default();
                     let param = |key: &str| {
                         query
@@ -420,7 +431,7 @@ impl KubeStandIn {
                             .map(str::to_owned)
                     };
                     if served.is_down() {
-                        let (code, value) = served.answer(&method, uri.path(), &body);
+                        let (code, value) = served.answer(&method, uri.path(), &body, apply);
                         return (
                             StatusCode::from_u16(code).unwrap(),
                             [("content-type", "application/json")],
@@ -434,7 +445,7 @@ impl KubeStandIn {
                         let body = served.watch(uri.path().to_owned(), since);
                         return (StatusCode::OK, [("content-type", "application/json")], body);
                     }
-                    let (code, value) = served.answer(&method, uri.path(), &body);
+                    let (code, value) = served.answer(&method, uri.path(), &body, apply);
                     (
                         StatusCode::from_u16(code).unwrap(),
                         [("content-type", "application/json")],
