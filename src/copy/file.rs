@@ -23,8 +23,25 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh temporary name.
 pub fn temp_name() -> OsString {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    OsString::from(format!("{TEMP_PREFIX}{}-{n}", std::process::id()))
+    let pid = PID.get_or_init(std::process::id);
+    OsString::from(format!("{TEMP_PREFIX}{pid}-{n}"))
+}
+
+/// Files up to this size are copied with one read and one write through a per-thread
+/// buffer: cheaper than the kernel-copy probing of `std::io::copy` for a few KiB.
+const SMALL_FILE: u64 = 256 << 10;
+
+/// The process's umask, read once from /proc (reading it with umask(2) would change it
+/// for every thread for a moment). `None` when it cannot be read.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+        u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+    })
 }
 
 /// True for the names of temporaries.
@@ -96,7 +113,8 @@ pub struct Attributes {
 
 /// Copies file `name` of `src` to `name` in `dst` through a temporary, sets mode and times,
 /// and renames it into place (replacing a file or link there; a directory in the way is
-/// removed first). Returns the bytes written. `before_rename` runs between the two (a test
+/// removed first, unless `fresh` says the plan found nothing at the name). Returns the bytes
+/// written. `before_rename` runs between the two (a test
 /// hook for killing the process there).
 pub fn copy(
     src: &Dir,
@@ -104,9 +122,10 @@ pub fn copy(
     name: &OsStr,
     attributes: Attributes,
     verify: Verify,
+    fresh: bool,
     before_rename: &dyn Fn(),
 ) -> std::io::Result<u64> {
-    if dst.stat(name)?.is_some_and(|s| Kind::of(&s) == Kind::Dir) {
+    if !fresh && dst.stat(name)?.is_some_and(|s| Kind::of(&s) == Kind::Dir) {
         dst.remove_tree(name)?;
     }
     let temp = temp_name();
@@ -130,8 +149,15 @@ fn write_temp(
 ) -> std::io::Result<u64> {
     let mut input = src.open_file(name)?;
     let expected = input.metadata()?.len();
-    let mut output = dst.create_file(temp, 0o600)?;
+    // Made with its final permissions when the umask leaves them whole (no chmod then);
+    // otherwise private until the chmod below.
+    let direct =
+        umask().is_some_and(|mask| attributes.mode & !0o777 == 0 && attributes.mode & mask == 0);
+    let mut output = dst.create_file(temp, if direct { attributes.mode } else { 0o600 })?;
     let written = match verify {
+        Verify::Size | Verify::Nothing if expected <= SMALL_FILE => {
+            copy_small(&mut input, &mut output, expected)?
+        }
         // std::io::copy uses copy_file_range (reflink / in-kernel copy) between files.
         Verify::Size | Verify::Nothing => std::io::copy(&mut input, &mut output)?,
         Verify::Sha256 if expected >= PARALLEL_HASH => {
@@ -175,7 +201,9 @@ fn write_temp(
             "wrote {written} bytes, the source has {expected}"
         )));
     }
-    output.set_permissions(std::fs::Permissions::from_mode(attributes.mode))?;
+    if !direct {
+        output.set_permissions(std::fs::Permissions::from_mode(attributes.mode))?;
+    }
     let time = to_system_time(attributes.mtime);
     output.set_times(
         std::fs::FileTimes::new()
@@ -183,6 +211,39 @@ fn write_temp(
             .set_accessed(time),
     )?;
     Ok(written)
+}
+
+/// Copies a file of about `expected` bytes through a per-thread buffer: reads to the end
+/// (a file that grew is copied whole, and the size check then tells), one write.
+fn copy_small(input: &mut File, output: &mut File, expected: u64) -> std::io::Result<u64> {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with_borrow_mut(|buffer| {
+        // Not read_to_end: it asks the file for its size and position again (two syscalls
+        // a file, which is most of the cost of a tiny one).
+        buffer.resize(expected as usize + 1, 0);
+        let mut len = 0;
+        loop {
+            if len == buffer.len() {
+                buffer.resize(len * 2, 0);
+            }
+            match input.read(&mut buffer[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buffer.truncate(len);
+        output.write_all(buffer)?;
+        let written = buffer.len() as u64;
+        // Keep a small buffer between files, not the largest one seen.
+        if buffer.capacity() > 2 * SMALL_FILE as usize {
+            *buffer = Vec::new();
+        }
+        Ok(written)
+    })
 }
 
 fn copy_hashing(input: &mut File, output: &mut File) -> std::io::Result<(u64, [u8; 32])> {

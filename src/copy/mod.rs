@@ -308,10 +308,12 @@ fn to_copy<'a>(
     let mut need: u64 = 0;
     for (unit, plans) in units.iter().zip(plans) {
         let mut files = Vec::new();
+        let mut fresh = true;
         for (entry, plan) in unit.files.iter().zip(plans) {
             match plan {
                 Ok(Plan::Skip) => summary.files_skipped += 1,
-                Ok(Plan::Copy) => {
+                Ok(plan @ (Plan::Copy | Plan::Create)) => {
+                    fresh &= plan == Plan::Create;
                     if let Kind::File { size, .. } = entry.kind {
                         need += size;
                     }
@@ -324,6 +326,7 @@ fn to_copy<'a>(
             copy_units.push(Unit {
                 dir: unit.dir,
                 files,
+                fresh,
             });
         }
     }
@@ -463,7 +466,17 @@ fn copy_unit(
                 mode: entry.mode,
                 mtime: entry.mtime,
             };
-            let copy = || file::copy(&src_dir, &dst_dir, &name, attributes, verify, before_rename);
+            let copy = || {
+                file::copy(
+                    &src_dir,
+                    &dst_dir,
+                    &name,
+                    attributes,
+                    verify,
+                    unit.fresh,
+                    before_rename,
+                )
+            };
             // One retry for a verification mismatch; then it is reported.
             let outcome = copy().or_else(|first| {
                 if verify == file::Verify::Sha256 {

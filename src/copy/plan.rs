@@ -26,13 +26,19 @@ const UNIT_BYTES: u64 = 16 << 20;
 pub(super) struct Unit<'a> {
     pub dir: &'a Path,
     pub files: Vec<&'a Entry>,
+    /// The compare phase found none of `files` in the destination: nothing can be in the
+    /// way of their copies, so copying them checks nothing there first.
+    pub fresh: bool,
 }
 
 /// What the compare phase decided for a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Plan {
     Skip,
+    /// Replace what is at the name in the destination.
     Copy,
+    /// Nothing is at the name in the destination.
+    Create,
 }
 
 /// Units covering every directory of the tree (the root and directories without files
@@ -52,12 +58,17 @@ pub(super) fn units<'a>(entries: &'a [Entry], files: &[&'a Entry]) -> Vec<Unit<'
     for dir in dirs {
         let files = by_dir.remove(dir).unwrap_or_default();
         if files.is_empty() {
-            units.push(Unit { dir, files });
+            units.push(Unit {
+                dir,
+                files,
+                fresh: false,
+            });
             continue;
         }
         let mut unit = Unit {
             dir,
             files: Vec::new(),
+            fresh: false,
         };
         let mut bytes = 0;
         for entry in files {
@@ -72,6 +83,7 @@ pub(super) fn units<'a>(entries: &'a [Entry], files: &[&'a Entry]) -> Vec<Unit<'
                     Unit {
                         dir,
                         files: Vec::new(),
+                        fresh: false,
                     },
                 ));
                 bytes = 0;
@@ -130,10 +142,11 @@ fn compare_file(
     };
     let name = entry.split().1;
     let Some(dst) = dst else {
-        return Ok(Plan::Copy);
+        return Ok(Plan::Create);
     };
     let existing = match dst.stat(&name) {
         Ok(Some(stat)) if fsutil::Kind::of(&stat) == fsutil::Kind::File => stat,
+        Ok(None) => return Ok(Plan::Create),
         _ => return Ok(Plan::Copy),
     };
     let same_size = existing.st_size as u64 == size;
