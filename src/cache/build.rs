@@ -280,10 +280,12 @@ impl Cache {
         }
         remove_any(&place);
         std::fs::rename(tree, &place).map_err(io(place.display()))?;
-        let text = serde_json::to_vec(&record).map_err(|e| Error::internal(e.to_string()))?;
+        // Streamed out: the record of a large tree is never held as text beside its entries.
         let record_path = self.record_path(&key);
-        crate::fsutil::atomic_write(&record_path, &text, crate::fsutil::Durability::Synced)
-            .map_err(io(record_path.display()))?;
+        crate::fsutil::atomic_write_with(&record_path, crate::fsutil::Durability::Synced, |out| {
+            serde_json::to_writer(out, &record).map_err(std::io::Error::other)
+        })
+        .map_err(io(record_path.display()))?;
         Ok(place)
     }
 

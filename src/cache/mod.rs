@@ -380,8 +380,8 @@ impl Cache {
     }
 
     fn record(&self, key: &str) -> Option<Record> {
-        let text = std::fs::read(self.record_path(key)).ok()?;
-        serde_json::from_slice(&text).ok()
+        let file = std::fs::File::open(self.record_path(key)).ok()?;
+        serde_json::from_reader(std::io::BufReader::with_capacity(1 << 16, file)).ok()
     }
 
     /// Bytes of every body in the cache.

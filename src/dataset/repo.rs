@@ -222,13 +222,28 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         check_part(name, "the dataset name").map_err(Error::Invalid)
     }
 
-    async fn load_json<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>> {
-        match self.store.get(key).await? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::Corrupt(format!("{}/{key} is not valid: {e}", self.bucket))),
-        }
+    /// Reads a JSON document, parsed as it streams in: a manifest of a million entries is
+    /// never held as text and as entries at once.
+    async fn load_json<T: for<'de> Deserialize<'de> + Send + 'static>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>> {
+        let Some(reader) = self.store.reader(key).await? else {
+            return Ok(None);
+        };
+        let bridge = tokio_util::io::SyncIoBridge::new(reader);
+        let parsed = tokio::task::spawn_blocking(move || {
+            serde_json::from_reader(std::io::BufReader::with_capacity(1 << 16, bridge))
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        parsed.map(Some).map_err(|e| match e.is_io() {
+            true => Error::Io {
+                context: format!("read {}/{key}", self.bucket),
+                source: e.into(),
+            },
+            false => Error::Corrupt(format!("{}/{key} is not valid: {e}", self.bucket)),
+        })
     }
 
     /// Creates a dataset; an existing one is `AlreadyExists`.

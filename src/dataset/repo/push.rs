@@ -93,7 +93,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             });
         }
         let parent = parent.map(|m| m.version);
-        let mut manifest = Manifest {
+        let manifest = Manifest {
             format: FORMAT,
             dataset: name.to_owned(),
             version: String::new(),
@@ -103,7 +103,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             committed: commit,
             entries,
         };
-        self.claim_version(name, &mut manifest).await?;
+        let manifest = self.claim_version(name, manifest).await?;
         if let Some(tag) = tag {
             self.tag(name, &Selector::Named(manifest.version.clone()), tag)
                 .await?;
@@ -121,7 +121,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
 
     /// Writes `manifest` as the dataset's next version. The store's put-if-absent makes the
     /// number a claim: a concurrent pusher that got there first makes this one take the next.
-    async fn claim_version(&self, name: &str, manifest: &mut Manifest) -> Result<()> {
+    async fn claim_version(&self, name: &str, mut manifest: Manifest) -> Result<Manifest> {
         let mut next = self
             .version_ids(name)
             .await?
@@ -131,17 +131,41 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             + 1;
         loop {
             manifest.version = format!("v{next}");
-            let body = serde_json::to_vec(&*manifest).expect("serializable");
-            if self
-                .store
-                .put_if_absent(&format!("datasets/{name}/versions/v{next}.json"), body)
-                .await?
-            {
-                return Ok(());
+            let written = tokio::task::spawn_blocking(move || {
+                let written = write_manifest(&manifest);
+                (manifest, written)
+            })
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+            manifest = written.0;
+            let (file, sha256) = written.1?;
+            let key = format!("datasets/{name}/versions/v{next}.json");
+            let body = Blob::File(file.path().to_owned());
+            if self.store.put_blob(&key, body, &sha256, true).await? {
+                return Ok(manifest);
             }
             next += 1;
         }
     }
+}
+
+/// Writes `manifest` to a temporary file and hashes it: the manifest of a large tree is
+/// streamed out from there, never held as one buffer beside its entries.
+fn write_manifest(manifest: &Manifest) -> Result<(tempfile::NamedTempFile, [u8; 32])> {
+    let failed = |e: std::io::Error| Error::Io {
+        context: format!(
+            "write the manifest of {} to a temporary file",
+            manifest.dataset
+        ),
+        source: e,
+    };
+    let mut file = tempfile::NamedTempFile::new().map_err(failed)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, file.as_file_mut());
+    serde_json::to_writer(&mut out, manifest).map_err(|e| failed(e.into()))?;
+    out.into_inner().map_err(|e| failed(e.into_error()))?;
+    let mut reader = file.reopen().map_err(failed)?;
+    let sha256 = crate::copy::file::sha256(&mut reader).map_err(failed)?;
+    Ok((file, sha256))
 }
 
 /// What one body's task found: its entry's index, the read, the file's stamp and when it was

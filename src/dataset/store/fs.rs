@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Blob, Digest, Error, ObjectStore, Result, check_key};
+use super::{Blob, Digest, Error, ObjectStore, Reader, Result, check_key};
 
 const TEMP_PREFIX: &str = ".lanes-tmp-";
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -99,6 +99,19 @@ impl ObjectStore for FsStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key)?;
         blocking("read", key, move || not_found_as_none(std::fs::read(path))).await
+    }
+
+    async fn reader(&self, key: &str) -> Result<Option<Reader>> {
+        let path = self.path(key)?;
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Ok(Some(Box::new(file))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Io {
+                what: "read",
+                key: key.to_owned(),
+                source,
+            }),
+        }
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
@@ -227,6 +240,21 @@ impl ObjectStore for FsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_reader_streams_the_object_and_a_missing_one_is_none() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path());
+        let body: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        store.put("d/doc.json", body.clone()).await.unwrap();
+        let mut read = Vec::new();
+        let mut reader = store.reader("d/doc.json").await.unwrap().expect("exists");
+        reader.read_to_end(&mut read).await.unwrap();
+        assert_eq!(read, body);
+        assert!(store.reader("d/missing.json").await.unwrap().is_none());
+        assert!(store.reader("../escape").await.is_err(), "keys are checked");
+    }
 
     #[tokio::test]
     async fn concurrent_creators_of_one_key_have_exactly_one_winner() {

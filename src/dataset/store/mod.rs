@@ -58,6 +58,9 @@ pub type Digest = [u8; 32];
 pub trait ObjectStore: Send + Sync {
     /// The object's bytes, or `None` when it does not exist.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>>> + Send;
+    /// The object's bytes as a stream, or `None` when it does not exist: for documents too
+    /// large to hold twice (a manifest of a million files), parsed as they arrive.
+    fn reader(&self, key: &str) -> impl Future<Output = Result<Option<Reader>>> + Send;
     /// Writes (or replaces) an object atomically: readers see the old or the new body.
     fn put(&self, key: &str, body: Vec<u8>) -> impl Future<Output = Result<()>> + Send;
     /// Creates the object only if it does not exist. `Ok(false)`: it existed, nothing written.
@@ -94,6 +97,9 @@ pub trait ObjectStore: Send + Sync {
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// An object being read.
+pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
 /// Where the bytes of an upload come from.
 #[derive(Debug)]
 pub enum Blob {
@@ -122,6 +128,9 @@ macro_rules! delegate {
 impl ObjectStore for BucketStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         delegate!(self, s => s.get(key))
+    }
+    async fn reader(&self, key: &str) -> Result<Option<Reader>> {
+        delegate!(self, s => s.reader(key))
     }
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
         delegate!(self, s => s.put(key, body))

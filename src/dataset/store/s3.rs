@@ -25,7 +25,7 @@ use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest as _, Sha256};
 
-use super::{Blob, Digest, Error, ObjectStore, Result, check_key};
+use super::{Blob, Digest, Error, ObjectStore, Reader, Result, check_key};
 use crate::dataset::scan::hex;
 
 mod multipart;
@@ -332,6 +332,11 @@ impl ObjectStore for S3Store {
             source: std::io::Error::other(e),
         })?;
         Ok(Some(bytes.into_bytes().to_vec()))
+    }
+
+    async fn reader(&self, key: &str) -> Result<Option<Reader>> {
+        let object = self.fetch(key, "read").await?;
+        Ok(object.map(|o| Box::new(o.body.into_async_read()) as Reader))
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> Result<()> {
