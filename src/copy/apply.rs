@@ -113,18 +113,18 @@ pub(crate) fn beyond(
     shown: &Path,
     exclude: &super::exclude::Exclude,
 ) -> Vec<PathBuf> {
-    // Excluded paths are not walked, so never deleted.
-    let (present, _) = walk::walk_dir(dst, shown, exclude);
+    // Excluded paths are not walked, so never deleted; an extra directory is not entered
+    // (it goes whole), and nothing is gathered but the extras.
     let mut extra: Vec<PathBuf> = Vec::new();
-    for entry in present {
-        if wanted.contains(entry.rel.as_path()) || extra.iter().any(|e| entry.rel.starts_with(e)) {
-            continue;
+    walk::walk_each(dst, shown, exclude, |entry| {
+        if wanted.contains(entry.rel.as_path()) {
+            return true;
         }
-        if entry.rel.file_name().is_some_and(file::is_temp) {
-            continue;
+        if !entry.rel.file_name().is_some_and(file::is_temp) {
+            extra.push(entry.rel);
         }
-        extra.push(entry.rel);
-    }
+        false
+    });
     extra
 }
 

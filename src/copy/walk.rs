@@ -73,6 +73,22 @@ pub fn walk(root: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
 /// names is left out (an excluded directory is not entered).
 pub fn walk_dir(root: &Dir, shown: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
     let mut entries = Vec::new();
+    let failures = walk_each(root, shown, exclude, |entry| {
+        entries.push(entry);
+        true
+    });
+    (entries, failures)
+}
+
+/// [`walk_dir`] handing each entry to `visit` instead of gathering them (memory stays
+/// bounded by the tree's depth and widest directory); a directory is entered only when
+/// `visit` returns true for it.
+pub fn walk_each(
+    root: &Dir,
+    shown: &Path,
+    exclude: &Exclude,
+    mut visit: impl FnMut(Entry) -> bool,
+) -> Vec<Failure> {
     let mut failures = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(rel) = pending.pop() {
@@ -112,23 +128,24 @@ pub fn walk_dir(root: &Dir, shown: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec
                         continue;
                     }
                 },
-                fsutil::Kind::Dir => {
-                    pending.push(path.clone());
-                    Kind::Dir
-                }
+                fsutil::Kind::Dir => Kind::Dir,
                 fsutil::Kind::File => Kind::File {
                     size: stat.st_size as u64,
                     link: (stat.st_nlink > 1).then_some((stat.st_dev, stat.st_ino)),
                 },
                 fsutil::Kind::Other => continue,
             };
-            entries.push(Entry {
+            let dir = (kind == Kind::Dir).then(|| path.clone());
+            let descend = visit(Entry {
                 rel: path,
                 kind,
                 mode: stat.st_mode & 0o7777,
                 mtime: (stat.st_mtime, stat.st_mtime_nsec),
             });
+            if let Some(dir) = dir.filter(|_| descend) {
+                pending.push(dir);
+            }
         }
     }
-    (entries, failures)
+    failures
 }

@@ -147,14 +147,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             Ok(())
         })
         .await?;
-        let known: Vec<PathBuf> = manifest
-            .entries
-            .iter()
-            .map(|e| e.path.clone().into())
-            .collect();
+        let entries = manifest.entries;
         let shown = dir.to_owned();
         let (extra, deleted) = blocking(move || {
-            let wanted = known.iter().map(PathBuf::as_path).collect();
+            let wanted = entries.iter().map(|e| Path::new(&e.path)).collect();
             let mut extra = apply::beyond(&wanted, &after, &shown, &Default::default());
             extra.sort();
             if delete_extra {
