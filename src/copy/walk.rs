@@ -53,24 +53,10 @@ pub struct Failure {
     pub error: String,
 }
 
-/// Walks the directory at `root` (see the module docs); paths in failures are shown under
-/// `root`. Unreadable entries are reported and skipped; special files (sockets, FIFOs,
-/// devices) are skipped silently.
-pub fn walk(root: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
-    match Dir::open(root) {
-        Ok(dir) => walk_dir(&dir, root, exclude),
-        Err(e) => (
-            Vec::new(),
-            vec![Failure {
-                path: root.to_owned(),
-                error: e.to_string(),
-            }],
-        ),
-    }
-}
-
-/// [`walk`] of an open directory; `shown` is how its paths appear in failures. What `exclude`
-/// names is left out (an excluded directory is not entered).
+/// Walks the open directory `root` (see the module docs); `shown` is how its paths appear in
+/// failures. Unreadable entries are reported and skipped; special files (sockets, FIFOs,
+/// devices) are skipped silently. What `exclude` names is left out (an excluded directory is
+/// not entered).
 pub fn walk_dir(root: &Dir, shown: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
     let mut entries = Vec::new();
     let failures = walk_each(root, shown, exclude, |entry| {

@@ -43,50 +43,71 @@ pub fn walk_tree(root: &Path, exclude: &Exclude) -> Result<Vec<Entry>, ScanError
             });
         }
     }
-    let (walked, failures) = walk::walk(root, exclude);
+    let dir = crate::fsutil::Dir::open(root).map_err(|e| ScanError {
+        path: root.to_owned(),
+        reason: e.to_string(),
+    })?;
+    // Each walked entry becomes a manifest entry as it is found: the walk's own list of the
+    // tree is never gathered beside this one.
+    let mut entries = Vec::new();
+    let mut refused = None;
+    let failures = walk::walk_each(&dir, root, exclude, |entry| {
+        if refused.is_some() {
+            return false;
+        }
+        match manifest_entry(root, entry) {
+            Ok(entry) => entries.push(entry),
+            Err(e) => refused = Some(e),
+        }
+        refused.is_none()
+    });
     if let Some(failure) = failures.into_iter().next() {
         return Err(ScanError {
             path: failure.path,
             reason: failure.error,
         });
     }
-    let mut entries = Vec::with_capacity(walked.len());
-    for entry in walked {
-        let fail = |reason: String| ScanError {
-            path: root.join(&entry.rel),
-            reason,
-        };
-        let path = entry
-            .rel
-            .to_str()
-            .ok_or_else(|| fail("the name is not UTF-8".into()))?
-            .to_owned();
-        let (kind, size, target) = match &entry.kind {
-            Kind::Dir => (EntryKind::Dir, 0, None),
-            Kind::File { size, .. } => (EntryKind::File, *size, None),
-            Kind::Symlink(target) => {
-                let target = target
-                    .to_str()
-                    .ok_or_else(|| fail("the link target is not UTF-8".into()))?;
-                if !link_stays_inside(&path, target) {
-                    return Err(fail(format!(
-                        "the symlink points outside the tree ({target:?})"
-                    )));
-                }
-                (EntryKind::Symlink, 0, Some(target.to_owned()))
-            }
-        };
-        entries.push(Entry {
-            path,
-            kind,
-            size,
-            mode: entry.mode,
-            sha256: None,
-            target,
-        });
+    if let Some(refused) = refused {
+        return Err(refused);
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(entries)
+}
+
+/// The manifest entry of one walked entry, or why the tree cannot be pushed.
+fn manifest_entry(root: &Path, entry: walk::Entry) -> Result<Entry, ScanError> {
+    let fail = |reason: String| ScanError {
+        path: root.join(&entry.rel),
+        reason,
+    };
+    let path = entry
+        .rel
+        .to_str()
+        .ok_or_else(|| fail("the name is not UTF-8".into()))?
+        .to_owned();
+    let (kind, size, target) = match &entry.kind {
+        Kind::Dir => (EntryKind::Dir, 0, None),
+        Kind::File { size, .. } => (EntryKind::File, *size, None),
+        Kind::Symlink(target) => {
+            let target = target
+                .to_str()
+                .ok_or_else(|| fail("the link target is not UTF-8".into()))?;
+            if !link_stays_inside(&path, target) {
+                return Err(fail(format!(
+                    "the symlink points outside the tree ({target:?})"
+                )));
+            }
+            (EntryKind::Symlink, 0, Some(target.to_owned()))
+        }
+    };
+    Ok(Entry {
+        path,
+        kind,
+        size,
+        mode: entry.mode,
+        sha256: None,
+        target,
+    })
 }
 
 /// A file's body as read for a push.
