@@ -7,9 +7,9 @@
 //! not have moved them (the rule git applies to its index). The cache is best effort: one that
 //! cannot be read is empty, one that cannot be written is skipped, and neither fails a push.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::Metadata;
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -58,24 +58,6 @@ struct Stored {
     files: HashMap<String, Remembered>,
 }
 
-/// What [`HashCache::save`] writes: the same document as [`Stored`], its files taken one by
-/// one from an iterator as they are written out (never gathered into a map first).
-#[derive(Serialize)]
-#[serde(bound(serialize = "OneShotMap<I>: Serialize"))]
-struct Streamed<I> {
-    format: u32,
-    files: OneShotMap<I>,
-}
-
-/// A map serialized straight from an iterator, once.
-struct OneShotMap<I>(Cell<Option<I>>);
-
-impl<'a, I: Iterator<Item = (&'a str, Remembered)>> Serialize for OneShotMap<I> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.take().into_iter().flatten())
-    }
-}
-
 /// The remembered hashes of one pushed directory.
 #[derive(Debug, Default)]
 pub struct HashCache {
@@ -116,30 +98,92 @@ impl HashCache {
     /// Replaces what is kept with `hashed` (path, stamp, hash, and when the stamp was taken in
     /// nanoseconds since the epoch), leaving out racy entries. Best effort, atomic.
     pub fn save<'a>(&self, hashed: impl IntoIterator<Item = (&'a str, Stamp, [u8; 32], i64)>) {
-        let Some(path) = &self.path else { return };
-        let files = hashed
-            .into_iter()
-            .filter(|(_, stamp, _, seen)| stamp.mtime_ns.max(stamp.ctime_ns) < seen - RACY_NS)
-            .map(|(rel, stamp, sha256, _)| {
-                let sha256 = Digest(sha256);
-                (rel, Remembered { stamp, sha256 })
-            });
-        let stored = Streamed {
-            format: FORMAT,
-            files: OneShotMap(Cell::new(Some(files))),
-        };
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| {
-                // Losing it costs a re-hash, never a wrong answer: no sync needed.
-                crate::fsutil::atomic_write_with(path, crate::fsutil::Durability::Process, |out| {
-                    serde_json::to_writer(out, &stored).map_err(std::io::Error::other)
-                })
-            });
-        if let Err(e) = written {
-            tracing::debug!(path = %path.display(), error = %e, "push hash cache not written");
+        if let Some(mut writer) = self.writer() {
+            for (rel, stamp, sha256, seen) in hashed {
+                writer.remember(rel, stamp, sha256, seen);
+            }
+            writer.finish();
         }
+    }
+
+    /// A writer of the replacement for what is kept, fed a file at a time as a push hashes
+    /// them (nothing per file is held until the end); `None` when nothing is kept.
+    pub fn writer(&self) -> Option<CacheWriter> {
+        let path = self.path.as_ref()?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let opened = std::fs::create_dir_all(dir)
+            .and_then(|()| tempfile::Builder::new().prefix(".hashes-").tempfile_in(dir))
+            .and_then(|file| {
+                let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+                write!(out, "{{\"format\":{FORMAT},\"files\":{{")?;
+                Ok(out)
+            });
+        match opened {
+            Ok(out) => Some(CacheWriter {
+                path: path.clone(),
+                out: Some(out),
+                first: true,
+            }),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "push hash cache not written");
+                None
+            }
+        }
+    }
+}
+
+/// The next cache of a directory being written (see [`HashCache::writer`]). Best effort: the
+/// first failure drops it, and it replaces the old cache only at [`CacheWriter::finish`].
+pub struct CacheWriter {
+    path: PathBuf,
+    out: Option<std::io::BufWriter<tempfile::NamedTempFile>>,
+    first: bool,
+}
+
+impl CacheWriter {
+    /// Remembers `rel`'s hash, unless its stamp was taken too soon after a write to it.
+    pub fn remember(&mut self, rel: &str, stamp: Stamp, sha256: [u8; 32], seen: i64) {
+        if stamp.mtime_ns.max(stamp.ctime_ns) >= seen - RACY_NS {
+            return;
+        }
+        let Some(out) = self.out.as_mut() else { return };
+        let remembered = Remembered {
+            stamp,
+            sha256: Digest(sha256),
+        };
+        let comma = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            ","
+        };
+        let written = out
+            .write_all(comma.as_bytes())
+            .and_then(|()| serde_json::to_writer(&mut *out, rel).map_err(Into::into))
+            .and_then(|()| out.write_all(b":"))
+            .and_then(|()| serde_json::to_writer(&mut *out, &remembered).map_err(Into::into));
+        if let Err(e) = written {
+            self.fail(e);
+        }
+    }
+
+    /// Puts the new cache in place of the old one.
+    pub fn finish(mut self) {
+        let Some(mut out) = self.out.take() else {
+            return;
+        };
+        let placed = out
+            .write_all(b"}}")
+            .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+            // Losing it costs a re-hash, never a wrong answer: no sync needed.
+            .and_then(|file| file.persist(&self.path).map(drop).map_err(|e| e.error));
+        if let Err(e) = placed {
+            self.fail(e);
+        }
+    }
+
+    fn fail(&mut self, error: std::io::Error) {
+        self.out = None;
+        tracing::debug!(path = %self.path.display(), %error, "push hash cache not written");
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 use super::{Error, Finish, PushReport, Repo, Result, blob_key, check_tag, now, version_number};
-use crate::dataset::hashcache::{HashCache, Stamp, now_ns};
+use crate::dataset::hashcache::{CacheWriter, HashCache, Stamp, now_ns};
 use crate::dataset::manifest::{Digest, Entry, EntryKind, FORMAT, Manifest};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::{ReadBody, ScanError, read_body, walk_tree};
@@ -58,20 +58,14 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             None => HashCache::disabled(),
         });
         let sent = self
-            .send_bodies(dir, &mut entries, Arc::new(known), cache.clone())
+            .send_bodies(dir, &mut entries, Arc::new(known), cache)
             .await?;
         // The hashes are facts about the files whatever happens to this push next.
-        let hashed = sent.hashed;
-        let entries = tokio::task::spawn_blocking(move || {
-            cache.save(hashed.iter().map(|&(index, stamp, seen)| {
-                let entry = &entries[index as usize];
-                let sha256 = entry.sha256.map_or([0; 32], |d| d.0);
-                (entry.path.as_str(), stamp, sha256, seen)
-            }));
-            entries
-        })
-        .await
-        .map_err(|e| Error::Invalid(e.to_string()))?;
+        if let Some(remembered) = sent.remembered {
+            tokio::task::spawn_blocking(move || remembered.finish())
+                .await
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        }
         let (uploaded, bytes_uploaded) = (sent.uploaded, sent.bytes_uploaded);
         // Nothing changed since the latest version: that version is the answer (every body
         // was known, so nothing was sent).
@@ -172,10 +166,10 @@ fn write_manifest(manifest: &Manifest) -> Result<(tempfile::NamedTempFile, [u8; 
 /// taken, and whether this push uploaded the body.
 type Done = (usize, ReadBody, Stamp, i64, bool);
 
-/// What [`Repo::send_bodies`] did: for the hash cache, each hashed file's entry index, stamp
-/// and when it was taken (the hash and size went into the entry itself); what was uploaded.
+/// What [`Repo::send_bodies`] did: the next hash cache, written as files were hashed (to be
+/// finished); what was uploaded.
 struct Sent {
-    hashed: Vec<(u32, Stamp, i64)>,
+    remembered: Option<CacheWriter>,
     uploaded: usize,
     bytes_uploaded: u64,
 }
@@ -212,7 +206,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         let claimed = Arc::new(Mutex::new(HashSet::new()));
         let mut tasks = tokio::task::JoinSet::new();
         let mut sent = Sent {
-            hashed: Vec::new(),
+            remembered: cache.writer(),
             uploaded: 0,
             bytes_uploaded: 0,
         };
@@ -233,7 +227,9 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     crate::failpoint::kill("dataset.push.uploaded");
                 }
             }
-            sent.hashed.push((index as u32, stamp, seen));
+            if let Some(remembered) = sent.remembered.as_mut() {
+                remembered.remember(&entries[index].path, stamp, read.sha256, seen);
+            }
             Ok::<_, Error>(())
         };
         for index in files {
