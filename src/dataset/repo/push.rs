@@ -46,13 +46,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??;
-        let parent = self.resolve(name, &Selector::Latest).await.ok();
         // Bodies of the parent version are in the bucket already (bodies are never removed
-        // while a version names them).
-        let known: HashSet<Digest> = parent
-            .iter()
-            .flat_map(|p| p.entries.iter().filter_map(|e| e.sha256))
-            .collect();
+        // while a version names them). Only they and a digest of its entries are kept.
+        let (parent, known) = match self.resolve(name, &Selector::Latest).await.ok() {
+            Some(latest) => {
+                let known = Bodies::of(&latest.entries);
+                (Some(Parent::of(latest)), known)
+            }
+            None => (None, Bodies::default()),
+        };
         let cache = Arc::new(match &self.hash_cache {
             Some(cache_dir) => HashCache::open(cache_dir, dir),
             None => HashCache::disabled(),
@@ -71,13 +73,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         // was known, so nothing was sent).
         if commit
             && tag.is_none()
-            && let Some(parent) = parent.as_ref().filter(|p| p.entries == entries)
+            && let Some(parent) = parent
+                .as_ref()
+                .filter(|p| p.entries_sha256 == entries_sha256(&entries))
         {
             return Ok(PushReport {
                 version: parent.version.clone(),
                 committed: true,
-                files: parent.files(),
-                bytes: parent.size(),
+                files: parent.files,
+                bytes: parent.bytes,
                 bodies_uploaded: 0,
                 bytes_uploaded: 0,
                 unchanged: true,
@@ -162,6 +166,55 @@ fn write_manifest(manifest: &Manifest) -> Result<(tempfile::NamedTempFile, [u8; 
     Ok((file, sha256))
 }
 
+/// What a push keeps of the latest version: enough to answer for an unchanged tree, not the
+/// version's entries (a push of N files would otherwise hold two manifests of N entries).
+struct Parent {
+    version: String,
+    message: String,
+    files: usize,
+    bytes: u64,
+    entries_sha256: [u8; 32],
+}
+
+impl Parent {
+    fn of(manifest: Manifest) -> Parent {
+        Parent {
+            files: manifest.files(),
+            bytes: manifest.size(),
+            entries_sha256: entries_sha256(&manifest.entries),
+            version: manifest.version,
+            message: manifest.message,
+        }
+    }
+}
+
+/// SHA-256 over `entries`, each as its JSON: equal for equal lists of entries.
+fn entries_sha256(entries: &[Entry]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for entry in entries {
+        serde_json::to_writer(&mut hasher, entry).expect("hashing does not fail");
+    }
+    hasher.finalize().into()
+}
+
+/// The bodies a version names, sorted: 32 bytes each, looked up by binary search.
+#[derive(Debug, Default)]
+struct Bodies(Vec<Digest>);
+
+impl Bodies {
+    fn of(entries: &[Entry]) -> Bodies {
+        let mut bodies: Vec<Digest> = entries.iter().filter_map(|e| e.sha256).collect();
+        bodies.sort_unstable();
+        bodies.dedup();
+        Bodies(bodies)
+    }
+
+    fn contains(&self, body: &Digest) -> bool {
+        self.0.binary_search(body).is_ok()
+    }
+}
+
 /// What one body's task found: its entry's index, the read, the file's stamp and when it was
 /// taken, and whether this push uploaded the body.
 type Done = (usize, ReadBody, Stamp, i64, bool);
@@ -187,7 +240,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         &self,
         dir: &Path,
         entries: &mut [Entry],
-        known: Arc<HashSet<Digest>>,
+        known: Arc<Bodies>,
         cache: Arc<HashCache>,
     ) -> Result<Sent> {
         // Indices, not copies of the paths: a tree of a million files is held once.
@@ -298,7 +351,7 @@ fn recall_or_read(
     path: &Path,
     rel: &str,
     cache: &HashCache,
-    known: &HashSet<Digest>,
+    known: &Bodies,
 ) -> std::io::Result<(ReadBody, Stamp, i64)> {
     let seen = now_ns();
     let meta = std::fs::symlink_metadata(path)?;
