@@ -24,7 +24,7 @@ const RACY_NS: i64 = 2_000_000_000;
 const FORMAT: u32 = 1;
 
 /// What the kernel says of a file, enough to tell that its contents may have changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Stamp {
     dev: u64,
     ino: u64,
@@ -52,10 +52,39 @@ struct Remembered {
     sha256: Digest,
 }
 
+/// The kept document as read: `{"format": 1, "files": {PATH: {stamp, sha256}, ...}}`. The
+/// paths are skipped as they are read: a stamp names its file (device and inode) and its
+/// state, so it alone is the key (a million paths are never held).
 #[derive(Debug, Default, Deserialize)]
 struct Stored {
     format: u32,
-    files: HashMap<String, Remembered>,
+    #[serde(deserialize_with = "by_stamp")]
+    files: HashMap<Stamp, Digest>,
+}
+
+fn by_stamp<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<HashMap<Stamp, Digest>, D::Error> {
+    struct Files;
+    impl<'de> serde::de::Visitor<'de> for Files {
+        type Value = HashMap<Stamp, Digest>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of paths to stamps and hashes")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut files = HashMap::new();
+            while let Some((serde::de::IgnoredAny, remembered)) =
+                map.next_entry::<serde::de::IgnoredAny, Remembered>()?
+            {
+                files.insert(remembered.stamp, remembered.sha256);
+            }
+            Ok(files)
+        }
+    }
+    deserializer.deserialize_map(Files)
 }
 
 /// The remembered hashes of one pushed directory.
@@ -63,7 +92,7 @@ struct Stored {
 pub struct HashCache {
     /// Where it is kept; `None`: nothing is remembered or kept.
     path: Option<PathBuf>,
-    files: HashMap<String, Remembered>,
+    files: HashMap<Stamp, Digest>,
 }
 
 impl HashCache {
@@ -77,9 +106,10 @@ impl HashCache {
         let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
         let name = hex(&Sha256::digest(root.as_os_str().as_encoded_bytes()));
         let path = dir.join(format!("{}.json", &name[..32]));
-        let files = std::fs::read(&path)
+        let files = std::fs::File::open(&path)
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<Stored>(&bytes).ok())
+            .map(|file| std::io::BufReader::with_capacity(1 << 16, file))
+            .and_then(|text| serde_json::from_reader::<_, Stored>(text).ok())
             .filter(|stored| stored.format == FORMAT)
             .map(|stored| stored.files)
             .unwrap_or_default();
@@ -89,10 +119,9 @@ impl HashCache {
         }
     }
 
-    /// The hash remembered for `rel` when the file is still as it was then.
-    pub fn lookup(&self, rel: &str, stamp: &Stamp) -> Option<[u8; 32]> {
-        let remembered = self.files.get(rel).filter(|r| r.stamp == *stamp)?;
-        Some(remembered.sha256.0)
+    /// The hash remembered for the file of `stamp` when it is still as it was then.
+    pub fn lookup(&self, stamp: &Stamp) -> Option<[u8; 32]> {
+        self.files.get(stamp).map(|sha256| sha256.0)
     }
 
     /// Replaces what is kept with `hashed` (path, stamp, hash, and when the stamp was taken in
@@ -209,29 +238,29 @@ mod tests {
         let sha: [u8; 32] = Sha256::digest(b"one").into();
         let later = now_ns() + 10 * RACY_NS;
 
+        let racy_file = root.join("racy");
+        std::fs::write(&racy_file, b"one").unwrap();
+        let racy = Stamp::of(&std::fs::metadata(&racy_file).unwrap());
+
         let cache = HashCache::open(&dir.path().join("cache"), &root);
-        assert_eq!(cache.lookup("a", &stamp), None, "nothing remembered yet");
-        cache.save([("a", stamp, sha, later), ("racy", stamp, sha, now_ns())]);
+        assert_eq!(cache.lookup(&stamp), None, "nothing remembered yet");
+        cache.save([("a", stamp, sha, later), ("racy", racy, sha, now_ns())]);
         let cache = HashCache::open(&dir.path().join("cache"), &root);
-        assert_eq!(cache.lookup("a", &stamp), Some(sha));
-        assert_eq!(
-            cache.lookup("racy", &stamp),
-            None,
-            "seen too soon after a write"
-        );
+        assert_eq!(cache.lookup(&stamp), Some(sha));
+        assert_eq!(cache.lookup(&racy), None, "seen too soon after a write");
 
         // Any write moves the change time (and here the size): the hash is not reused.
         std::fs::write(&file, b"two!").unwrap();
         let changed = Stamp::of(&std::fs::metadata(&file).unwrap());
         assert_ne!(changed, stamp);
-        assert_eq!(cache.lookup("a", &changed), None);
+        assert_eq!(cache.lookup(&changed), None);
 
         // Another directory has its own cache; a disabled one remembers nothing.
         assert_eq!(
-            HashCache::open(&dir.path().join("cache"), dir.path()).lookup("a", &stamp),
+            HashCache::open(&dir.path().join("cache"), dir.path()).lookup(&stamp),
             None
         );
         HashCache::disabled().save([("a", stamp, sha, later)]);
-        assert_eq!(HashCache::disabled().lookup("a", &stamp), None);
+        assert_eq!(HashCache::disabled().lookup(&stamp), None);
     }
 }

@@ -287,8 +287,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         };
         for index in files {
             let index = index as usize;
-            let rel = entries[index].path.clone();
-            let path = dir.join(&rel);
+            let path = dir.join(&entries[index].path);
             if tasks.len() >= jobs
                 && let Some(done) = tasks.join_next().await
             {
@@ -301,15 +300,13 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 let (mut read, stamp, seen) = {
                     let _core = hashing.acquire_owned().await;
                     let (file, bucket_has) = (path.clone(), known.clone());
-                    tokio::task::spawn_blocking(move || {
-                        recall_or_read(&file, &rel, &cache, &bucket_has)
-                    })
-                    .await
-                    .map_err(|e| Error::Invalid(e.to_string()))?
-                    .map_err(|e| ScanError {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?
+                    tokio::task::spawn_blocking(move || recall_or_read(&file, &cache, &bucket_has))
+                        .await
+                        .map_err(|e| Error::Invalid(e.to_string()))?
+                        .map_err(|e| ScanError {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?
                 };
                 let sha256 = Digest(read.sha256);
                 let fresh = !known.contains(&sha256)
@@ -349,7 +346,6 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
 /// taken (before the stat, so a write racing the read makes the entry racy).
 fn recall_or_read(
     path: &Path,
-    rel: &str,
     cache: &HashCache,
     known: &Bodies,
 ) -> std::io::Result<(ReadBody, Stamp, i64)> {
@@ -359,7 +355,7 @@ fn recall_or_read(
         return Err(std::io::Error::other("no longer a regular file"));
     }
     let stamp = Stamp::of(&meta);
-    if let Some(sha256) = cache.lookup(rel, &stamp)
+    if let Some(sha256) = cache.lookup(&stamp)
         && known.contains(&Digest(sha256))
     {
         let size = meta.len();
