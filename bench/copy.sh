@@ -3,11 +3,15 @@
 #
 #   bench/copy.sh [RUNS]                      (default 3; medians are reported)
 #   TREES="tiny huge" bench/copy.sh [RUNS]    (only these trees)
+#   LANES_BIN=/path/to/lanes bench/copy.sh    (time that build, not this tree's)
 #
 # Trees: small = 10,000 files of 100 KiB; large = 8 files of 256 MiB; tiny = 100,000 files
 # of 1-8 KiB, four directory levels deep; huge = one 4 GiB file (random bytes). Page cache
 # is dropped before each timed run. Also the peak RSS of lanes and rsync on the tiny tree.
-# Installs rsync when it is missing. Needs root (drop_caches).
+# Every tool copies into a new ext4 filesystem of its own each run (a loop image beside the
+# trees), so no tool pays for another's files or deletes: on one shared filesystem, removing
+# the previous runs' 400,000 tiny files slowed whichever tool ran next.
+# Installs rsync when it is missing. Needs root (drop_caches, mount).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -15,10 +19,12 @@ trees=${TREES:-small large tiny huge}
 for tool in rsync bc; do
   command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }
 done
-cargo build --release --locked --quiet
-lanes=$PWD/target/release/lanes
+# LANES_BIN=PATH times that binary instead of building this tree (to compare two builds).
+if [ -z "${LANES_BIN:-}" ]; then cargo build --release --locked --quiet; fi
+lanes=${LANES_BIN:-$PWD/target/release/lanes}
 work=$(mktemp -d /var/tmp/lanes-bench-copy.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+unmount_all() { for m in "$work"/dst-*; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done; true; }
+trap 'unmount_all; rm -rf "$work"' EXIT
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(df -h "$work" | awk 'NR==2{print $1" "$2}')"
 echo "generating trees in $work ..."
@@ -61,23 +67,35 @@ t() {
 }
 median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
+# fresh TREE TOOL...: a new empty ext4 at $work/dst-TOOL for each TOOL; the copies go to
+# $work/dst-TOOL/out, which does not exist yet.
+fresh() {
+  local tree=$1 size; shift
+  size=$(( $(du -sb "$work/$tree" | cut -f1) * 13 / 10 + (512 << 20) ))
+  for tool in "$@"; do
+    mountpoint -q "$work/dst-$tool" 2>/dev/null && umount "$work/dst-$tool"
+    rm -f "$work/img-$tool"; truncate -s "$size" "$work/img-$tool"
+    mkfs.ext4 -q -F -i 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$work/img-$tool"
+    mkdir -p "$work/dst-$tool"; mount -o loop "$work/img-$tool" "$work/dst-$tool"
+  done
+}
 for tree in $trees; do
   for run in $(seq "$runs"); do
-    rm -rf "$work/dst"*
-    t "$tree.cp"            cp -a "$work/$tree" "$work/dst-cp"
-    t "$tree.rsync"         rsync -a "$work/$tree/" "$work/dst-rsync/"
-    t "$tree.lanes"         "$lanes" copy "$work/$tree" "$work/dst-lanes" --json
-    t "$tree.rsync-rerun"   rsync -a "$work/$tree/" "$work/dst-rsync/"
-    t "$tree.lanes-rerun"   "$lanes" copy "$work/$tree" "$work/dst-lanes" --json
-    rm -rf "$work/dst"*
-    t "$tree.rsync-sum"     rsync -a --checksum "$work/$tree/" "$work/dst-rsync/"
-    t "$tree.lanes-sha"     "$lanes" copy "$work/$tree" "$work/dst-lanes" --checksum sha256 --json
-    t "$tree.rsync-sum-rerun" rsync -a --checksum "$work/$tree/" "$work/dst-rsync/"
-    t "$tree.lanes-sha-rerun" "$lanes" copy "$work/$tree" "$work/dst-lanes" --checksum sha256 --json
+    fresh "$tree" cp rsync lanes
+    t "$tree.cp"            cp -a "$work/$tree" "$work/dst-cp/out"
+    t "$tree.rsync"         rsync -a "$work/$tree/" "$work/dst-rsync/out/"
+    t "$tree.lanes"         "$lanes" copy "$work/$tree" "$work/dst-lanes/out" --json
+    t "$tree.rsync-rerun"   rsync -a "$work/$tree/" "$work/dst-rsync/out/"
+    t "$tree.lanes-rerun"   "$lanes" copy "$work/$tree" "$work/dst-lanes/out" --json
+    diff -r "$work/$tree" "$work/dst-lanes/out" >/dev/null || { echo "lanes copy differs from $tree" >&2; exit 1; }
+    fresh "$tree" rsync lanes
+    t "$tree.rsync-sum"     rsync -a --checksum "$work/$tree/" "$work/dst-rsync/out/"
+    t "$tree.lanes-sha"     "$lanes" copy "$work/$tree" "$work/dst-lanes/out" --checksum sha256 --json
+    t "$tree.rsync-sum-rerun" rsync -a --checksum "$work/$tree/" "$work/dst-rsync/out/"
+    t "$tree.lanes-sha-rerun" "$lanes" copy "$work/$tree" "$work/dst-lanes/out" --checksum sha256 --json
   done
-  rm -rf "$work/dst"*
-  drop
-  diff -r "$work/$tree" "$work/dst-cp" >/dev/null 2>&1 || true
+  unmount_all
+  rm -f "$work"/img-*
 done
 if [[ " $trees " == *" large "* ]]; then
   for f in $(seq 3); do t sha.openssl openssl dgst -sha256 "$work/large/f0"; done
@@ -86,9 +104,11 @@ fi
 if [[ " $trees " == *" tiny "* ]]; then
   command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
   peak() { drop; /usr/bin/time -v "$@" 2>&1 >/dev/null | awk '/Maximum resident/ {printf "%.0f", $6 / 1024}'; }
-  rss_lanes=$(peak "$lanes" copy "$work/tiny" "$work/dst-rss-lanes" --json)
-  rss_rsync=$(peak rsync -a "$work/tiny/" "$work/dst-rss-rsync/")
-  rm -rf "$work"/dst-rss-*
+  fresh tiny rss-lanes rss-rsync
+  rss_lanes=$(peak "$lanes" copy "$work/tiny" "$work/dst-rss-lanes/out" --json)
+  rss_rsync=$(peak rsync -a "$work/tiny/" "$work/dst-rss-rsync/out/")
+  unmount_all
+  rm -f "$work"/img-*
 fi
 
 printf '\n%-8s %-34s %9s %9s %7s\n' tree case lanes peer ratio

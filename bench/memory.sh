@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: peak memory (RSS) of `lanes dataset push` and `pull` beside s5cmd doing the same
-# work against one loopback S3 server, and of the node plugin during a cold publish of the
+# work against one loopback S3 server, of an unchanged re-push (hash cache and latest version
+# read, nothing sent), and of the node plugin during a cold publish of the
 # dataset (an inline volume: the plugin fills its cache), on a generated tree of FILES small
 # files and again on one of 4×FILES (memory must stay flat as the file count grows).
 # Peak RSS from /usr/bin/time -v (clients) and VmHWM (the plugin). Needs root (publish).
@@ -52,12 +53,15 @@ YAML
   L=("$lanes" --data-dir "$work/data-$count" --config "$work/lanes.yaml" dataset)
   "${L[@]}" create ds >/dev/null 2>&1
   lp=$(rss "${L[@]}" push "$tree" ds)
+  # Unchanged re-push: reads the hash cache and the latest version, uploads nothing.
+  lr=$(rss "${L[@]}" push "$tree" ds)
   sp=$(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "$tree/*" "s3://bench/s5-$count/")
   ll=$(rss "${L[@]}" pull ds "$work/out-lanes-$count")
   sl=$(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "s3://bench/s5-$count/*" "$work/out-s5-$count/")
   diff -rq "$tree" "$work/out-lanes-$count" >/dev/null || { echo "lanes pull differs" >&2; exit 1; }
   printf '%-8s %-14s %7sM %7sM %8.2f\n' "$count" push "$lp" "$sp" "$(echo "$lp / $sp" | bc -l)"
   printf '%-8s %-14s %7sM %7sM %8.2f\n' "$count" pull "$ll" "$sl" "$(echo "$ll / $sl" | bc -l)"
+  printf '%-8s %-14s %7sM %8s %8s\n' "$count" "re-push" "$lr" "-" "-"
   rm -rf "$work"/out-*
 
   # The node plugin during a cold publish: the inline volume's dataset is fetched into its
