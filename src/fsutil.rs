@@ -238,12 +238,19 @@ impl Dir {
 
     /// Opens the regular file `name` for reading, never through a link.
     pub fn open_file(&self, name: &OsStr) -> std::io::Result<File> {
+        self.open_file_sized(name).map(|(file, _)| file)
+    }
+
+    /// [`Dir::open_file`], with the size of what was opened (from the one stat that checks
+    /// it is a regular file).
+    pub fn open_file_sized(&self, name: &OsStr) -> std::io::Result<(File, u64)> {
         let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let file = File::from(nix::fcntl::openat(self, name, flags, Mode::empty()).map_err(io)?);
-        if !file.metadata()?.is_file() {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
             return Err(std::io::Error::other("not a regular file"));
         }
-        Ok(file)
+        Ok((file, meta.len()))
     }
 
     /// Creates the file `name` for writing; fails when anything is there already.

@@ -31,7 +31,7 @@ pub fn temp_name() -> OsString {
 
 /// Files up to this size are copied with one read and one write through a per-thread
 /// buffer: cheaper than the kernel-copy probing of `std::io::copy` for a few KiB.
-const SMALL_FILE: u64 = 256 << 10;
+const SMALL_FILE: u64 = 32 << 10;
 
 /// The process's umask, read once from /proc (reading it with umask(2) would change it
 /// for every thread for a moment). `None` when it cannot be read.
@@ -147,8 +147,7 @@ fn write_temp(
     attributes: Attributes,
     verify: Verify,
 ) -> std::io::Result<u64> {
-    let mut input = src.open_file(name)?;
-    let expected = input.metadata()?.len();
+    let (mut input, expected) = src.open_file_sized(name)?;
     // Made with its final permissions when the umask leaves them whole (no chmod then);
     // otherwise private until the chmod below.
     let direct =
