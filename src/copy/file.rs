@@ -212,21 +212,20 @@ fn write_temp(
     Ok(written)
 }
 
-/// Copies a file of about `expected` bytes through a per-thread buffer: reads to the end
-/// (a file that grew is copied whole, and the size check then tells), one write.
+/// Copies the `expected` bytes of a small file (its size when opened) through a per-thread
+/// buffer: reads until it has them or the file ends, then one write. No read to find the end:
+/// a file that grew after it was opened is copied as it was then (with the walk's time, so
+/// the next run sees it changed); one that shrank fails the size check.
 fn copy_small(input: &mut File, output: &mut File, expected: u64) -> std::io::Result<u64> {
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     BUFFER.with_borrow_mut(|buffer| {
-        // Not read_to_end: it asks the file for its size and position again (two syscalls
-        // a file, which is most of the cost of a tiny one).
-        buffer.resize(expected as usize + 1, 0);
+        // Not read_to_end: it asks the file for its size and position again, and reads once
+        // more to find the end (three syscalls a file, most of the cost of a tiny one).
+        buffer.resize(expected as usize, 0);
         let mut len = 0;
-        loop {
-            if len == buffer.len() {
-                buffer.resize(len * 2, 0);
-            }
+        while len < buffer.len() {
             match input.read(&mut buffer[len..]) {
                 Ok(0) => break,
                 Ok(n) => len += n,
@@ -234,14 +233,12 @@ fn copy_small(input: &mut File, output: &mut File, expected: u64) -> std::io::Re
                 Err(e) => return Err(e),
             }
         }
-        buffer.truncate(len);
-        output.write_all(buffer)?;
-        let written = buffer.len() as u64;
+        output.write_all(&buffer[..len])?;
         // Keep a small buffer between files, not the largest one seen.
         if buffer.capacity() > 2 * SMALL_FILE as usize {
             *buffer = Vec::new();
         }
-        Ok(written)
+        Ok(len as u64)
     })
 }
 
@@ -267,5 +264,30 @@ pub fn to_system_time((secs, nanos): (i64, i64)) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs as u64) + nanos
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copied(body: &[u8], expected: u64) -> (u64, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in"), body).unwrap();
+        let mut input = File::open(dir.path().join("in")).unwrap();
+        let mut output = File::create(dir.path().join("out")).unwrap();
+        let written = copy_small(&mut input, &mut output, expected).unwrap();
+        (written, std::fs::read(dir.path().join("out")).unwrap())
+    }
+
+    #[test]
+    fn a_small_copy_takes_the_size_the_file_had_when_opened() {
+        let body: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        assert_eq!(copied(&body, 5000), (5000, body.clone()));
+        // Grown since: the bytes it had then.
+        assert_eq!(copied(&body, 3000), (3000, body[..3000].to_vec()));
+        // Shrunk since: what is there (the caller's size check reports it).
+        assert_eq!(copied(&body, 8000), (5000, body.clone()));
+        assert_eq!(copied(b"", 0), (0, Vec::new()));
     }
 }
