@@ -253,10 +253,11 @@ impl Dir {
         Ok((file, meta.len()))
     }
 
-    /// Creates the file `name` for writing; fails when anything is there already.
+    /// Creates the file `name` for writing (and reading back what was written); fails when
+    /// anything is there already.
     pub fn create_file(&self, name: &OsStr, mode: u32) -> std::io::Result<File> {
         let flags =
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         nix::fcntl::openat(self, name, flags, Mode::from_bits_truncate(mode))
             .map(File::from)
             .map_err(io)

@@ -169,8 +169,13 @@ fn write_temp(
                         offset: 0,
                     })
                 });
-                let copied = std::io::copy(&mut &input, &mut output)
-                    .and_then(|written| Ok((written, sha256(dst.open_file(temp)?)?)));
+                let copied = std::io::copy(&mut &input, &mut output).and_then(|written| {
+                    let copy = ReadAt {
+                        file: &output,
+                        offset: 0,
+                    };
+                    Ok((written, sha256(copy)?))
+                });
                 let source = source
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread failed")));
@@ -184,9 +189,22 @@ fn write_temp(
             }
             written
         }
+        Verify::Sha256 if expected <= SMALL_FILE => {
+            let (written, source_hash, written_hash) =
+                copy_small_verified(&mut input, &mut output, expected)?;
+            if written_hash != source_hash {
+                return Err(std::io::Error::other(
+                    "SHA-256 of the written copy differs from the source",
+                ));
+            }
+            written
+        }
         Verify::Sha256 => {
             let (written, source_hash) = copy_hashing(&mut input, &mut output)?;
-            let written_hash = sha256(dst.open_file(temp)?)?;
+            let written_hash = sha256(ReadAt {
+                file: &output,
+                offset: 0,
+            })?;
             if written_hash != source_hash {
                 return Err(std::io::Error::other(
                     "SHA-256 of the written copy differs from the source",
@@ -217,29 +235,61 @@ fn write_temp(
 /// a file that grew after it was opened is copied as it was then (with the walk's time, so
 /// the next run sees it changed); one that shrank fails the size check.
 fn copy_small(input: &mut File, output: &mut File, expected: u64) -> std::io::Result<u64> {
+    with_small_buffer(expected, |buffer| {
+        let len = read_up_to(input, buffer)?;
+        output.write_all(&buffer[..len])?;
+        Ok(len as u64)
+    })
+}
+
+/// [`copy_small`], verified: the bytes read are hashed, written, read back from the copy
+/// (positional reads of the same descriptor, no second open) and hashed again. Returns the
+/// bytes written and the two SHA-256s.
+fn copy_small_verified(
+    input: &mut File,
+    output: &mut File,
+    expected: u64,
+) -> std::io::Result<(u64, [u8; 32], [u8; 32])> {
+    use std::os::unix::fs::FileExt;
+    with_small_buffer(expected, |buffer| {
+        let len = read_up_to(input, buffer)?;
+        let source: [u8; 32] = Sha256::digest(&buffer[..len]).into();
+        output.write_all(&buffer[..len])?;
+        output.read_exact_at(&mut buffer[..len], 0)?;
+        Ok((len as u64, source, Sha256::digest(&buffer[..len]).into()))
+    })
+}
+
+/// Runs `work` with this thread's buffer for small files, `size` bytes long. The buffer is
+/// kept between files while it is small.
+fn with_small_buffer<T>(size: u64, work: impl FnOnce(&mut [u8]) -> T) -> T {
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     BUFFER.with_borrow_mut(|buffer| {
-        // Not read_to_end: it asks the file for its size and position again, and reads once
-        // more to find the end (three syscalls a file, most of the cost of a tiny one).
-        buffer.resize(expected as usize, 0);
-        let mut len = 0;
-        while len < buffer.len() {
-            match input.read(&mut buffer[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        output.write_all(&buffer[..len])?;
-        // Keep a small buffer between files, not the largest one seen.
+        buffer.resize(size as usize, 0);
+        let result = work(buffer);
         if buffer.capacity() > 2 * SMALL_FILE as usize {
             *buffer = Vec::new();
         }
-        Ok(len as u64)
+        result
     })
+}
+
+/// Fills `buffer` from `input` until it is full or the file ends; returns the bytes read.
+/// Not read_to_end: it asks the file for its size and position again, and reads once more to
+/// find the end (three syscalls a file, most of the cost of a tiny one).
+fn read_up_to(input: &mut File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut len = 0;
+    while len < buffer.len() {
+        match input.read(&mut buffer[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(len)
 }
 
 fn copy_hashing(input: &mut File, output: &mut File) -> std::io::Result<(u64, [u8; 32])> {
@@ -289,5 +339,19 @@ mod tests {
         // Shrunk since: what is there (the caller's size check reports it).
         assert_eq!(copied(&body, 8000), (5000, body.clone()));
         assert_eq!(copied(b"", 0), (0, Vec::new()));
+    }
+
+    #[test]
+    fn a_verified_small_copy_hashes_what_it_read_and_what_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![7u8; 6000];
+        std::fs::write(dir.path().join("in"), &body).unwrap();
+        let mut input = File::open(dir.path().join("in")).unwrap();
+        let made = Dir::open(dir.path()).unwrap();
+        let mut output = made.create_file(OsStr::new("out"), 0o644).unwrap();
+        let (written, source, copy) = copy_small_verified(&mut input, &mut output, 6000).unwrap();
+        let expected: [u8; 32] = Sha256::digest(&body).into();
+        assert_eq!((written, source, copy), (6000, expected, expected));
+        assert_eq!(std::fs::read(dir.path().join("out")).unwrap(), body);
     }
 }
