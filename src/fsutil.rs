@@ -300,22 +300,26 @@ impl Dir {
     /// The entries of this directory (without `.` and `..`), with their kinds as the
     /// directory reports them (`None`: unknown, stat it).
     pub fn entries(&self) -> std::io::Result<Vec<(OsString, Option<Kind>)>> {
-        use nix::dir::Type;
-        let fd = nix::fcntl::openat(self, ".", dir_flags(), Mode::empty()).map_err(io)?;
-        let mut listing = nix::dir::Dir::from_fd(fd).map_err(io)?;
+        use rustix::fs::{FileType, RawDir, SeekFrom};
+        // Read through this descriptor itself, from its start: no second descriptor per
+        // listing (one directory read at a time per `Dir`: the offset is the descriptor's).
+        rustix::fs::seek(&self.0, SeekFrom::Start(0))?;
+        let mut buffer = vec![std::mem::MaybeUninit::<u8>::uninit(); 32 << 10];
+        let mut listing = RawDir::new(&self.0, &mut buffer);
         let mut out = Vec::new();
-        for entry in listing.iter() {
-            let entry = entry.map_err(io)?;
+        while let Some(entry) = listing.next() {
+            let entry = entry?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
             }
-            let kind = entry.file_type().map(|t| match t {
-                Type::Directory => Kind::Dir,
-                Type::File => Kind::File,
-                Type::Symlink => Kind::Symlink,
-                _ => Kind::Other,
-            });
+            let kind = match entry.file_type() {
+                FileType::Directory => Some(Kind::Dir),
+                FileType::RegularFile => Some(Kind::File),
+                FileType::Symlink => Some(Kind::Symlink),
+                FileType::Unknown => None,
+                _ => Some(Kind::Other),
+            };
             out.push((name.to_owned(), kind));
         }
         Ok(out)
