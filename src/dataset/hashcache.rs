@@ -7,7 +7,6 @@
 //! not have moved them (the rule git applies to its index). The cache is best effort: one that
 //! cannot be read is empty, one that cannot be written is skipped, and neither fails a push.
 
-use std::collections::HashMap;
 use std::fs::Metadata;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -24,7 +23,7 @@ const RACY_NS: i64 = 2_000_000_000;
 const FORMAT: u32 = 1;
 
 /// What the kernel says of a file, enough to tell that its contents may have changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Stamp {
     dev: u64,
     ino: u64,
@@ -59,15 +58,17 @@ struct Remembered {
 struct Stored {
     format: u32,
     #[serde(deserialize_with = "by_stamp")]
-    files: HashMap<Stamp, Digest>,
+    files: Vec<(Stamp, Digest)>,
 }
 
+/// The kept files as (stamp, hash) pairs sorted by stamp: 72 bytes a file, found by binary
+/// search.
 fn by_stamp<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
-) -> Result<HashMap<Stamp, Digest>, D::Error> {
+) -> Result<Vec<(Stamp, Digest)>, D::Error> {
     struct Files;
     impl<'de> serde::de::Visitor<'de> for Files {
-        type Value = HashMap<Stamp, Digest>;
+        type Value = Vec<(Stamp, Digest)>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a map of paths to stamps and hashes")
         }
@@ -75,12 +76,13 @@ fn by_stamp<'de, D: serde::Deserializer<'de>>(
             self,
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut files = HashMap::new();
+            let mut files = Vec::with_capacity(map.size_hint().unwrap_or(0));
             while let Some((serde::de::IgnoredAny, remembered)) =
                 map.next_entry::<serde::de::IgnoredAny, Remembered>()?
             {
-                files.insert(remembered.stamp, remembered.sha256);
+                files.push((remembered.stamp, remembered.sha256));
             }
+            files.sort_unstable_by_key(|(stamp, _)| *stamp);
             Ok(files)
         }
     }
@@ -92,7 +94,7 @@ fn by_stamp<'de, D: serde::Deserializer<'de>>(
 pub struct HashCache {
     /// Where it is kept; `None`: nothing is remembered or kept.
     path: Option<PathBuf>,
-    files: HashMap<Stamp, Digest>,
+    files: Vec<(Stamp, Digest)>,
 }
 
 impl HashCache {
@@ -121,7 +123,8 @@ impl HashCache {
 
     /// The hash remembered for the file of `stamp` when it is still as it was then.
     pub fn lookup(&self, stamp: &Stamp) -> Option<[u8; 32]> {
-        self.files.get(stamp).map(|sha256| sha256.0)
+        let at = self.files.binary_search_by_key(stamp, |(s, _)| *s).ok()?;
+        Some(self.files[at].1.0)
     }
 
     /// Replaces what is kept with `hashed` (path, stamp, hash, and when the stamp was taken in

@@ -42,12 +42,9 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 ));
             }
         }
-        let (root, exclude) = (dir.to_owned(), self.exclude.clone());
-        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
-            .await
-            .map_err(|e| Error::Invalid(e.to_string()))??;
         // Bodies of the parent version are in the bucket already (bodies are never removed
-        // while a version names them). Only they and a digest of its entries are kept.
+        // while a version names them). Only they and a digest of its entries are kept, and
+        // the version is read before the tree is walked, so its entries are gone by then.
         let (parent, known) = match self.resolve(name, &Selector::Latest).await.ok() {
             Some(latest) => {
                 let known = Bodies::of(&latest.entries);
@@ -55,6 +52,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             }
             None => (None, Bodies::default()),
         };
+        let (root, exclude) = (dir.to_owned(), self.exclude.clone());
+        let mut entries = tokio::task::spawn_blocking(move || walk_tree(&root, &exclude))
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))??;
         let cache = Arc::new(match &self.hash_cache {
             Some(cache_dir) => HashCache::open(cache_dir, dir),
             None => HashCache::disabled(),
