@@ -70,12 +70,13 @@ median() { sort -n "$work/$1.times" | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)
 # fresh TREE TOOL...: a new empty ext4 at $work/dst-TOOL for each TOOL; the copies go to
 # $work/dst-TOOL/out, which does not exist yet.
 fresh() {
-  local tree=$1 size; shift
+  local tree=$1 size inode_ratio=16384; shift
   size=$(( $(du -sb "$work/$tree" | cut -f1) * 13 / 10 + (512 << 20) ))
+  [ "$tree" = tiny ] && inode_ratio=4096  # 100,000 files need more inodes than the default
   for tool in "$@"; do
     mountpoint -q "$work/dst-$tool" 2>/dev/null && umount "$work/dst-$tool"
     rm -f "$work/img-$tool"; truncate -s "$size" "$work/img-$tool"
-    mkfs.ext4 -q -F -i 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$work/img-$tool"
+    mkfs.ext4 -q -F -i "$inode_ratio" -E lazy_itable_init=0,lazy_journal_init=0 "$work/img-$tool"
     mkdir -p "$work/dst-$tool"; mount -o loop "$work/img-$tool" "$work/dst-$tool"
   done
 }
