@@ -57,12 +57,34 @@ pub struct Failure {
 /// failures. Unreadable entries are reported and skipped; special files (sockets, FIFOs,
 /// devices) are skipped silently. What `exclude` names is left out (an excluded directory is
 /// not entered).
+///
+/// The subtrees of the top-level directories are walked in parallel (reading directories and
+/// inodes is mostly waiting on the disk or the server); the list keeps every parent before
+/// its children.
 pub fn walk_dir(root: &Dir, shown: &Path, exclude: &Exclude) -> (Vec<Entry>, Vec<Failure>) {
     let mut entries = Vec::new();
-    let failures = walk_each(root, shown, exclude, |entry| {
+    let mut failures = walk_from(root, shown, exclude, PathBuf::new(), |entry| {
         entries.push(entry);
-        true
+        false
     });
+    let top: Vec<&Path> = entries
+        .iter()
+        .filter(|e| e.kind == Kind::Dir)
+        .map(|e| e.rel.as_path())
+        .collect();
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let subtrees = super::parallel(&top, jobs, |dir| {
+        let mut below = Vec::new();
+        let failures = walk_from(root, shown, exclude, dir.to_path_buf(), |entry| {
+            below.push(entry);
+            true
+        });
+        (below, failures)
+    });
+    for (below, more) in subtrees {
+        entries.extend(below);
+        failures.extend(more);
+    }
     (entries, failures)
 }
 
@@ -73,10 +95,21 @@ pub fn walk_each(
     root: &Dir,
     shown: &Path,
     exclude: &Exclude,
+    visit: impl FnMut(Entry) -> bool,
+) -> Vec<Failure> {
+    walk_from(root, shown, exclude, PathBuf::new(), visit)
+}
+
+/// [`walk_each`] of the directory `start` (relative to `root`): its entries and below.
+fn walk_from(
+    root: &Dir,
+    shown: &Path,
+    exclude: &Exclude,
+    start: PathBuf,
     mut visit: impl FnMut(Entry) -> bool,
 ) -> Vec<Failure> {
     let mut failures = Vec::new();
-    let mut pending = vec![PathBuf::new()];
+    let mut pending = vec![start];
     while let Some(rel) = pending.pop() {
         let fail = |path: PathBuf, e: std::io::Error| Failure {
             path: shown.join(path),
