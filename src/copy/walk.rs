@@ -168,3 +168,45 @@ fn walk_from(
     }
     failures
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parallel_walk_finds_what_the_sequential_one_does_parents_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for top in ["a", "b", "c"] {
+            for sub in ["x", "y"] {
+                let deep = root.join(top).join(sub).join("deep");
+                std::fs::create_dir_all(&deep).unwrap();
+                std::fs::write(deep.join("f"), top).unwrap();
+                std::fs::write(root.join(top).join(sub).join("g"), sub).unwrap();
+            }
+        }
+        std::fs::write(root.join("top-file"), b"t").unwrap();
+        std::os::unix::fs::symlink("a/x/g", root.join("link")).unwrap();
+        let open = Dir::open(root).unwrap();
+
+        let (parallel, failures) = walk_dir(&open, root, &Exclude::default());
+        assert!(failures.is_empty());
+        let mut sequential = Vec::new();
+        walk_each(&open, root, &Exclude::default(), |entry| {
+            sequential.push(entry.rel);
+            true
+        });
+        let mut found: Vec<&Path> = parallel.iter().map(|e| e.rel.as_path()).collect();
+        found.sort();
+        sequential.sort();
+        assert_eq!(found, sequential);
+        assert_eq!(found.len(), 3 + 3 * 2 * 4 + 2);
+
+        for (at, entry) in parallel.iter().enumerate() {
+            if let Some(parent) = entry.rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+                let before = parallel[..at].iter().any(|e| e.rel == parent);
+                assert!(before, "{} listed before its parent", entry.rel.display());
+            }
+        }
+    }
+}
