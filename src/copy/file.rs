@@ -85,6 +85,13 @@ struct ReadAt<'a> {
     offset: u64,
 }
 
+impl ReadAt<'_> {
+    /// `file` read from its first byte.
+    fn start(file: &File) -> ReadAt<'_> {
+        ReadAt { file, offset: 0 }
+    }
+}
+
 impl Read for ReadAt<'_> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
@@ -153,66 +160,46 @@ fn write_temp(
     let direct =
         umask().is_some_and(|mask| attributes.mode & !0o777 == 0 && attributes.mode & mask == 0);
     let mut output = dst.create_file(temp, if direct { attributes.mode } else { 0o600 })?;
-    let written = match verify {
+    // The Sha256 arms give the source's hash and the written copy's, checked once below.
+    let (written, hashes) = match verify {
         Verify::Size | Verify::Nothing if expected <= SMALL_FILE => {
-            copy_small(&mut input, &mut output, expected)?
+            (copy_small(&mut input, &mut output, expected)?, None)
         }
         // std::io::copy uses copy_file_range (reflink / in-kernel copy) between files.
-        Verify::Size | Verify::Nothing => std::io::copy(&mut input, &mut output)?,
+        Verify::Size | Verify::Nothing => (std::io::copy(&mut input, &mut output)?, None),
         Verify::Sha256 if expected >= PARALLEL_HASH => {
             // One core hashes the source (positional reads of the same open file); the other
             // copies it in the kernel and hashes what was written.
             let (source_hash, copied) = std::thread::scope(|scope| {
-                let source = scope.spawn(|| {
-                    sha256(ReadAt {
-                        file: &input,
-                        offset: 0,
-                    })
-                });
-                let copied = std::io::copy(&mut &input, &mut output).and_then(|written| {
-                    let copy = ReadAt {
-                        file: &output,
-                        offset: 0,
-                    };
-                    Ok((written, sha256(copy)?))
-                });
+                let source = scope.spawn(|| sha256(ReadAt::start(&input)));
+                let copied = std::io::copy(&mut &input, &mut output)
+                    .and_then(|written| Ok((written, sha256(ReadAt::start(&output))?)));
                 let source = source
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread failed")));
                 (source, copied)
             });
             let (written, written_hash) = copied?;
-            if written_hash != source_hash? {
-                return Err(std::io::Error::other(
-                    "SHA-256 of the written copy differs from the source",
-                ));
-            }
-            written
+            (written, Some((source_hash?, written_hash)))
         }
         Verify::Sha256 if expected <= SMALL_FILE => {
             let (written, source_hash, written_hash) =
                 copy_small_verified(&mut input, &mut output, expected)?;
-            if written_hash != source_hash {
-                return Err(std::io::Error::other(
-                    "SHA-256 of the written copy differs from the source",
-                ));
-            }
-            written
+            (written, Some((source_hash, written_hash)))
         }
         Verify::Sha256 => {
             let (written, source_hash) = copy_hashing(&mut input, &mut output)?;
-            let written_hash = sha256(ReadAt {
-                file: &output,
-                offset: 0,
-            })?;
-            if written_hash != source_hash {
-                return Err(std::io::Error::other(
-                    "SHA-256 of the written copy differs from the source",
-                ));
-            }
-            written
+            (
+                written,
+                Some((source_hash, sha256(ReadAt::start(&output))?)),
+            )
         }
     };
+    if hashes.is_some_and(|(source, copy)| source != copy) {
+        return Err(std::io::Error::other(
+            "SHA-256 of the written copy differs from the source",
+        ));
+    }
     if verify == Verify::Size && written != expected {
         return Err(std::io::Error::other(format!(
             "wrote {written} bytes, the source has {expected}"

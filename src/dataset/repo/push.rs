@@ -148,9 +148,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     }
 }
 
-/// Writes `manifest` to a temporary file and hashes it: the manifest of a large tree is
-/// streamed out from there, never held as one buffer beside its entries.
+/// Writes `manifest` to a temporary file, hashing it as it goes out: the manifest of a large
+/// tree is streamed from there, never held as one buffer beside its entries.
 fn write_manifest(manifest: &Manifest) -> Result<(tempfile::NamedTempFile, [u8; 32])> {
+    use sha2::Digest as _;
     let failed = |e: std::io::Error| Error::Io {
         context: format!(
             "write the manifest of {} to a temporary file",
@@ -159,12 +160,34 @@ fn write_manifest(manifest: &Manifest) -> Result<(tempfile::NamedTempFile, [u8; 
         source: e,
     };
     let mut file = tempfile::NamedTempFile::new().map_err(failed)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, file.as_file_mut());
+    let hashed = Hashed {
+        out: file.as_file_mut(),
+        hasher: sha2::Sha256::new(),
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, hashed);
     serde_json::to_writer(&mut out, manifest).map_err(|e| failed(e.into()))?;
-    out.into_inner().map_err(|e| failed(e.into_error()))?;
-    let mut reader = file.reopen().map_err(failed)?;
-    let sha256 = crate::copy::file::sha256(&mut reader).map_err(failed)?;
+    let hashed = out.into_inner().map_err(|e| failed(e.into_error()))?;
+    let sha256 = hashed.hasher.finalize().into();
     Ok((file, sha256))
+}
+
+/// A writer that hashes what it passes on.
+struct Hashed<W> {
+    out: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashed<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.out.write(bytes)?;
+        self.hasher.update(&bytes[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// What a push keeps of the latest version: enough to answer for an unchanged tree, not the
