@@ -925,15 +925,16 @@ async fn damaged_datasets_are_data_loss_and_never_strand_a_pod() {
     bucket.push(small.path(), "liar", None).await;
     let key = "datasets/liar/versions/v1.json";
     let store = bucket.repo.store();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&store.get(key).await.unwrap().unwrap()).unwrap();
-    for entry in manifest["entries"].as_array_mut().unwrap() {
+    let (mut head, mut entries) = common::manifest_lines(&store.get(key).await.unwrap().unwrap());
+    for entry in &mut entries {
         if entry["path"] == "tiny" {
             entry["size"] = serde_json::json!(1u64 << 30);
         }
     }
+    // The head counts the same lie, so it is the body's size that gives it away.
+    head["bytes"] = serde_json::json!(1u64 << 30);
     store
-        .put(key, serde_json::to_vec(&manifest).unwrap())
+        .put(key, common::manifest_bytes(&head, &entries))
         .await
         .unwrap();
     let target = plugin.dir("pods").join("liar");

@@ -183,7 +183,7 @@ async fn round_trip<S: ObjectStore + Clone + 'static>(store: S, scratch: &Path) 
         .resolve("ds", &Selector::Named("gold".into()))
         .await
         .unwrap();
-    assert_eq!(gold.version, "v1");
+    assert_eq!(gold.head.version, "v1");
 }
 
 #[tokio::test]

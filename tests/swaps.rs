@@ -348,11 +348,16 @@ fn pull_makes_directories_only_beneath_its_directory() {
         b"inside"
     );
 
-    // A manifest listing children before their parents, pulled where `x` links elsewhere.
+    // A format 1 manifest (one document, entries in any order) listing children before their
+    // parents, pulled where `x` links elsewhere.
     let manifest = bucket.join("datasets/chain/versions/v2.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    value["entries"].as_array_mut().unwrap().reverse();
+    let text = std::fs::read(&manifest).unwrap();
+    let mut lines = serde_json::Deserializer::from_slice(&text).into_iter::<serde_json::Value>();
+    let mut value = lines.next().unwrap().unwrap();
+    let mut entries: Vec<serde_json::Value> = lines.map(Result::unwrap).collect();
+    entries.reverse();
+    value["format"] = serde_json::json!(1);
+    value["entries"] = serde_json::json!(entries);
     std::fs::write(&manifest, serde_json::to_vec(&value).unwrap()).unwrap();
     let fresh = work.path().join("fresh");
     std::fs::create_dir(&fresh).unwrap();

@@ -5,17 +5,22 @@
 //! shallowly, hashed, and their files moved into the blob store, so both end as the same kind
 //! of tree and share bodies with each other.
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+
 use super::fill::Progress;
-use super::{Cache, Error, Record, Result, now_ns, remove_any};
+use super::{Cache, Error, RECORD_FORMAT, Record, Result, now_ns, remove_any};
 use crate::dataset::gitpolicy::Admitted;
 use crate::dataset::manifest::{Digest, Entry, EntryKind};
 use crate::dataset::pin::Pin;
 use crate::dataset::repo::{Repo, blob_key};
+use crate::dataset::spool::{Spool, SpoolWriter};
 use crate::dataset::store::{BucketStore, ObjectStore};
 use crate::dataset::{Selector, git, scan};
 use crate::error::Kind;
@@ -79,92 +84,114 @@ impl Cache {
         progress: &Arc<Progress>,
     ) -> Result<PathBuf> {
         let (entries, repo) = self.entries_of(pin, scratch).await?;
-        let (order, groups) = bodies_of(&entries);
-        progress
-            .files_total
-            .store(order.len() as u64, Ordering::Relaxed);
-        progress.bytes_total.store(
-            order.iter().map(|&i| entries[i as usize].size).sum(),
-            Ordering::Relaxed,
-        );
-        let first = |group: &std::ops::Range<usize>| &entries[order[group.start] as usize];
-        let incoming: u64 = groups
-            .iter()
-            .map(first)
-            .filter(|e| !self.blob_path(&digest_of(e), e.mode).exists())
-            .map(|e| e.size)
-            .sum();
+        let entries = Arc::new(entries);
+        progress.files_total.store(entries.files, Ordering::Relaxed);
+        progress.bytes_total.store(entries.bytes, Ordering::Relaxed);
+        // The files in (body, mode) order, each run of one body and mode one fetch and many
+        // links: sorted on disk, and written out once more while counting what must come in.
+        let (this, all, at) = (self.clone(), entries.clone(), scratch.to_owned());
+        let (by_body, incoming) = blocking(move || this.order_by_body(&all, &at)).await?;
         let (this, room_pin) = (self.clone(), pin.clone());
         blocking(move || this.make_room(incoming, &room_pin)).await?;
 
         let tree = scratch.join("tree");
-        let dirs: Vec<Entry> = entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Dir)
-            .cloned()
-            .collect();
-        let (tree_for_dirs, dirs_for_mkdir) = (tree.clone(), dirs.clone());
+        let (tree_for_dirs, all) = (tree.clone(), entries.clone());
         blocking(move || {
             std::fs::create_dir_all(&tree_for_dirs).map_err(io(tree_for_dirs.display()))?;
-            for dir in &dirs_for_mkdir {
-                let path = tree_for_dirs.join(&dir.path);
-                std::fs::create_dir_all(&path).map_err(io(path.display()))?;
+            for entry in all.read().map_err(io("the tree's entries"))? {
+                let entry = entry.map_err(io("the tree's entries"))?;
+                if entry.kind == EntryKind::Dir {
+                    let path = tree_for_dirs.join(&entry.path);
+                    std::fs::create_dir_all(&path).map_err(io(path.display()))?;
+                }
             }
             Ok(())
         })
         .await?;
 
-        // At most `jobs` bodies at once, and only that many tasks exist: a task is spawned
-        // when one finishes (a task per body up front costs memory per file).
+        // At most `jobs` chunks at once, and only that many tasks exist: a task is spawned
+        // when one finishes (a task per body up front costs memory per file). The chunks of
+        // one body share its fetch.
         let jobs = self.settings().jobs.max(1);
         let mut tasks = tokio::task::JoinSet::new();
         let failed = |e: tokio::task::JoinError| Error::internal(format!("cache task failed: {e}"));
-        let (entries, order) = (Arc::new(entries), Arc::new(order));
-        for group in groups {
-            if tasks.len() >= jobs
-                && let Some(done) = tasks.join_next().await
-            {
-                done.map_err(failed)??;
+        let reading = by_body.read().map_err(io("the tree's bodies"))?;
+        let mut batches = crate::dataset::spool::batches(reading, 256);
+        let mut body: Option<((Digest, u32), Fetch)> = None;
+        let mut chunk: Vec<Entry> = Vec::new();
+        let spawn =
+            |tasks: &mut tokio::task::JoinSet<Result<()>>, chunk: Vec<Entry>, fetch: &Fetch| {
+                let (this, fetch, tree) = (self.clone(), fetch.clone(), tree.clone());
+                tasks.spawn(async move { this.link_chunk(fetch, chunk, &tree).await });
+            };
+        while let Some(batch) = batches.recv().await {
+            for entry in batch.map_err(io("the tree's bodies"))? {
+                let key = body_key(&entry);
+                let same = body.as_ref().is_some_and(|(k, _)| *k == key);
+                if !chunk.is_empty() && (!same || chunk.len() >= CHUNK) {
+                    if tasks.len() >= jobs
+                        && let Some(done) = tasks.join_next().await
+                    {
+                        done.map_err(failed)??;
+                    }
+                    let (_, fetch) = body.as_ref().expect("a chunk has its body");
+                    spawn(&mut tasks, std::mem::take(&mut chunk), fetch);
+                }
+                if !same {
+                    let source = Source {
+                        repo: repo.clone(),
+                        sha: digest_of(&entry),
+                        mode: entry.mode,
+                        size: entry.size,
+                        scratch: scratch.to_owned(),
+                        progress: progress.clone(),
+                    };
+                    body = Some((key, self.fetch(source)));
+                }
+                chunk.push(entry);
             }
-            let (this, repo, tree, scratch, progress) = (
-                self.clone(),
-                repo.clone(),
-                tree.clone(),
-                scratch.to_owned(),
-                progress.clone(),
-            );
-            let (entries, order) = (entries.clone(), order.clone());
-            tasks.spawn(async move {
-                let group: Vec<&Entry> =
-                    order[group].iter().map(|&i| &entries[i as usize]).collect();
-                let body = Body {
-                    repo: repo.as_ref(),
-                    sha: &digest_of(group[0]),
-                    mode: group[0].mode,
-                    scratch: &scratch,
-                    progress: &progress,
-                };
-                this.link_group(body, &group, &tree).await
-            });
+        }
+        if let Some((_, fetch)) = body.as_ref().filter(|_| !chunk.is_empty()) {
+            spawn(&mut tasks, chunk, fetch);
         }
         while let Some(done) = tasks.join_next().await {
             done.map_err(failed)??;
         }
-        drop(order);
-        let entries = Arc::try_unwrap(entries)
-            .map_err(|_| Error::internal("a cache task outlived the fill"))?;
-
         let (this, pin) = (self.clone(), pin.clone());
-        blocking(move || this.finish_tree(pin, entries, dirs, &tree)).await
+        blocking(move || this.finish_tree(pin, &entries, &tree)).await
     }
 
-    /// The entries a pin names: a committed stored version's manifest (and the repository to
-    /// fetch its bodies from), or a Git commit imported into `scratch`.
+    /// The files of `entries` in (body, mode) order, spooled under `scratch`, and the bytes of
+    /// the bodies the cache lacks.
+    fn order_by_body(&self, entries: &Spool, scratch: &Path) -> Result<(Spool, u64)> {
+        let failed = io("order the tree's files by body");
+        let run = |e: crate::dataset::spool::Problem| Error::internal(e.to_string());
+        let sorted = entries
+            .sorted(|e| e.kind == EntryKind::File, body_key, scratch)
+            .map_err(io("order the tree's files by body"))?;
+        let mut out = SpoolWriter::unchecked(scratch).map_err(io(scratch.display()))?;
+        let (mut incoming, mut last) = (0, None);
+        for entry in sorted {
+            let entry = entry.map_err(io("order the tree's files by body"))?;
+            let key = body_key(&entry);
+            if last != Some(key) {
+                if !self.blob_path(&key.0, entry.mode).exists() {
+                    incoming += entry.size;
+                }
+                last = Some(key);
+            }
+            out.push(&entry).map_err(run)?;
+        }
+        Ok((out.finish().map_err(failed)?, incoming))
+    }
+
+    /// The entries a pin names, spooled under `scratch`: a committed stored version's (and
+    /// the repository to fetch its bodies from), or a Git commit's, imported into `scratch`.
     async fn entries_of(
         self: &Arc<Self>,
         pin: &Pin,
         scratch: &Path,
-    ) -> Result<(Vec<Entry>, Option<Repo<BucketStore>>)> {
+    ) -> Result<(Spool, Option<Repo<BucketStore>>)> {
         match pin {
             Pin::Stored {
                 bucket,
@@ -172,16 +199,16 @@ impl Cache {
                 version,
             } => {
                 let repo = self.sources().repo(Some(bucket)).await?;
-                let manifest = repo
-                    .resolve(name, &Selector::Named(version.clone()))
+                let read = repo
+                    .resolve_in(name, &Selector::Named(version.clone()), scratch)
                     .await?;
-                if manifest.version != *version || !manifest.committed {
+                if read.head.version != *version || !read.head.committed {
                     return Err(Error::new(
                         Kind::FailedPrecondition,
                         format!("{pin} is not a committed version of {bucket}/{name}"),
                     ));
                 }
-                Ok((manifest.entries, Some(repo)))
+                Ok((read.entries, Some(repo)))
             }
             Pin::Git { url, commit } => {
                 // Checked again at fetch time: the policy or the host's address may have
@@ -189,89 +216,105 @@ impl Cache {
                 let admitted = self.sources().admit_git(url).await?;
                 let this = self.clone();
                 let (url, commit, scratch) = (url.clone(), commit.clone(), scratch.to_owned());
-                let entries =
-                    blocking(move || this.import_git(&url, &commit, &scratch, &admitted)).await?;
+                let entries = blocking(move || {
+                    let entries = this.import_git(&url, &commit, &scratch, &admitted)?;
+                    Spool::collect(&scratch, entries.into_iter().map(Ok::<_, String>))
+                        .map_err(|e| Error::internal(format!("spool the commit's entries: {e}")))
+                })
+                .await?;
                 Ok((entries, None))
             }
         }
     }
 
-    /// Fetches (or finds) one body and hard-links it at every path of `group`, which all name
-    /// that body with the same mode.
-    async fn link_group(
-        self: &Arc<Self>,
-        body: Body<'_>,
-        group: &[&Entry],
+    /// A fetch of one body, shared by every chunk of files that names it.
+    fn fetch(self: &Arc<Self>, source: Source) -> Fetch {
+        let this = self.clone();
+        async move {
+            let blob = this.ensure_blob(&source).await?;
+            Ok((blob, source))
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Hard-links the body `fetch` brings at every path of `chunk`, which all name that body
+    /// with the same mode.
+    async fn link_chunk(
+        self: Arc<Self>,
+        fetch: Fetch,
+        chunk: Vec<Entry>,
         tree: &Path,
     ) -> Result<()> {
-        let mut blob = self.ensure_blob_for(&body, group[0].size).await?;
+        let (mut blob, source) = fetch.await?;
         // The body is what its hash says; the manifest must also say its true size (a tree
         // whose sizes lie would fail every later check of the tree).
         let actual = std::fs::metadata(&blob)
             .map(|m| m.len())
             .unwrap_or(u64::MAX);
-        if let Some(liar) = group.iter().find(|e| e.size != actual) {
-            tracing::warn!(path = %liar.path, body = %body.sha, "the manifest's size for a file differs from its body");
+        if let Some(liar) = chunk.iter().find(|e| e.size != actual) {
+            tracing::warn!(path = %liar.path, body = %source.sha, "the manifest's size for a file differs from its body");
             return Err(damaged(format!(
                 "the manifest says {} is {} bytes, but its body {} has {actual}",
-                liar.path, liar.size, body.sha
+                liar.path, liar.size, source.sha
             )));
         }
-        for &entry in group {
+        for entry in &chunk {
             let target = tree.join(&entry.path);
             match link(&blob, &target) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // The body was collected between fetch and link: fetch it again.
-                    blob = self.ensure_blob_for(&body, entry.size).await?;
+                    blob = self.ensure_blob(&source).await?;
                     link(&blob, &target).map_err(io(target.display()))?;
                 }
                 other => other.map_err(io(target.display()))?,
             }
-            body.progress.file_done(entry.size);
+            source.progress.file_done(entry.size);
         }
         Ok(())
     }
 
-    /// [`Self::ensure_blob`] for one body of a group, at `size` bytes.
-    async fn ensure_blob_for(self: &Arc<Self>, body: &Body<'_>, size: u64) -> Result<PathBuf> {
-        self.ensure_blob(
-            body.repo,
-            body.sha,
-            body.mode,
-            size,
-            body.scratch,
-            body.progress,
-        )
-        .await
-    }
-
-    /// Symlinks and directory modes (deepest first, so a read-only parent is set last), then
-    /// the tree moves to its place and its record is written: the tree exists only once whole.
-    fn finish_tree(
-        &self,
-        pin: Pin,
-        entries: Vec<Entry>,
-        mut dirs: Vec<Entry>,
-        tree: &Path,
-    ) -> Result<PathBuf> {
-        for entry in entries.iter().filter(|e| e.kind == EntryKind::Symlink) {
-            let path = tree.join(&entry.path);
-            std::os::unix::fs::symlink(entry.target.as_deref().unwrap_or_default(), &path)
-                .map_err(io(path.display()))?;
+    /// Symlinks and directory modes (each directory once its subtree is done, so a read-only
+    /// parent is set last), then the tree moves to its place and its record is written: the
+    /// tree exists only once whole.
+    fn finish_tree(&self, pin: Pin, entries: &Spool, tree: &Path) -> Result<PathBuf> {
+        let set_mode = |(dir, mode): (String, u32)| {
+            let path = tree.join(dir);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file_mode(mode)))
+                .map_err(io(path.display()))
+        };
+        // The directories open on the way down: a directory's mode is set when the walk
+        // leaves it.
+        let mut open: Vec<(String, u32)> = Vec::new();
+        for entry in entries.read().map_err(io("the tree's entries"))? {
+            let entry = entry.map_err(io("the tree's entries"))?;
+            while let Some((dir, _)) = open.last() {
+                let inside = entry.path.strip_prefix(dir.as_str());
+                if inside.is_some_and(|rest| rest.starts_with('/')) {
+                    break;
+                }
+                set_mode(open.pop().expect("not empty"))?;
+            }
+            match entry.kind {
+                EntryKind::Symlink => {
+                    let path = tree.join(&entry.path);
+                    std::os::unix::fs::symlink(entry.target.as_deref().unwrap_or_default(), &path)
+                        .map_err(io(path.display()))?;
+                }
+                EntryKind::Dir => open.push((entry.path, entry.mode)),
+                EntryKind::File => {}
+            }
         }
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.path.matches('/').count()));
-        for dir in &dirs {
-            let path = tree.join(&dir.path);
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file_mode(dir.mode)))
-                .map_err(io(path.display()))?;
+        while let Some(dir) = open.pop() {
+            set_mode(dir)?;
         }
         let key = pin.key();
         let record = Record {
-            files: entries.iter().filter(|e| e.kind == EntryKind::File).count(),
-            bytes: entries.iter().map(|e| e.size).sum(),
+            format: RECORD_FORMAT,
+            files: entries.files as usize,
+            bytes: entries.bytes,
             built_ns: now_ns(),
             pin,
-            entries,
         };
         let place = self.trees().join(&key);
         if self.record(&key).is_some() {
@@ -280,35 +323,41 @@ impl Cache {
         }
         remove_any(&place);
         std::fs::rename(tree, &place).map_err(io(place.display()))?;
-        // Streamed out: the record of a large tree is never held as text beside its entries.
+        // Streamed out: the record's head, then the entries' lines.
         let record_path = self.record_path(&key);
         crate::fsutil::atomic_write_with(&record_path, crate::fsutil::Durability::Synced, |out| {
-            serde_json::to_writer(out, &record).map_err(std::io::Error::other)
+            serde_json::to_writer(&mut *out, &record).map_err(std::io::Error::other)?;
+            out.write_all(b"\n")?;
+            std::io::copy(&mut entries.lines()?, out).map(drop)
         })
         .map_err(io(record_path.display()))?;
         Ok(place)
     }
 
-    /// The verified blob of `sha256` with `mode`: already cached (re-hashed), copied from the
+    /// The verified blob of a body with its mode: already cached (re-hashed), copied from the
     /// same body with another mode, or downloaded (hashed while written). A body that does
     /// not match its hash is fetched once more, then refused.
-    async fn ensure_blob(
-        self: &Arc<Self>,
-        repo: Option<&Repo<BucketStore>>,
-        sha256: &Digest,
-        mode: u32,
-        size: u64,
-        scratch: &Path,
-        progress: &Progress,
-    ) -> Result<PathBuf> {
+    async fn ensure_blob(self: &Arc<Self>, source: &Source) -> Result<PathBuf> {
+        let Source {
+            repo,
+            sha: sha256,
+            mode,
+            size,
+            scratch,
+            progress,
+        } = source;
+        let (sha256, mode, size) = (sha256, *mode, *size);
         let blob = self.blob_path(sha256, mode);
-        let temp = scratch.join(format!("blob-{sha256}-{mode:o}"));
+        let temp = scratch.join(format!(
+            "blob-{sha256}-{mode:o}-{}",
+            SCRATCH.fetch_add(1, Ordering::Relaxed)
+        ));
         let (check_blob, check_temp, sha) = (blob.clone(), temp.clone(), *sha256);
         let local = blocking(move || Ok(local_copy(&check_blob, &check_temp, &sha))).await?;
         if local {
             return place_blob(&temp, &blob, mode).map(|()| blob);
         }
-        let Some(repo) = repo else {
+        let Some(repo) = repo.as_ref() else {
             return Err(Error::internal(format!(
                 "body {sha256} vanished from the node cache while the tree was built; retry"
             )));
@@ -437,39 +486,30 @@ fn place_blob(temp: &Path, blob: &Path, mode: u32) -> Result<()> {
     std::fs::rename(temp, blob).map_err(io(blob.display()))
 }
 
-/// One body to fetch: its hash and mode, where it comes from, and where to report progress.
-struct Body<'a> {
-    repo: Option<&'a Repo<BucketStore>>,
-    sha: &'a Digest,
+/// One body to fetch: its hash, mode and size, where it comes from, where to download it,
+/// and where to report progress.
+#[derive(Clone)]
+struct Source {
+    repo: Option<Repo<BucketStore>>,
+    sha: Digest,
     mode: u32,
-    scratch: &'a Path,
-    progress: &'a Progress,
+    size: u64,
+    scratch: PathBuf,
+    progress: Arc<Progress>,
+}
+
+/// A body's fetch, shared by the chunks of files that name it.
+type Fetch = Shared<BoxFuture<'static, Result<(PathBuf, Source)>>>;
+
+/// Files linked by one task (a body named by more files is linked by several).
+const CHUNK: usize = 1024;
+
+/// The order files are fetched in: by body, then by the mode the cached body has.
+fn body_key(entry: &Entry) -> (Digest, u32) {
+    (digest_of(entry), file_mode(entry.mode))
 }
 
 /// The body a file entry names (a validated manifest gives every file one).
 fn digest_of(entry: &Entry) -> Digest {
     entry.sha256.unwrap_or(Digest([0; 32]))
-}
-
-/// The files of a tree as indices into `entries`, ordered by (body, mode), and the runs of
-/// that order that share one body and mode: each run is one fetch and many links. Nothing of
-/// an entry is copied (a tree of a million files is held once).
-fn bodies_of(entries: &[Entry]) -> (Vec<u32>, Vec<std::ops::Range<usize>>) {
-    let key = |i: &u32| {
-        let entry = &entries[*i as usize];
-        (digest_of(entry), file_mode(entry.mode))
-    };
-    let mut order: Vec<u32> = (0..entries.len() as u32)
-        .filter(|&i| entries[i as usize].kind == EntryKind::File)
-        .collect();
-    order.sort_unstable_by_key(key);
-    let mut groups = Vec::new();
-    let mut start = 0;
-    for end in 1..=order.len() {
-        if end == order.len() || key(&order[end]) != key(&order[start]) {
-            groups.push(start..end);
-            start = end;
-        }
-    }
-    (order, groups)
 }

@@ -88,16 +88,29 @@ impl From<crate::dataset::repo::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What a tree holds; stored beside it as `<key>.json`.
+/// What a tree holds; stored beside it as `<key>.json`: this as the first line, then the
+/// tree's entries a line each in tree order (format 2; a format 1 record, one document with
+/// its entries inside, is still read), so a record is written and checked as a stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
+    #[serde(default = "first_format")]
+    pub format: u32,
     pub pin: Pin,
     pub files: usize,
     pub bytes: u64,
     /// Nanoseconds since the epoch when the tree was complete; no file in it is newer.
     pub built_ns: u64,
-    pub entries: Vec<Entry>,
 }
+
+/// The record format this build writes.
+const RECORD_FORMAT: u32 = 2;
+
+fn first_format() -> u32 {
+    1
+}
+
+/// A record's entries, as they are read.
+type RecordEntries = crate::dataset::manifest::Entries<std::io::BufReader<std::fs::File>>;
 
 /// One row of `lanes cache ls`.
 #[derive(Debug, Clone, Serialize)]
@@ -350,10 +363,10 @@ impl Cache {
     fn ready(&self, pin: &Pin) -> Result<Option<PathBuf>> {
         let key = pin.key();
         let (tree, record_path) = (self.trees().join(&key), self.record_path(&key));
-        let Some(record) = self.record(&key) else {
+        let Some((record, entries)) = self.record_with_entries(&key) else {
             return Ok(None);
         };
-        if let Err(problem) = check_tree(&tree, &record, self.settings.jobs.min(8)) {
+        if let Err(problem) = check_tree(&tree, &record, entries, self.settings.jobs.min(8)) {
             tracing::warn!(dataset = %pin, problem, "cached tree is damaged; setting it aside and fetching again");
             let _ = std::fs::remove_file(&record_path);
             let aside = self
@@ -379,9 +392,16 @@ impl Cache {
         Ok(Some(tree))
     }
 
+    /// The record of a tree, without its entries.
     fn record(&self, key: &str) -> Option<Record> {
+        self.record_with_entries(key).map(|(record, _)| record)
+    }
+
+    /// The record of a tree, and its entries to read.
+    fn record_with_entries(&self, key: &str) -> Option<(Record, RecordEntries)> {
         let file = std::fs::File::open(self.record_path(key)).ok()?;
-        serde_json::from_reader(std::io::BufReader::with_capacity(1 << 16, file)).ok()
+        let reader = std::io::BufReader::with_capacity(1 << 16, file);
+        crate::dataset::manifest::read_framed::<Record, _>(reader).ok()
     }
 
     /// Bytes of every body in the cache.
@@ -548,13 +568,19 @@ fn remove_any(path: &Path) {
 }
 
 /// Checks a tree against its record without reading bodies: every entry present with its
-/// kind, size and mode, and no file modified since the tree was built.
-fn check_tree(tree: &Path, record: &Record, jobs: usize) -> Result<(), String> {
+/// kind, size and mode, no file modified since the tree was built, and as many files as the
+/// record counts. Entries are read and checked a batch at a time, in parallel.
+fn check_tree(
+    tree: &Path,
+    record: &Record,
+    entries: RecordEntries,
+    jobs: usize,
+) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     if !tree.is_dir() {
         return Err("the tree directory is missing".into());
     }
-    let problems = crate::copy::parallel(&record.entries, jobs, |entry| {
+    let check = |entry: &Entry| {
         let path = tree.join(&entry.path);
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(meta) => meta,
@@ -572,9 +598,28 @@ fn check_tree(tree: &Path, record: &Record, jobs: usize) -> Result<(), String> {
             }
         };
         (!fine).then(|| format!("{} changed since it was cached", entry.path))
-    });
-    match problems.into_iter().flatten().next() {
-        Some(problem) => Err(problem),
-        None => Ok(()),
+    };
+    let (mut entries, mut files) = (entries, 0);
+    loop {
+        let batch: Vec<Entry> = entries
+            .by_ref()
+            .take(4096)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("the tree's record is damaged: {e}"))?;
+        if batch.is_empty() {
+            break;
+        }
+        files += batch.iter().filter(|e| e.kind == EntryKind::File).count();
+        let problems = crate::copy::parallel(&batch, jobs, check);
+        if let Some(problem) = problems.into_iter().flatten().next() {
+            return Err(problem);
+        }
     }
+    if files != record.files {
+        return Err(format!(
+            "the tree's record lists {files} files, and counts {}",
+            record.files
+        ));
+    }
+    Ok(())
 }

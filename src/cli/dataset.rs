@@ -242,14 +242,17 @@ pub async fn run(
         }
         Command::Ls { reference } => {
             let (bucket, name, selector) = stored(&reference)?;
-            let manifest = open(bucket.as_deref())
+            let version = open(bucket.as_deref())
                 .await?
                 .resolve(&name, &selector)
                 .await?;
-            let text = listing(&manifest);
+            let entries = tokio::task::spawn_blocking(move || {
+                version.entries.read()?.collect::<std::io::Result<Vec<_>>>()
+            })
+            .await??;
             Output {
-                json: json!(manifest.entries),
-                text,
+                text: listing(&entries),
+                json: json!(entries),
             }
         }
         Command::Pull { reference, dir, .. } if reference.starts_with("git+") => {
@@ -273,7 +276,7 @@ pub async fn run(
             } => {
                 let manifest = open(bucket.as_deref())
                     .await?
-                    .resolve(&name, &selector)
+                    .resolve_head(&name, &selector)
                     .await?;
                 Output {
                     json: json!({"version": manifest.version}),
@@ -438,9 +441,9 @@ fn versions_table(rows: &[crate::dataset::repo::VersionRow]) -> String {
 }
 
 /// `lanes dataset ls`: size and path of every entry, directories with `/`, links with target.
-fn listing(manifest: &crate::dataset::Manifest) -> String {
+fn listing(entries: &[crate::dataset::Entry]) -> String {
     let mut text = String::new();
-    for entry in &manifest.entries {
+    for entry in entries {
         let shown = match (&entry.kind, &entry.target) {
             (crate::dataset::EntryKind::Dir, _) => format!("{}/", entry.path),
             (crate::dataset::EntryKind::Symlink, Some(target)) => {

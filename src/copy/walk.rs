@@ -131,39 +131,114 @@ fn walk_from(
             if exclude.excludes(&path) {
                 continue;
             }
-            let stat = match dir.stat(&name) {
-                Ok(Some(stat)) => stat,
-                Ok(None) => continue,
-                Err(e) => {
-                    failures.push(fail(path, e));
-                    continue;
-                }
+            let Some(entry) = examine(&dir, &name, path, shown, &mut failures) else {
+                continue;
             };
-            let kind = match fsutil::Kind::of(&stat) {
-                fsutil::Kind::Symlink => match dir.read_link(&name) {
-                    Ok(target) => Kind::Symlink(target),
-                    Err(e) => {
-                        failures.push(fail(path, e));
-                        continue;
-                    }
-                },
-                fsutil::Kind::Dir => Kind::Dir,
-                fsutil::Kind::File => Kind::File {
-                    size: stat.st_size as u64,
-                    link: (stat.st_nlink > 1).then_some((stat.st_dev, stat.st_ino)),
-                },
-                fsutil::Kind::Other => continue,
-            };
-            let dir = (kind == Kind::Dir).then(|| path.clone());
-            let descend = visit(Entry {
-                rel: path,
-                kind,
-                mode: stat.st_mode & 0o7777,
-                mtime: (stat.st_mtime, stat.st_mtime_nsec),
-            });
+            let dir = (entry.kind == Kind::Dir).then(|| entry.rel.clone());
+            let descend = visit(entry);
             if let Some(dir) = dir.filter(|_| descend) {
                 pending.push(dir);
             }
+        }
+    }
+    failures
+}
+
+/// Looks at `name` in `dir` (at `path` from the root) without following it: `None` for
+/// special files, which are skipped, and for what cannot be read (recorded in `failures`).
+fn examine(
+    dir: &Dir,
+    name: &std::ffi::OsStr,
+    path: PathBuf,
+    shown: &Path,
+    failures: &mut Vec<Failure>,
+) -> Option<Entry> {
+    let mut fail = |path: &Path, e: std::io::Error| {
+        failures.push(Failure {
+            path: shown.join(path),
+            error: e.to_string(),
+        });
+    };
+    let stat = match dir.stat(name) {
+        Ok(Some(stat)) => stat,
+        Ok(None) => return None,
+        Err(e) => {
+            fail(&path, e);
+            return None;
+        }
+    };
+    let kind = match fsutil::Kind::of(&stat) {
+        fsutil::Kind::Symlink => match dir.read_link(name) {
+            Ok(target) => Kind::Symlink(target),
+            Err(e) => {
+                fail(&path, e);
+                return None;
+            }
+        },
+        fsutil::Kind::Dir => Kind::Dir,
+        fsutil::Kind::File => Kind::File {
+            size: stat.st_size as u64,
+            link: (stat.st_nlink > 1).then_some((stat.st_dev, stat.st_ino)),
+        },
+        fsutil::Kind::Other => return None,
+    };
+    Some(Entry {
+        rel: path,
+        kind,
+        mode: stat.st_mode & 0o7777,
+        mtime: (stat.st_mtime, stat.st_mtime_nsec),
+    })
+}
+
+/// [`walk_each`] in tree order: depth first, each directory's names sorted by their bytes,
+/// so every directory comes right before its own subtree (the order of a dataset manifest,
+/// [`crate::dataset::manifest::tree_order`]). Memory: the names of the directories open on
+/// the way down.
+pub fn walk_in_order(
+    root: &Dir,
+    shown: &Path,
+    exclude: &Exclude,
+    mut visit: impl FnMut(Entry) -> bool,
+) -> Vec<Failure> {
+    let mut failures = Vec::new();
+    // Each open directory: its path, its descriptor, and its names yet to visit (reversed).
+    let mut open: Vec<(PathBuf, Dir, Vec<OsString>)> = Vec::new();
+    let list = |rel: PathBuf, failures: &mut Vec<Failure>| {
+        let listed = root
+            .walk(&rel)
+            .and_then(|dir| dir.entries().map(|names| (dir, names)));
+        match listed {
+            Ok((dir, names)) => {
+                let mut names: Vec<OsString> = names.into_iter().map(|(name, _)| name).collect();
+                names.sort_by(|a, b| b.cmp(a));
+                Some((rel, dir, names))
+            }
+            Err(e) => {
+                failures.push(Failure {
+                    path: shown.join(&rel),
+                    error: e.to_string(),
+                });
+                None
+            }
+        }
+    };
+    open.extend(list(PathBuf::new(), &mut failures));
+    while let Some((rel, dir, names)) = open.last_mut() {
+        let Some(name) = names.pop() else {
+            open.pop();
+            continue;
+        };
+        let path = rel.join(&name);
+        if exclude.excludes(&path) {
+            continue;
+        }
+        let Some(entry) = examine(dir, &name, path, shown, &mut failures) else {
+            continue;
+        };
+        let dir = (entry.kind == Kind::Dir).then(|| entry.rel.clone());
+        let descend = visit(entry);
+        if let Some(dir) = dir.filter(|_| descend) {
+            open.extend(list(dir, &mut failures));
         }
     }
     failures
@@ -201,6 +276,16 @@ mod tests {
         sequential.sort();
         assert_eq!(found, sequential);
         assert_eq!(found.len(), 3 + 3 * 2 * 4 + 2);
+
+        let mut ordered = Vec::new();
+        walk_in_order(&open, root, &Exclude::default(), |entry| {
+            ordered.push(entry.rel.to_str().unwrap().to_owned());
+            true
+        });
+        let mut expected = ordered.clone();
+        expected.sort_by(|a, b| crate::dataset::manifest::tree_order(a, b));
+        assert_eq!(ordered, expected, "tree order");
+        assert_eq!(ordered.len(), found.len());
 
         for (at, entry) in parallel.iter().enumerate() {
             if let Some(parent) = entry.rel.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -6,21 +6,23 @@
 //! of the moment it was looked at is not remembered at all: a write in the same clock tick would
 //! not have moved them (the rule git applies to its index). The cache is best effort: one that
 //! cannot be read is empty, one that cannot be written is skipped, and neither fails a push.
+//! (Caches of format 1, a JSON map, are not read: the first push after an upgrade reads
+//! every file once.)
 
 use std::fs::Metadata;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::manifest::Digest;
+use super::manifest::{Digest, tree_order};
 use super::scan::hex;
 
 /// Times closer than this to when a file was looked at make its entry untrustworthy.
 const RACY_NS: i64 = 2_000_000_000;
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// What the kernel says of a file, enough to tell that its contents may have changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -33,6 +35,41 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// Bytes of [`Stamp::to_bytes`].
+    pub const BYTES: usize = 40;
+
+    /// The stamp as fixed-size bytes (a push's side file holds one per file).
+    pub fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let mut bytes = [0u8; Self::BYTES];
+        let fields = [
+            self.dev,
+            self.ino,
+            self.size,
+            self.mtime_ns as u64,
+            self.ctime_ns as u64,
+        ];
+        for (out, field) in bytes.chunks_exact_mut(8).zip(fields) {
+            out.copy_from_slice(&field.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// The stamp [`Stamp::to_bytes`] wrote (`bytes` holds at least [`Stamp::BYTES`]).
+    pub fn from_bytes(bytes: &[u8]) -> Stamp {
+        let field = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[at * 8..at * 8 + 8]);
+            u64::from_le_bytes(word)
+        };
+        Stamp {
+            dev: field(0),
+            ino: field(1),
+            size: field(2),
+            mtime_ns: field(3) as i64,
+            ctime_ns: field(4) as i64,
+        }
+    }
+
     pub fn of(meta: &Metadata) -> Stamp {
         let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
         Stamp {
@@ -45,56 +82,39 @@ impl Stamp {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct Remembered {
-    stamp: Stamp,
-    sha256: Digest,
+/// What the cache holds of one file: its hash while the file's stamp is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remembered {
+    pub stamp: Stamp,
+    pub sha256: Digest,
 }
 
-/// The kept document as read: `{"format": 1, "files": {PATH: {stamp, sha256}, ...}}`. The
-/// paths are skipped as they are read: a stamp names its file (device and inode) and its
-/// state, so it alone is the key (a million paths are never held).
-#[derive(Debug, Default, Deserialize)]
-struct Stored {
-    format: u32,
-    #[serde(deserialize_with = "by_stamp")]
-    files: Vec<(Stamp, Digest)>,
-}
-
-/// The kept files as (stamp, hash) pairs sorted by stamp: 72 bytes a file, found by binary
-/// search.
-fn by_stamp<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<(Stamp, Digest)>, D::Error> {
-    struct Files;
-    impl<'de> serde::de::Visitor<'de> for Files {
-        type Value = Vec<(Stamp, Digest)>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of paths to stamps and hashes")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut files = Vec::with_capacity(map.size_hint().unwrap_or(0));
-            while let Some((serde::de::IgnoredAny, remembered)) =
-                map.next_entry::<serde::de::IgnoredAny, Remembered>()?
-            {
-                files.push((remembered.stamp, remembered.sha256));
-            }
-            files.sort_unstable_by_key(|(stamp, _)| *stamp);
-            Ok(files)
-        }
+impl Remembered {
+    /// The hash, when `stamp` (the file as it is now) is the one remembered.
+    pub fn hash_for(&self, stamp: &Stamp) -> Option<[u8; 32]> {
+        (self.stamp == *stamp).then_some(self.sha256.0)
     }
-    deserializer.deserialize_map(Files)
 }
 
-/// The remembered hashes of one pushed directory.
+/// One line of the kept file, after its `{"format": 2}` line: a file, in tree order.
+#[derive(Debug, Serialize, Deserialize)]
+struct Kept {
+    path: String,
+    #[serde(flatten)]
+    remembered: Remembered,
+}
+
+#[derive(Debug, Deserialize)]
+struct KeptHead {
+    format: u32,
+}
+
+/// The remembered hashes of one pushed directory. The kept file lists files in tree order,
+/// so a push reads it alongside its own walk ([`Hints`]) and holds one line of it at a time.
 #[derive(Debug, Default)]
 pub struct HashCache {
     /// Where it is kept; `None`: nothing is remembered or kept.
     path: Option<PathBuf>,
-    files: Vec<(Stamp, Digest)>,
 }
 
 impl HashCache {
@@ -107,24 +127,29 @@ impl HashCache {
     pub fn open(dir: &Path, root: &Path) -> HashCache {
         let root = root.canonicalize().unwrap_or_else(|_| root.to_owned());
         let name = hex(&Sha256::digest(root.as_os_str().as_encoded_bytes()));
-        let path = dir.join(format!("{}.json", &name[..32]));
-        let files = std::fs::File::open(&path)
-            .ok()
-            .map(|file| std::io::BufReader::with_capacity(1 << 16, file))
-            .and_then(|text| serde_json::from_reader::<_, Stored>(text).ok())
-            .filter(|stored| stored.format == FORMAT)
-            .map(|stored| stored.files)
-            .unwrap_or_default();
         HashCache {
-            path: Some(path),
-            files,
+            path: Some(dir.join(format!("{}.lines", &name[..32]))),
         }
     }
 
-    /// The hash remembered for the file of `stamp` when it is still as it was then.
-    pub fn lookup(&self, stamp: &Stamp) -> Option<[u8; 32]> {
-        let at = self.files.binary_search_by_key(stamp, |(s, _)| *s).ok()?;
-        Some(self.files[at].1.0)
+    /// What is remembered, to be asked in tree order ([`Hints::get`]).
+    pub fn hints(&self) -> Hints {
+        let lines = self
+            .path
+            .as_ref()
+            .and_then(|path| std::fs::File::open(path).ok())
+            .map(|file| BufReader::with_capacity(1 << 16, file))
+            .and_then(|mut lines| {
+                let mut head = String::new();
+                lines.read_line(&mut head).ok()?;
+                let head: KeptHead = serde_json::from_str(&head).ok()?;
+                (head.format == FORMAT).then_some(lines)
+            });
+        Hints {
+            lines,
+            next: None,
+            line: String::new(),
+        }
     }
 
     /// Replaces what is kept with `hashed` (path, stamp, hash, and when the stamp was taken in
@@ -138,8 +163,8 @@ impl HashCache {
         }
     }
 
-    /// A writer of the replacement for what is kept, fed a file at a time as a push hashes
-    /// them (nothing per file is held until the end); `None` when nothing is kept.
+    /// A writer of the replacement for what is kept, fed a file at a time, in tree order, as
+    /// a push records them; `None` when nothing is kept.
     pub fn writer(&self) -> Option<CacheWriter> {
         let path = self.path.as_ref()?;
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -147,18 +172,53 @@ impl HashCache {
             .and_then(|()| tempfile::Builder::new().prefix(".hashes-").tempfile_in(dir))
             .and_then(|file| {
                 let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
-                write!(out, "{{\"format\":{FORMAT},\"files\":{{")?;
+                writeln!(out, "{{\"format\":{FORMAT}}}")?;
                 Ok(out)
             });
         match opened {
             Ok(out) => Some(CacheWriter {
                 path: path.clone(),
                 out: Some(out),
-                first: true,
             }),
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "push hash cache not written");
                 None
+            }
+        }
+    }
+}
+
+/// Reads the kept file alongside a walk in tree order: each file's line is found by moving
+/// forward, never back. A line out of order ends what is used of the file.
+#[derive(Debug)]
+pub struct Hints {
+    lines: Option<BufReader<std::fs::File>>,
+    next: Option<Kept>,
+    line: String,
+}
+
+impl Hints {
+    /// What is remembered of `path`; paths must be asked in tree order.
+    pub fn get(&mut self, path: &str) -> Option<Remembered> {
+        loop {
+            if self.next.is_none() {
+                let lines = self.lines.as_mut()?;
+                self.line.clear();
+                let kept = match lines.read_line(&mut self.line) {
+                    Ok(0) | Err(_) => None,
+                    Ok(_) => serde_json::from_str::<Kept>(&self.line).ok(),
+                };
+                if kept.is_none() {
+                    self.lines = None;
+                    return None;
+                }
+                self.next = kept;
+            }
+            let kept = self.next.as_ref()?;
+            match tree_order(&kept.path, path) {
+                std::cmp::Ordering::Less => self.next = None,
+                std::cmp::Ordering::Equal => return self.next.take().map(|k| k.remembered),
+                std::cmp::Ordering::Greater => return None,
             }
         }
     }
@@ -169,7 +229,6 @@ impl HashCache {
 pub struct CacheWriter {
     path: PathBuf,
     out: Option<std::io::BufWriter<tempfile::NamedTempFile>>,
-    first: bool,
 }
 
 impl CacheWriter {
@@ -179,20 +238,16 @@ impl CacheWriter {
             return;
         }
         let Some(out) = self.out.as_mut() else { return };
-        let remembered = Remembered {
-            stamp,
-            sha256: Digest(sha256),
+        let kept = Kept {
+            path: rel.to_owned(),
+            remembered: Remembered {
+                stamp,
+                sha256: Digest(sha256),
+            },
         };
-        let comma = if std::mem::take(&mut self.first) {
-            ""
-        } else {
-            ","
-        };
-        let written = out
-            .write_all(comma.as_bytes())
-            .and_then(|()| serde_json::to_writer(&mut *out, rel).map_err(Into::into))
-            .and_then(|()| out.write_all(b":"))
-            .and_then(|()| serde_json::to_writer(&mut *out, &remembered).map_err(Into::into));
+        let written = serde_json::to_writer(&mut *out, &kept)
+            .map_err(Into::into)
+            .and_then(|()| out.write_all(b"\n"));
         if let Err(e) = written {
             self.fail(e);
         }
@@ -200,12 +255,12 @@ impl CacheWriter {
 
     /// Puts the new cache in place of the old one.
     pub fn finish(mut self) {
-        let Some(mut out) = self.out.take() else {
+        let Some(out) = self.out.take() else {
             return;
         };
         let placed = out
-            .write_all(b"}}")
-            .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+            .into_inner()
+            .map_err(|e| e.into_error())
             // Losing it costs a re-hash, never a wrong answer: no sync needed.
             .and_then(|file| file.persist(&self.path).map(drop).map_err(|e| e.error));
         if let Err(e) = placed {
@@ -230,6 +285,10 @@ pub fn now_ns() -> i64 {
 mod tests {
     use super::*;
 
+    fn lookup(cache: &HashCache, path: &str, stamp: &Stamp) -> Option<[u8; 32]> {
+        cache.hints().get(path)?.hash_for(stamp)
+    }
+
     #[test]
     fn remembers_only_unchanged_settled_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -246,24 +305,53 @@ mod tests {
         let racy = Stamp::of(&std::fs::metadata(&racy_file).unwrap());
 
         let cache = HashCache::open(&dir.path().join("cache"), &root);
-        assert_eq!(cache.lookup(&stamp), None, "nothing remembered yet");
+        assert_eq!(lookup(&cache, "a", &stamp), None, "nothing remembered yet");
         cache.save([("a", stamp, sha, later), ("racy", racy, sha, now_ns())]);
         let cache = HashCache::open(&dir.path().join("cache"), &root);
-        assert_eq!(cache.lookup(&stamp), Some(sha));
-        assert_eq!(cache.lookup(&racy), None, "seen too soon after a write");
+        assert_eq!(lookup(&cache, "a", &stamp), Some(sha));
+        assert_eq!(
+            lookup(&cache, "racy", &racy),
+            None,
+            "seen too soon after a write"
+        );
 
         // Any write moves the change time (and here the size): the hash is not reused.
         std::fs::write(&file, b"two!").unwrap();
         let changed = Stamp::of(&std::fs::metadata(&file).unwrap());
         assert_ne!(changed, stamp);
-        assert_eq!(cache.lookup(&changed), None);
+        assert_eq!(lookup(&cache, "a", &changed), None);
 
         // Another directory has its own cache; a disabled one remembers nothing.
-        assert_eq!(
-            HashCache::open(&dir.path().join("cache"), dir.path()).lookup(&stamp),
-            None
-        );
+        let other = HashCache::open(&dir.path().join("cache"), dir.path());
+        assert_eq!(lookup(&other, "a", &stamp), None);
         HashCache::disabled().save([("a", stamp, sha, later)]);
-        assert_eq!(HashCache::disabled().lookup(&stamp), None);
+        assert_eq!(lookup(&HashCache::disabled(), "a", &stamp), None);
+    }
+
+    #[test]
+    fn stamps_round_trip_through_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(dir.path()).unwrap());
+        assert_eq!(Stamp::from_bytes(&stamp.to_bytes()), stamp);
+    }
+
+    #[test]
+    fn hints_move_forward_in_tree_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let stamp = Stamp::of(&std::fs::metadata(&file).unwrap());
+        let later = now_ns() + 10 * RACY_NS;
+        let cache = HashCache::open(&dir.path().join("cache"), dir.path());
+        let kept = ["a", "a/b", "a/c", "a-z", "b"];
+        cache.save(kept.map(|p| (p, stamp, [p.len() as u8; 32], later)));
+        let mut hints = cache.hints();
+        // Asked in tree order, skipping some and asking for some never kept.
+        assert_eq!(hints.get("a").map(|r| r.sha256.0[0]), Some(1));
+        assert!(hints.get("a/a").is_none());
+        assert_eq!(hints.get("a/c").map(|r| r.sha256.0[0]), Some(3));
+        assert!(hints.get("a.b").is_none(), "past a-z, before b");
+        assert_eq!(hints.get("b").map(|r| r.sha256.0[0]), Some(1));
+        assert!(hints.get("c").is_none());
     }
 }

@@ -1,19 +1,27 @@
 //! A dataset version's manifest: every entry's relative path, kind, size, mode and SHA-256,
 //! plus the version's message, creation time, parent and committed flag.
 //!
-//! Rules enforced by [`Manifest::validate`], before any entry becomes a path: paths are
+//! Rules enforced by [`Checker`], entry by entry, before any entry becomes a path: paths are
 //! relative, made of normal components only (no `..`, `.`, empty parts, NUL), unique, and
 //! every parent is a directory of the manifest; files carry a 64-digit lowercase SHA-256;
 //! symlinks are relative and, resolved from where they sit, stay inside the tree.
+//!
+//! Entries are kept in [`tree_order`], a line each after the head, so a version of millions
+//! of files is written, read and checked as a stream, never held (format 2). Format 1
+//! manifests (one JSON document, entries in any order) are still read.
 
-use std::collections::HashSet;
+use std::cmp::Ordering;
 use std::fmt;
 use std::path::{Component, Path};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// The manifest format this build writes and reads.
-pub const FORMAT: u32 = 1;
+/// The manifest format this build writes: a [`Head`] line, then one entry a line in
+/// [`tree_order`].
+pub const FORMAT: u32 = 2;
+/// The first format, still read: one document holding every entry, in any order.
+pub const FORMAT_1: u32 = 1;
 
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,9 +121,10 @@ pub struct Entry {
     pub target: Option<String>,
 }
 
-/// A version of a dataset.
+/// What a version says of itself: the first line of its manifest (format 2), ahead of its
+/// entries. `files` and `bytes` let a listing answer without reading the entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct Head {
     pub format: u32,
     pub dataset: String,
     pub version: String,
@@ -125,7 +134,12 @@ pub struct Manifest {
     pub message: String,
     pub created_unix: u64,
     pub committed: bool,
-    pub entries: Vec<Entry>,
+    /// Regular files of the version (format 1 manifests: counted as they are read).
+    #[serde(default)]
+    pub files: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// A manifest that must not be used, and why.
@@ -137,73 +151,125 @@ pub struct InvalidManifest {
     pub reason: String,
 }
 
-impl Manifest {
-    /// Total bytes of the version's files.
-    pub fn size(&self) -> u64 {
-        self.entries.iter().map(|e| e.size).sum()
-    }
+/// The order entries are kept in: path components compared one by one, byte by byte. It is
+/// a depth-first walk with each directory's names sorted, so every directory comes right
+/// before its own subtree (what lets [`Checker`] and every reader work in one pass).
+pub fn tree_order(a: &str, b: &str) -> Ordering {
+    // With '/' below every other byte (a checked path holds no NUL), comparing bytes
+    // compares components.
+    let key = |c: u8| if c == b'/' { 0 } else { c };
+    a.bytes().map(key).cmp(b.bytes().map(key))
+}
 
-    /// Number of regular files.
-    pub fn files(&self) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .count()
-    }
+/// Checks a version's entries one at a time, in the order they are stored, against every
+/// rule of the module docs, in memory bounded by the tree's depth (not its size): paths must
+/// rise strictly in [`tree_order`] (so none appears twice), and each entry's parent must be
+/// the directory most recently opened on its way down.
+#[derive(Debug, Default)]
+pub struct Checker {
+    last: Option<String>,
+    /// The deepest directory open on the way down, and the lengths of it and its ancestors.
+    open: String,
+    depths: Vec<usize>,
+}
 
-    /// Checks every rule of the module docs.
-    pub fn validate(&self) -> Result<(), InvalidManifest> {
-        let fail = |reason: String| InvalidManifest {
-            dataset: self.dataset.clone(),
-            version: self.version.clone(),
-            reason,
-        };
-        if self.format != FORMAT {
-            return Err(fail(format!(
-                "format {} is not supported (this build reads {FORMAT})",
-                self.format
-            )));
-        }
-        let dirs: HashSet<&str> = self
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Dir)
-            .map(|e| e.path.as_str())
-            .collect();
-        let mut seen = HashSet::new();
-        for entry in &self.entries {
-            check_path(&entry.path).map_err(|r| fail(format!("path {:?}: {r}", entry.path)))?;
-            if !seen.insert(entry.path.as_str()) {
-                return Err(fail(format!("path {:?} appears twice", entry.path)));
-            }
-            if let Some((parent, _)) = entry.path.rsplit_once('/')
-                && !dirs.contains(parent)
-            {
-                return Err(fail(format!(
-                    "{:?} has no directory entry for its parent",
-                    entry.path
-                )));
-            }
-            match entry.kind {
-                EntryKind::File => {
-                    if entry.sha256.is_none() {
-                        return Err(fail(format!("file {:?} has no valid SHA-256", entry.path)));
-                    }
+impl Checker {
+    /// Checks the next entry; the error is the reason, naming the path.
+    pub fn check(&mut self, entry: &Entry) -> Result<(), String> {
+        let path = entry.path.as_str();
+        check_path(path).map_err(|r| format!("path {path:?}: {r}"))?;
+        if let Some(last) = &self.last {
+            match tree_order(last, path) {
+                Ordering::Less => {}
+                Ordering::Equal => return Err(format!("path {path:?} appears twice")),
+                Ordering::Greater => {
+                    return Err(format!("path {path:?} is out of order (after {last:?})"));
                 }
-                EntryKind::Symlink => {
-                    let target = entry.target.as_deref().unwrap_or("");
-                    if !link_stays_inside(&entry.path, target) {
-                        return Err(fail(format!(
-                            "symlink {:?} -> {target:?} points outside the dataset",
-                            entry.path
-                        )));
-                    }
-                }
-                EntryKind::Dir => {}
             }
         }
+        let parent = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+        while let Some(&depth) = self.depths.last() {
+            let dir = &self.open[..depth];
+            let inside = parent == dir
+                || (parent.starts_with(dir) && parent.as_bytes().get(depth) == Some(&b'/'));
+            if inside {
+                break;
+            }
+            self.depths.pop();
+        }
+        self.open.truncate(self.depths.last().copied().unwrap_or(0));
+        if !parent.is_empty() && self.open != parent {
+            return Err(format!("{path:?} has no directory entry for its parent"));
+        }
+        match entry.kind {
+            EntryKind::File if entry.sha256.is_none() => {
+                return Err(format!("file {path:?} has no valid SHA-256"));
+            }
+            EntryKind::Symlink => {
+                let target = entry.target.as_deref().unwrap_or("");
+                if !link_stays_inside(path, target) {
+                    return Err(format!(
+                        "symlink {path:?} -> {target:?} points outside the dataset"
+                    ));
+                }
+            }
+            EntryKind::Dir => {
+                self.open.clear();
+                self.open.push_str(path);
+                self.depths.push(path.len());
+            }
+            EntryKind::File => {}
+        }
+        let last = self.last.get_or_insert_with(String::new);
+        last.clear();
+        last.push_str(path);
         Ok(())
     }
+}
+
+/// The first document of a file of entries, whichever format: format 1 holds its entries in
+/// it; format 2 has them on the lines that follow.
+#[derive(Deserialize)]
+struct First<H> {
+    #[serde(flatten)]
+    head: H,
+    #[serde(default)]
+    entries: Option<Vec<Entry>>,
+}
+
+/// The entries that follow a head, in [`tree_order`]: read a line at a time (format 2), or,
+/// for a format 1 document, sorted after it was read whole (its entries were in any order).
+pub enum Entries<R: std::io::Read> {
+    Lines(serde_json::StreamDeserializer<'static, serde_json::de::IoRead<R>, Entry>),
+    Held(std::vec::IntoIter<Entry>),
+}
+
+impl<R: std::io::Read> Iterator for Entries<R> {
+    type Item = Result<Entry, serde_json::Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Entries::Lines(lines) => lines.next(),
+            Entries::Held(held) => held.next().map(Ok),
+        }
+    }
+}
+
+/// Reads the head of a file of entries (a manifest, a cache record) and hands back its
+/// entries to stream. Checking them is the caller's ([`Checker`]).
+pub fn read_framed<H: DeserializeOwned, R: std::io::Read>(
+    reader: R,
+) -> Result<(H, Entries<R>), serde_json::Error> {
+    let mut document = serde_json::Deserializer::from_reader(reader);
+    let first = First::<H>::deserialize(&mut document)?;
+    let entries = match first.entries {
+        Some(mut held) => {
+            held.sort_by(|a, b| tree_order(&a.path, &b.path));
+            Entries::Held(held.into_iter())
+        }
+        None => Entries::Lines(document.into_iter()),
+    };
+    Ok((first.head, entries))
 }
 
 /// A relative path of normal components only.
@@ -283,8 +349,15 @@ mod tests {
             target: Some(target.into()),
         }
     }
-    fn manifest(entries: Vec<Entry>) -> Manifest {
-        Manifest {
+    /// Checks `entries` as a format 1 manifest is checked: sorted into tree order first.
+    fn check_all(mut entries: Vec<Entry>) -> Result<(), String> {
+        entries.sort_by(|a, b| tree_order(&a.path, &b.path));
+        let mut checker = Checker::default();
+        entries.iter().try_for_each(|e| checker.check(e))
+    }
+
+    fn head() -> Head {
+        Head {
             format: FORMAT,
             dataset: "ds".into(),
             version: "v1".into(),
@@ -292,29 +365,64 @@ mod tests {
             message: String::new(),
             created_unix: 0,
             committed: true,
-            entries,
+            files: 1,
+            bytes: 4,
         }
     }
 
     #[test]
-    fn valid_manifest_passes_and_round_trips() {
-        let m = manifest(vec![
+    fn valid_entries_pass_in_either_format() {
+        let entries = vec![
             dir("a"),
             file("a/x"),
             link("a/l", "x"),
             link("top", "a/x"),
             dir("a/b"),
             link("a/b/up", "../x"),
-        ]);
-        m.validate().unwrap();
-        let text = serde_json::to_string(&m).unwrap();
-        assert_eq!(serde_json::from_str::<Manifest>(&text).unwrap(), m);
-        assert_eq!(m.files(), 1);
-        assert_eq!(m.size(), 4);
+        ];
+        check_all(entries.clone()).unwrap();
+
+        // Format 2: a head line, then the entries a line each, already in tree order.
+        let mut sorted = entries.clone();
+        sorted.sort_by(|a, b| tree_order(&a.path, &b.path));
+        let mut text = serde_json::to_string(&head()).unwrap();
+        for entry in &sorted {
+            text.push('\n');
+            text.push_str(&serde_json::to_string(entry).unwrap());
+        }
+        let (read, lines) = read_framed::<Head, _>(text.as_bytes()).unwrap();
+        assert_eq!(read, head());
+        let lines: Vec<Entry> = lines.map(Result::unwrap).collect();
+        assert_eq!(lines, sorted);
+
+        // Format 1: one document, entries in any order; read back sorted.
+        let old = serde_json::json!({
+            "format": FORMAT_1, "dataset": "ds", "version": "v1", "message": "",
+            "created_unix": 0, "committed": true, "entries": entries,
+        });
+        let old = old.to_string();
+        let (read, held) = read_framed::<Head, _>(old.as_bytes()).unwrap();
+        assert_eq!(
+            (read.format, read.files),
+            (FORMAT_1, 0),
+            "counted by the reader"
+        );
+        let held: Vec<Entry> = held.map(Result::unwrap).collect();
+        assert_eq!(held, sorted);
     }
 
     #[test]
-    fn bad_manifests_are_refused_with_the_reason() {
+    fn tree_order_puts_every_directory_right_before_its_subtree() {
+        let mut paths = vec!["a.b", "a/b", "a", "a-c/x", "a-c", "a/b/c", "b", "a/a"];
+        paths.sort_by(|a, b| tree_order(a, b));
+        assert_eq!(
+            paths,
+            vec!["a", "a/a", "a/b", "a/b/c", "a-c", "a-c/x", "a.b", "b"]
+        );
+    }
+
+    #[test]
+    fn bad_entries_are_refused_with_the_reason() {
         let cases: Vec<(Vec<Entry>, &str)> = vec![
             (vec![file("../escape")], "'..'"),
             (vec![file("/etc/passwd")], "absolute"),
@@ -323,6 +431,8 @@ mod tests {
             (vec![file("nul\0")], "NUL"),
             (vec![file("x"), file("x")], "twice"),
             (vec![file("missing/parent")], "parent"),
+            (vec![file("f"), file("f/under-a-file")], "parent"),
+            (vec![dir("a"), dir("a/b"), file("a/c/x")], "parent"),
             (
                 vec![Entry {
                     sha256: None,
@@ -335,12 +445,27 @@ mod tests {
             (vec![dir("a"), link("a/l", "../../x")], "outside"),
         ];
         for (entries, reason) in cases {
-            let err = manifest(entries).validate().unwrap_err();
-            assert!(err.reason.contains(reason), "{reason}: {}", err.reason);
+            let err = check_all(entries).unwrap_err();
+            assert!(err.contains(reason), "{reason}: {err}");
         }
-        let mut future = manifest(vec![]);
-        future.format = 99;
-        assert!(future.validate().unwrap_err().reason.contains("format"));
+        // Stored entries must already be in tree order: a child before its parent is refused.
+        let mut checker = Checker::default();
+        checker.check(&file("b")).unwrap();
+        let err = checker.check(&dir("a")).unwrap_err();
+        assert!(err.contains("out of order"), "{err}");
+        // Deep trees are checked with their depth, and leave a subtree cleanly.
+        let mut checker = Checker::default();
+        for entry in [
+            dir("a"),
+            dir("a/b"),
+            dir("a/b/c"),
+            file("a/b/c/x"),
+            file("a/y"),
+            dir("z"),
+            file("z/w"),
+        ] {
+            checker.check(&entry).unwrap();
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Nothing here knows gRPC. Rules: a reference or manifest is validated before any of it
 //! becomes a path or an object key; committed versions are immutable.
 
+pub mod bodies;
 pub mod bucket;
 pub mod git;
 pub mod gitpolicy;
@@ -13,7 +14,9 @@ pub mod reference;
 pub mod repo;
 pub mod scan;
 pub mod secret;
+pub mod spool;
 pub mod store;
 
-pub use manifest::{Entry, EntryKind, Manifest};
+pub use manifest::{Entry, EntryKind, Head};
 pub use reference::{Reference, Selector};
+pub use repo::Version;

@@ -206,7 +206,7 @@ impl Sources {
                 let manifest = self
                     .repo(Some(&bucket))
                     .await?
-                    .resolve(&name, &selector)
+                    .resolve_head(&name, &selector)
                     .await?;
                 if !manifest.committed {
                     return Err(Error::Immutable(format!(

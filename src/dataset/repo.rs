@@ -11,14 +11,16 @@
 //! Rules: committed versions are immutable (no rewrite, no removal); a read-only bucket
 //! refuses every write; every body is verified against its SHA-256 before it is placed.
 
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{Digest, Manifest};
+use super::manifest::{Digest, FORMAT, FORMAT_1, Head, InvalidManifest, read_framed};
 use super::reference::{Selector, check_part};
 use super::scan::ScanError;
-use super::store::{self, ObjectStore};
+use super::spool::{Problem, Spool};
+use super::store::{self, Blob, ObjectStore};
 use crate::copy::progress::Progress;
 use crate::error::Kind;
 
@@ -152,6 +154,16 @@ pub struct Repo<S> {
     hash_cache: Option<std::path::PathBuf>,
     /// Paths a push leaves out.
     exclude: crate::copy::exclude::Exclude,
+    /// Where versions' entries are spooled while they are used (see [`super::spool`]).
+    spool_dir: std::path::PathBuf,
+}
+
+/// A version as read from its bucket: its head, and its entries, checked and spooled on disk
+/// in tree order (never held in memory).
+#[derive(Debug)]
+pub struct Version {
+    pub head: Head,
+    pub entries: Spool,
 }
 
 fn now() -> u64 {
@@ -183,7 +195,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             progress: Progress::new(true),
             hash_cache: None,
             exclude: Default::default(),
+            spool_dir: std::env::temp_dir(),
         }
+    }
+
+    /// Spools the entries of the versions this repository reads and writes under `dir`
+    /// (the system's temporary directory otherwise).
+    pub fn with_spool_dir(mut self, dir: std::path::PathBuf) -> Repo<S> {
+        self.spool_dir = dir;
+        self
     }
 
     /// Leaves the paths `exclude` names out of pushed versions.
@@ -321,16 +341,51 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         Ok(ids.into_iter().map(|(_, id)| id).collect())
     }
 
-    async fn manifest(&self, name: &str, version: &str) -> Result<Option<Manifest>> {
-        let manifest: Option<Manifest> = self
-            .load_json(&format!("datasets/{name}/versions/{version}.json"))
-            .await?;
-        if let Some(manifest) = &manifest {
-            manifest
-                .validate()
-                .map_err(|e| Error::Corrupt(e.to_string()))?;
-        }
-        Ok(manifest)
+    fn manifest_key(name: &str, version: &str) -> String {
+        format!("datasets/{name}/versions/{version}.json")
+    }
+
+    /// A version, its entries checked as they stream in and spooled under `dir`.
+    async fn manifest(&self, name: &str, version: &str, dir: &Path) -> Result<Option<Version>> {
+        let key = Self::manifest_key(name, version);
+        let Some(reader) = self.store.reader(&key).await? else {
+            return Ok(None);
+        };
+        let bridge = tokio_util::io::SyncIoBridge::new(reader);
+        let (dir, shown) = (dir.to_owned(), format!("{}/{key}", self.bucket));
+        tokio::task::spawn_blocking(move || {
+            read_version(
+                std::io::BufReader::with_capacity(1 << 16, bridge),
+                &dir,
+                &shown,
+            )
+            .map(Some)
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?
+    }
+
+    /// Only the head of a version: its first line (a format 1 manifest is read whole).
+    async fn head(&self, name: &str, version: &str) -> Result<Option<Head>> {
+        let key = Self::manifest_key(name, version);
+        let Some(reader) = self.store.reader(&key).await? else {
+            return Ok(None);
+        };
+        let bridge = tokio_util::io::SyncIoBridge::new(reader);
+        let shown = format!("{}/{key}", self.bucket);
+        tokio::task::spawn_blocking(move || {
+            let reader = std::io::BufReader::with_capacity(1 << 16, bridge);
+            let (mut head, entries) =
+                read_framed::<Head, _>(reader).map_err(|e| unreadable(&shown, e))?;
+            check_format(&head, &shown)?;
+            if let super::manifest::Entries::Held(held) = entries {
+                let files = held.filter(|e| e.kind == super::EntryKind::File);
+                (head.files, head.bytes) = files.fold((0, 0), |(n, b), e| (n + 1, b + e.size));
+            }
+            Ok(Some(head))
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?
     }
 
     async fn tags(&self, name: &str) -> Result<Vec<(String, String)>> {
@@ -349,28 +404,42 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         Ok(tags)
     }
 
-    /// The manifest a selector names: `latest` = newest committed; otherwise a version ID,
-    /// then a tag.
-    pub async fn resolve(&self, name: &str, selector: &Selector) -> Result<Manifest> {
+    /// The version a selector names: `latest` = newest committed; otherwise a version ID,
+    /// then a tag. Its entries are spooled in the repository's spool directory.
+    pub async fn resolve(&self, name: &str, selector: &Selector) -> Result<Version> {
+        self.resolve_in(name, selector, &self.spool_dir.clone())
+            .await
+    }
+
+    /// [`Repo::resolve`], spooling the entries under `dir`.
+    pub async fn resolve_in(&self, name: &str, selector: &Selector, dir: &Path) -> Result<Version> {
+        let head = self.resolve_head(name, selector).await?;
+        self.manifest(name, &head.version, dir)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("version {} of {name} is gone", head.version)))
+    }
+
+    /// The head of the version a selector names (see [`Repo::resolve`]); no entry is read.
+    pub async fn resolve_head(&self, name: &str, selector: &Selector) -> Result<Head> {
         self.info(name).await?;
         let missing =
             |what: String| Error::NotFound(format!("dataset {}/{name} has no {what}", self.bucket));
         match selector {
             Selector::Latest => {
                 for version in self.version_ids(name).await?.iter().rev() {
-                    if let Some(manifest) = self.manifest(name, version).await?
-                        && manifest.committed
+                    if let Some(head) = self.head(name, version).await?
+                        && head.committed
                     {
-                        return Ok(manifest);
+                        return Ok(head);
                     }
                 }
                 Err(missing("committed version yet".into()))
             }
             Selector::Named(named) => {
                 if version_number(named).is_some()
-                    && let Some(manifest) = self.manifest(name, named).await?
+                    && let Some(head) = self.head(name, named).await?
                 {
-                    return Ok(manifest);
+                    return Ok(head);
                 }
                 let tag = self
                     .store
@@ -380,7 +449,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     return Err(missing(format!("version or tag {named:?}")));
                 };
                 let version = String::from_utf8_lossy(&tag).trim().to_owned();
-                self.manifest(name, &version).await?.ok_or_else(|| {
+                self.head(name, &version).await?.ok_or_else(|| {
                     Error::Corrupt(format!("tag {named:?} names missing version {version:?}"))
                 })
             }
@@ -388,21 +457,34 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     }
 
     /// Commits an uncommitted version; committing a committed one is a no-op.
-    pub async fn commit(&self, name: &str, selector: &Selector) -> Result<Manifest> {
+    pub async fn commit(&self, name: &str, selector: &Selector) -> Result<Head> {
         self.writable()?;
-        let mut manifest = self.resolve(name, selector).await?;
-        if manifest.committed {
-            return Ok(manifest);
+        let head = self.resolve_head(name, selector).await?;
+        if head.committed {
+            return Ok(head);
         }
-        manifest.committed = true;
-        let body = serde_json::to_vec_pretty(&manifest).expect("serializable");
-        self.store
-            .put(
-                &format!("datasets/{name}/versions/{}.json", manifest.version),
-                body,
-            )
-            .await?;
-        Ok(manifest)
+        let mut version = self.resolve(name, &Selector::Named(head.version)).await?;
+        version.head.committed = true;
+        let key = Self::manifest_key(name, &version.head.version);
+        let (version, file, sha256) = self.write_manifest(version).await?;
+        let body = Blob::File(file.path().to_owned());
+        self.store.put_blob(&key, body, &sha256, false).await?;
+        Ok(version.head)
+    }
+
+    /// Writes `version` as a format 2 manifest to a temporary file, hashing it as it goes
+    /// out; the version comes back with the file and its SHA-256.
+    async fn write_manifest(
+        &self,
+        version: Version,
+    ) -> Result<(Version, tempfile::NamedTempFile, [u8; 32])> {
+        let dir = self.spool_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let (file, sha256) = write_manifest(&version.head, &version.entries, &dir)?;
+            Ok((version, file, sha256))
+        })
+        .await
+        .map_err(|e| Error::Invalid(e.to_string()))?
     }
 
     /// Points `tag` at the version `selector` names (committed only). A tag that already
@@ -410,17 +492,17 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     pub async fn tag(&self, name: &str, selector: &Selector, tag: &str) -> Result<String> {
         self.writable()?;
         check_tag(tag)?;
-        let manifest = self.resolve(name, selector).await?;
-        if !manifest.committed {
+        let head = self.resolve_head(name, selector).await?;
+        if !head.committed {
             return Err(Error::Invalid(format!(
                 "version {} is not committed; commit it before tagging",
-                manifest.version
+                head.version
             )));
         }
         let key = format!("datasets/{name}/tags/{tag}");
         if !self
             .store
-            .put_if_absent(&key, manifest.version.clone().into_bytes())
+            .put_if_absent(&key, head.version.clone().into_bytes())
             .await?
         {
             let current = self
@@ -428,14 +510,14 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 .get(&key)
                 .await?
                 .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
-            if current.as_deref() != Some(manifest.version.as_str()) {
+            if current.as_deref() != Some(head.version.as_str()) {
                 return Err(Error::AlreadyExists(format!(
                     "tag {tag:?} already names {}",
                     current.unwrap_or_default()
                 )));
             }
         }
-        Ok(manifest.version)
+        Ok(head.version)
     }
 
     /// Versions with their tags, oldest first.
@@ -444,15 +526,15 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         let tags = self.tags(name).await?;
         let mut rows = Vec::new();
         for version in self.version_ids(name).await? {
-            if let Some(m) = self.manifest(name, &version).await? {
+            if let Some(m) = self.head(name, &version).await? {
                 rows.push(VersionRow {
                     tags: tags
                         .iter()
                         .filter(|(_, v)| *v == version)
                         .map(|(t, _)| t.clone())
                         .collect(),
-                    files: m.files(),
-                    bytes: m.size(),
+                    files: m.files as usize,
+                    bytes: m.bytes,
                     version,
                     created_unix: m.created_unix,
                     committed: m.committed,
@@ -466,20 +548,17 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
     /// Removes an uncommitted version. Committed versions are immutable.
     pub async fn remove(&self, name: &str, selector: &Selector) -> Result<String> {
         self.writable()?;
-        let manifest = self.resolve(name, selector).await?;
-        if manifest.committed {
+        let head = self.resolve_head(name, selector).await?;
+        if head.committed {
             return Err(Error::Immutable(format!(
                 "version {} of {name} is committed and immutable; only uncommitted versions can be removed",
-                manifest.version
+                head.version
             )));
         }
         self.store
-            .delete(&format!(
-                "datasets/{name}/versions/{}.json",
-                manifest.version
-            ))
+            .delete(&Self::manifest_key(name, &head.version))
             .await?;
-        Ok(manifest.version)
+        Ok(head.version)
     }
 }
 
@@ -509,6 +588,121 @@ fn check_tag(tag: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A manifest that cannot be parsed: damaged (or, mid-stream, unreadable).
+fn unreadable(shown: &str, e: serde_json::Error) -> Error {
+    match e.is_io() {
+        true => Error::Io {
+            context: format!("read {shown}"),
+            source: e.into(),
+        },
+        false => Error::Corrupt(format!("{shown} is not valid: {e}")),
+    }
+}
+
+fn check_format(head: &Head, shown: &str) -> Result<()> {
+    if head.format == FORMAT || head.format == FORMAT_1 {
+        return Ok(());
+    }
+    Err(Error::Corrupt(format!(
+        "{shown}: manifest format {} is not supported (this build reads {FORMAT_1} and {FORMAT})",
+        head.format
+    )))
+}
+
+/// Reads a manifest: the head, then every entry checked and spooled under `dir` as it comes.
+/// A format 2 head must count what its entries hold.
+fn read_version(reader: impl std::io::Read, dir: &Path, shown: &str) -> Result<Version> {
+    let (mut head, entries) = read_framed::<Head, _>(reader).map_err(|e| unreadable(shown, e))?;
+    check_format(&head, shown)?;
+    let entries = entries.map(|entry| {
+        entry.map_err(|e| match e.is_io() {
+            true => Problem::Io(e.into()),
+            false => Problem::Invalid(format!("{shown} is not valid: {e}")),
+        })
+    });
+    let spool = Spool::collect(dir, entries).map_err(|problem| match problem {
+        Problem::Invalid(reason) => Error::Corrupt(
+            InvalidManifest {
+                dataset: head.dataset.clone(),
+                version: head.version.clone(),
+                reason,
+            }
+            .to_string(),
+        ),
+        Problem::Io(source) => Error::Io {
+            context: format!("read {shown}"),
+            source,
+        },
+    })?;
+    if head.format == FORMAT_1 {
+        (head.files, head.bytes) = (spool.files, spool.bytes);
+    } else if (head.files, head.bytes) != (spool.files, spool.bytes) {
+        return Err(Error::Corrupt(format!(
+            "{shown}: its head counts {} files of {} bytes, its entries {} of {}",
+            head.files, head.bytes, spool.files, spool.bytes
+        )));
+    }
+    Ok(Version {
+        head,
+        entries: spool,
+    })
+}
+
+/// Writes a format 2 manifest — `head`, then the spooled entries' lines — to a temporary file
+/// in `dir`, hashing it as it is written.
+fn write_manifest(
+    head: &Head,
+    entries: &Spool,
+    dir: &Path,
+) -> Result<(tempfile::NamedTempFile, [u8; 32])> {
+    use sha2::Digest as _;
+    use std::io::Write;
+    let failed = |e: std::io::Error| Error::Io {
+        context: format!("write the manifest of {} to a temporary file", head.dataset),
+        source: e,
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(".lanes-manifest-")
+        .tempfile_in(dir)
+        .map_err(failed)?;
+    let hashed = Hashed {
+        out: file.as_file_mut(),
+        hasher: sha2::Sha256::new(),
+    };
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, hashed);
+    serde_json::to_writer(
+        &mut out,
+        &Head {
+            format: FORMAT,
+            ..head.clone()
+        },
+    )
+    .map_err(|e| failed(e.into()))?;
+    out.write_all(b"\n").map_err(failed)?;
+    std::io::copy(&mut entries.lines().map_err(failed)?, &mut out).map_err(failed)?;
+    let Hashed { hasher, .. } = out.into_inner().map_err(|e| failed(e.into_error()))?;
+    Ok((file, hasher.finalize().into()))
+}
+
+/// A writer that hashes what it passes on.
+struct Hashed<W> {
+    out: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashed<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.out.write(bytes)?;
+        self.hasher.update(&bytes[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 #[cfg(test)]
@@ -611,6 +805,7 @@ mod tests {
             repo.resolve("imagenet", &Selector::Latest)
                 .await
                 .unwrap()
+                .head
                 .version,
             "v2",
             "latest ignores uncommitted"
@@ -619,6 +814,7 @@ mod tests {
             repo.resolve("imagenet", &Selector::Named("gold".into()))
                 .await
                 .unwrap()
+                .head
                 .version,
             "v1"
         );
@@ -626,6 +822,7 @@ mod tests {
             repo.resolve("imagenet", &Selector::Latest)
                 .await
                 .unwrap()
+                .head
                 .parent
                 .as_deref(),
             Some("v1")
@@ -678,6 +875,7 @@ mod tests {
             repo.resolve("imagenet", &Selector::Latest)
                 .await
                 .unwrap()
+                .head
                 .version,
             "v3"
         );

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::manifest::{Digest, Entry, EntryKind, link_stays_inside};
+use super::spool::{Spool, SpoolWriter};
 use crate::copy::exclude::Exclude;
 use crate::copy::walk::{self, Kind};
 
@@ -18,46 +19,34 @@ pub struct ScanError {
     pub reason: String,
 }
 
-/// Walks `root` into manifest entries sorted by path, reading no file: files have no SHA-256
-/// yet. Everything a manifest could not describe safely is refused here, before any body is
-/// read or sent.
-pub fn walk_tree(root: &Path, exclude: &Exclude) -> Result<Vec<Entry>, ScanError> {
+/// Walks `root` in tree order into `visit`, reading no file: files have no SHA-256 yet.
+/// Everything a manifest could not describe safely is refused here, before any body is read
+/// or sent.
+fn walk_in_order(
+    root: &Path,
+    exclude: &Exclude,
+    mut visit: impl FnMut(Entry) -> Result<(), ScanError>,
+) -> Result<(), ScanError> {
+    let refuse = |reason: String| ScanError {
+        path: root.to_owned(),
+        reason,
+    };
     match std::fs::metadata(root) {
         Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(ScanError {
-                path: root.to_owned(),
-                reason: "not a directory".into(),
-            });
-        }
+        Ok(_) => return Err(refuse("not a directory".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ScanError {
-                path: root.to_owned(),
-                reason: "it does not exist".into(),
-            });
+            return Err(refuse("it does not exist".into()));
         }
-        Err(e) => {
-            return Err(ScanError {
-                path: root.to_owned(),
-                reason: e.to_string(),
-            });
-        }
+        Err(e) => return Err(refuse(e.to_string())),
     }
-    let dir = crate::fsutil::Dir::open(root).map_err(|e| ScanError {
-        path: root.to_owned(),
-        reason: e.to_string(),
-    })?;
-    // Each walked entry becomes a manifest entry as it is found: the walk's own list of the
-    // tree is never gathered beside this one.
-    let mut entries = Vec::new();
+    let dir = crate::fsutil::Dir::open(root).map_err(|e| refuse(e.to_string()))?;
     let mut refused = None;
-    let failures = walk::walk_each(&dir, root, exclude, |entry| {
+    let failures = walk::walk_in_order(&dir, root, exclude, |entry| {
         if refused.is_some() {
             return false;
         }
-        match manifest_entry(root, entry) {
-            Ok(entry) => entries.push(entry),
-            Err(e) => refused = Some(e),
+        if let Err(e) = manifest_entry(root, entry).and_then(&mut visit) {
+            refused = Some(e);
         }
         refused.is_none()
     });
@@ -67,11 +56,24 @@ pub fn walk_tree(root: &Path, exclude: &Exclude) -> Result<Vec<Entry>, ScanError
             reason: failure.error,
         });
     }
-    if let Some(refused) = refused {
-        return Err(refused);
-    }
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(entries)
+    refused.map_or(Ok(()), Err)
+}
+
+/// Walks `root` (see [`walk_in_order`]) into a spool under `spool_dir`: a tree of any size
+/// is held on disk, in tree order, not in memory.
+pub fn walk_tree(root: &Path, exclude: &Exclude, spool_dir: &Path) -> Result<Spool, ScanError> {
+    let spooling = |e: std::io::Error| ScanError {
+        path: root.to_owned(),
+        reason: format!("spool its entries in {}: {e}", spool_dir.display()),
+    };
+    let mut spool = SpoolWriter::unchecked(spool_dir).map_err(spooling)?;
+    walk_in_order(root, exclude, |entry| {
+        spool.push(&entry).map_err(|e| ScanError {
+            path: root.to_owned(),
+            reason: e.to_string(),
+        })
+    })?;
+    spool.finish().map_err(spooling)
 }
 
 /// The manifest entry of one walked entry, or why the tree cannot be pushed.
@@ -156,9 +158,13 @@ impl<R: std::io::Read> std::io::Read for Counted<R> {
     }
 }
 
-/// Scans `root`: manifest entries sorted by path, every file hashed, on `jobs` threads.
+/// Scans `root`: manifest entries in tree order, every file hashed, on `jobs` threads.
 pub fn scan(root: &Path, jobs: usize) -> Result<Vec<Entry>, ScanError> {
-    let mut entries = walk_tree(root, &Exclude::default())?;
+    let mut entries = Vec::new();
+    walk_in_order(root, &Exclude::default(), |entry| {
+        entries.push(entry);
+        Ok(())
+    })?;
     let hashes = crate::copy::parallel(&entries, jobs, |entry| match entry.kind {
         EntryKind::File => read_body(&root.join(&entry.path), entry.size, 0).map(Some),
         _ => Ok(None),
@@ -189,7 +195,7 @@ pub fn hex(digest: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::manifest::{FORMAT, Manifest};
+    use crate::dataset::manifest::Checker;
 
     #[test]
     fn scans_a_tree_into_a_valid_manifest() {
@@ -208,17 +214,8 @@ mod tests {
             Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
         );
         assert_eq!(entries.iter().filter(|e| e.sha256.is_some()).count(), 2);
-        let manifest = Manifest {
-            format: FORMAT,
-            dataset: "d".into(),
-            version: "v1".into(),
-            parent: None,
-            message: String::new(),
-            created_unix: 0,
-            committed: false,
-            entries,
-        };
-        manifest.validate().unwrap();
+        let mut checker = Checker::default();
+        entries.iter().for_each(|e| checker.check(e).unwrap());
     }
 
     #[test]

@@ -337,6 +337,27 @@ impl Drop for Plugin {
 }
 
 /// Kills every process in a cgroup (v2) and waits until it is empty.
+/// A stored manifest (format 2) as its head and its entries: a JSON value per line.
+pub fn manifest_lines(bytes: &[u8]) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let mut lines = serde_json::Deserializer::from_slice(bytes).into_iter::<serde_json::Value>();
+    let head = lines.next().expect("a head line").expect("a JSON head");
+    (
+        head,
+        lines.map(|line| line.expect("a JSON entry")).collect(),
+    )
+}
+
+/// The bytes of a format 2 manifest of `head` and `entries` ([`manifest_lines`] reversed).
+pub fn manifest_bytes(head: &serde_json::Value, entries: &[serde_json::Value]) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(head).unwrap();
+    for entry in entries {
+        bytes.push(b'\n');
+        bytes.extend(serde_json::to_vec(entry).unwrap());
+    }
+    bytes.push(b'\n');
+    bytes
+}
+
 pub fn kill_cgroup(cgroup: &Path) {
     let _ = std::fs::write(cgroup.join("cgroup.kill"), "1");
     let deadline = Instant::now() + Duration::from_secs(10);

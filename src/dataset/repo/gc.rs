@@ -5,12 +5,12 @@
 //! push is uploading right now (named by no version until the push claims one) are never
 //! taken. A dry run removes nothing and lists what would go.
 
-use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 use super::{Repo, Result};
+use crate::dataset::bodies::Bodies;
 use crate::dataset::manifest::Digest;
 use crate::dataset::store::ObjectStore;
 
@@ -37,14 +37,36 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         // and one a new version names has been in a version file since before it is looked
         // at, or is younger than any sensible minimum age.
         let bodies = self.store.list_modified("blobs/").await?;
-        let mut named = HashSet::new();
+        // Every version's bodies, as one sorted set (on disk when large).
+        let mut versions = Vec::new();
         for dataset in self.datasets().await? {
             for version in self.version_ids(&dataset.name).await? {
-                if let Some(manifest) = self.manifest(&dataset.name, &version).await? {
-                    named.extend(manifest.entries.into_iter().filter_map(|e| e.sha256));
+                if let Some(read) = self
+                    .manifest(&dataset.name, &version, &self.spool_dir)
+                    .await?
+                {
+                    versions.push(read.entries);
                 }
             }
         }
+        let dir = self.spool_dir.clone();
+        let named = tokio::task::spawn_blocking(move || {
+            let mut digests = Vec::new();
+            for entries in &versions {
+                digests.push(entries.read()?);
+            }
+            let digests = digests
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| entry.map(|e| e.sha256).transpose());
+            Bodies::collect(digests, &dir)
+        })
+        .await
+        .map_err(|e| super::Error::Invalid(e.to_string()))?
+        .map_err(|e| super::Error::Io {
+            context: "gather the bodies the versions name".into(),
+            source: e,
+        })?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Advance, Error, Finish, PullReport, Repo, Result, blob_key, io};
-use crate::copy::apply;
-use crate::dataset::manifest::{Digest, Entry, EntryKind};
+use crate::copy::{apply, walk};
+use crate::dataset::manifest::{Digest, Entry, EntryKind, tree_order};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::hex;
+use crate::dataset::spool::{self, Spool};
 use crate::dataset::store::ObjectStore;
 use crate::fsutil::{Dir, Kind};
 
@@ -64,7 +65,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         dir: &Path,
         delete_extra: bool,
     ) -> Result<PullReport> {
-        let manifest = self.resolve(name, selector).await?;
+        let version = Arc::new(self.resolve(name, selector).await?);
         if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
             return Err(Error::Invalid(format!(
                 "{} exists and is not a directory; pull into a directory",
@@ -73,25 +74,9 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         }
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let root = Arc::new(Dir::open(dir).map_err(io(format!("open {}", dir.display())))?);
-        let mut dirs: Vec<Entry> = manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Dir)
-            .cloned()
-            .collect();
-        dirs.sort_by(|a, b| a.path.cmp(&b.path));
-        let made = root.clone();
-        blocking(move || {
-            for entry in &dirs {
-                made.make_dirs(Path::new(&entry.path), 0o755)
-                    .map_err(io(format!("create directory {}", entry.path)))?;
-            }
-            Ok(())
-        })
-        .await?;
         let mut report = PullReport {
-            version: manifest.version.clone(),
-            files: manifest.files(),
+            version: version.head.version.clone(),
+            files: version.head.files as usize,
             ..Default::default()
         };
         // At most `jobs` files at once, and only that many tasks exist (a task per file up
@@ -99,7 +84,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
         let jobs = self.jobs.max(1);
         let mut tasks = tokio::task::JoinSet::new();
         let progress = self.progress.clone();
-        progress.start(manifest.files() as u64, manifest.size());
+        progress.start(version.head.files, version.head.bytes);
         let _finish = Finish(&progress);
         let record = |report: &mut PullReport,
                       done: Result<Result<Option<u64>>, tokio::task::JoinError>|
@@ -113,50 +98,51 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             }
             Ok(())
         };
-        for entry in manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::File)
-            .cloned()
-        {
-            if tasks.len() >= jobs
-                && let Some(done) = tasks.join_next().await
-            {
-                record(&mut report, done)?;
+        // In tree order, a batch at a time: the batch's directories are made and its links
+        // placed first, then its files are fetched while the next batch is read.
+        let reading = io("read the version's entries back");
+        let mut batches = spool::batches(version.entries.read().map_err(reading)?, 256);
+        while let Some(batch) = batches.recv().await {
+            let batch = batch.map_err(io("read the version's entries back"))?;
+            let (made, batch) = (root.clone(), Arc::new(batch));
+            let placing = batch.clone();
+            blocking(move || {
+                for entry in placing.iter() {
+                    match entry.kind {
+                        EntryKind::Dir => {
+                            made.make_dirs(Path::new(&entry.path), 0o755)
+                                .map_err(io(format!("create directory {}", entry.path)))?;
+                        }
+                        EntryKind::Symlink => place_link(&made, entry)?,
+                        EntryKind::File => {}
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            for entry in batch.iter().filter(|e| e.kind == EntryKind::File) {
+                if tasks.len() >= jobs
+                    && let Some(done) = tasks.join_next().await
+                {
+                    record(&mut report, done)?;
+                }
+                let (store, root, progress) = (self.store.clone(), root.clone(), progress.clone());
+                let entry = entry.clone();
+                tasks.spawn(async move {
+                    let _advance = Advance(&progress, entry.size);
+                    pull_file(&store, &root, &entry).await
+                });
             }
-            let (store, root, progress) = (self.store.clone(), root.clone(), progress.clone());
-            tasks.spawn(async move {
-                let _advance = Advance(&progress, entry.size);
-                pull_file(&store, &root, &entry).await
-            });
         }
         while let Some(done) = tasks.join_next().await {
             record(&mut report, done)?;
         }
-        let links: Vec<Entry> = manifest
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Symlink)
-            .cloned()
-            .collect();
-        let after = root.clone();
-        blocking(move || {
-            for entry in &links {
-                place_link(&root, entry)?;
-            }
-            Ok(())
-        })
-        .await?;
-        let entries = manifest.entries;
         let shown = dir.to_owned();
         let (extra, deleted) = blocking(move || {
-            let wanted = entries.iter().map(|e| Path::new(&e.path)).collect();
-            let mut extra = apply::beyond(&wanted, &after, &shown, &Default::default());
-            extra.sort();
+            let extra = extras(&root, &shown, &version.entries)?;
             if delete_extra {
                 for path in &extra {
-                    apply::remove(&after, path)
-                        .map_err(io(format!("remove {}", path.display())))?;
+                    apply::remove(&root, path).map_err(io(format!("remove {}", path.display())))?;
                 }
             }
             let extra: Vec<String> = extra.iter().map(|p| p.display().to_string()).collect();
@@ -168,6 +154,52 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             false => report.extra = extra,
         }
         Ok(report)
+    }
+}
+
+/// What `root` holds beyond `entries`, in tree order: both are walked in that order side by
+/// side, so nothing is gathered but the extras. An extra directory is not entered (it is one
+/// extra), and temporaries of an interrupted pull are not extras.
+fn extras(root: &Dir, shown: &Path, entries: &Spool) -> Result<Vec<PathBuf>> {
+    let mut wanted = entries
+        .read()
+        .map_err(io("read the version's entries back"))?
+        .peekable();
+    let (mut extra, mut failed) = (Vec::new(), None);
+    walk::walk_in_order(root, shown, &Default::default(), |found| {
+        let Some(path) = found.rel.to_str() else {
+            extra.push(found.rel);
+            return false;
+        };
+        while let Some(next) = wanted.peek() {
+            match next {
+                Ok(next) if tree_order(&next.path, path).is_lt() => {}
+                Ok(_) => break,
+                Err(_) => {
+                    failed = wanted.next().and_then(Result::err);
+                    return false;
+                }
+            }
+            wanted.next();
+        }
+        if wanted
+            .peek()
+            .is_some_and(|next| next.as_ref().is_ok_and(|n| n.path == path))
+        {
+            return true;
+        }
+        if !found
+            .rel
+            .file_name()
+            .is_some_and(crate::copy::file::is_temp)
+        {
+            extra.push(found.rel);
+        }
+        false
+    });
+    match failed {
+        Some(e) => Err(io("read the version's entries back")(e)),
+        None => Ok(extra),
     }
 }
 
