@@ -39,6 +39,7 @@ struct RawCache {
     max_bytes: Option<String>,
     publish_timeout_seconds: Option<u64>,
     download_jobs: Option<usize>,
+    max_memory: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -150,6 +151,13 @@ impl Config {
                 Some(_) => return Err(invalid("cache.download_jobs must be 1..256".into())),
                 None => defaults.jobs,
             },
+            max_memory: match size("cache.max_memory", raw.cache.max_memory.as_ref())? {
+                Some(bytes) if bytes < 1 << 20 => {
+                    return Err(invalid("cache.max_memory must be at least 1Mi".into()));
+                }
+                Some(bytes) => bytes,
+                None => defaults.max_memory,
+            },
         };
         if cache.max_bytes == 0 {
             return Err(invalid("cache.max_bytes must be above zero".into()));
@@ -205,6 +213,7 @@ mod tests {
             "cache:\n  max_bytes: 0\n",
             "cache:\n  publish_timeout_seconds: 0\n",
             "cache:\n  max_byte: 1Gi\n",
+            "cache:\n  max_memory: 64Ki\n",
             "access:\n  user_from: field:x\n",
             "datasets:\n  buckets: {a: {dataset_path: \"gs://x\"}}\n",
         ] {

@@ -21,7 +21,7 @@ use crate::dataset::manifest::{Digest, Entry, EntryKind};
 use crate::dataset::pin::Pin;
 use crate::dataset::repo::{Repo, blob_key};
 use crate::dataset::spool::{Spool, SpoolWriter};
-use crate::dataset::store::{BucketStore, ObjectStore};
+use crate::dataset::store::{BucketStore, DOWNLOAD_BATCH, ObjectStore};
 use crate::dataset::{Selector, git, scan};
 use crate::error::Kind;
 
@@ -362,6 +362,7 @@ impl Cache {
                 "body {sha256} vanished from the node cache while the tree was built; retry"
             )));
         };
+        let _held = repo.budget().hold(size.min(DOWNLOAD_BATCH as u64)).await;
         for attempt in 0..2 {
             let _ = std::fs::remove_file(&temp);
             let digest = repo

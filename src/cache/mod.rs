@@ -43,6 +43,9 @@ pub struct Settings {
     pub publish_timeout: Duration,
     /// Bodies downloaded at once.
     pub jobs: usize,
+    /// Bytes of bodies held in memory at once by the process's pushes, pulls and fills
+    /// ([`crate::dataset::budget`]).
+    pub max_memory: u64,
 }
 
 impl Default for Settings {
@@ -51,6 +54,7 @@ impl Default for Settings {
             max_bytes: 100 << 30,
             publish_timeout: Duration::from_secs(60),
             jobs: 32,
+            max_memory: crate::dataset::budget::DEFAULT,
         }
     }
 }

@@ -110,12 +110,15 @@ pub fn time(unix: u64) -> String {
 pub async fn run(
     command: Command,
     buckets: &Buckets,
+    budget: &crate::dataset::budget::Budget,
     jobs: usize,
     quiet: bool,
 ) -> anyhow::Result<Output> {
     let open = async |bucket: Option<&str>| -> anyhow::Result<Repo<BucketStore>> {
         let repo = repo_for(buckets.get(bucket).map_err(anyhow::Error::msg)?, jobs).await?;
-        Ok(repo.with_progress(crate::copy::progress::Progress::new(quiet)))
+        Ok(repo
+            .with_progress(crate::copy::progress::Progress::new(quiet))
+            .with_budget(budget.clone()))
     };
     Ok(match command {
         Command::Buckets => buckets_table(buckets),
@@ -474,10 +477,15 @@ async fn pull_git(reference: &str, dir: std::path::PathBuf) -> anyhow::Result<Ou
 }
 
 /// The data directory's config, loaded for a dataset command.
-pub fn load_buckets(config: Option<&Path>, data_dir: &Path) -> anyhow::Result<Buckets> {
-    Ok(crate::config::Config::load(config, data_dir)
-        .context("loading the configuration")?
-        .datasets)
+/// The configured buckets, and the budget their transfers hold bodies within.
+pub fn load_buckets(
+    config: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<(Buckets, crate::dataset::budget::Budget)> {
+    let config =
+        crate::config::Config::load(config, data_dir).context("loading the configuration")?;
+    let budget = crate::dataset::budget::Budget::new(config.cache.max_memory);
+    Ok((config.datasets, budget))
 }
 
 #[cfg(test)]

@@ -609,7 +609,7 @@ async fn run_dataset(
     data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use dataset::Command as C;
-    let buckets = dataset::load_buckets(config, data_dir)?;
+    let (buckets, budget) = dataset::load_buckets(config, data_dir)?;
     let command = match args.command {
         DatasetCommand::Buckets => C::Buckets,
         DatasetCommand::Create { name, description } => C::Create { name, description },
@@ -655,7 +655,7 @@ async fn run_dataset(
             min_age,
         },
     };
-    let output = dataset::run(command, &buckets, args.jobs.max(1), args.json).await?;
+    let output = dataset::run(command, &buckets, &budget, args.jobs.max(1), args.json).await?;
     if args.json {
         println!("{}", output.json);
     } else {

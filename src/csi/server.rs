@@ -394,6 +394,9 @@ fn build(options: &ServeOptions, uncovered: Vec<PathBuf>) -> Result<Plugin, Serv
     let kube = Arc::new(crate::kubeapi::Kube::default());
     let sources = Arc::new(
         Sources::new(options.config.datasets.clone(), options.config.cache.jobs)
+            .with_budget(crate::dataset::budget::Budget::new(
+                options.config.cache.max_memory,
+            ))
             .with_git_policy(options.config.git.clone())
             .with_kube_factory(kube.clone()),
     );

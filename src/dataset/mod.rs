@@ -5,6 +5,7 @@
 
 pub mod bodies;
 pub mod bucket;
+pub mod budget;
 pub mod git;
 pub mod gitpolicy;
 pub mod hashcache;

@@ -93,6 +93,8 @@ pub struct Sources {
     kube: std::sync::Arc<crate::kubeapi::Kube>,
     /// Which Git sources volumes may use.
     git_policy: GitPolicy,
+    /// Bodies in memory at once, across every repository opened here.
+    budget: super::budget::Budget,
 }
 
 impl std::fmt::Debug for Sources {
@@ -111,7 +113,14 @@ impl Sources {
             open: Mutex::default(),
             kube: Default::default(),
             git_policy: GitPolicy::default(),
+            budget: Default::default(),
         }
+    }
+
+    /// Holds the bodies of every transfer within `budget` (`cache.max_memory`).
+    pub fn with_budget(mut self, budget: super::budget::Budget) -> Sources {
+        self.budget = budget;
+        self
     }
 
     /// Uses `policy` for the Git sources of volumes (default: public `https` only).
@@ -138,7 +147,9 @@ impl Sources {
         if let Some(repo) = self.lock().get(&bucket.name) {
             return Ok(repo.clone());
         }
-        let repo = open(bucket, self.jobs, &self.kube).await?;
+        let repo = open(bucket, self.jobs, &self.kube)
+            .await?
+            .with_budget(self.budget.clone());
         self.lock().insert(bucket.name.clone(), repo.clone());
         Ok(repo)
     }

@@ -156,6 +156,8 @@ pub struct Repo<S> {
     exclude: crate::copy::exclude::Exclude,
     /// Where versions' entries are spooled while they are used (see [`super::spool`]).
     spool_dir: std::path::PathBuf,
+    /// Bodies held in memory at once (shared with every repository of the process).
+    budget: super::budget::Budget,
 }
 
 /// A version as read from its bucket: its head, and its entries, checked and spooled on disk
@@ -196,7 +198,19 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             hash_cache: None,
             exclude: Default::default(),
             spool_dir: std::env::temp_dir(),
+            budget: Default::default(),
         }
+    }
+
+    /// Holds bodies in memory within `budget` (the process's `cache.max_memory`).
+    pub fn with_budget(mut self, budget: super::budget::Budget) -> Repo<S> {
+        self.budget = budget;
+        self
+    }
+
+    /// The budget this repository's transfers hold bodies within.
+    pub fn budget(&self) -> &super::budget::Budget {
+        &self.budget
     }
 
     /// Spools the entries of the versions this repository reads and writes under `dir`

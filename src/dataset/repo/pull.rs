@@ -19,7 +19,7 @@ use crate::dataset::manifest::{Digest, Entry, EntryKind, tree_order};
 use crate::dataset::reference::Selector;
 use crate::dataset::scan::hex;
 use crate::dataset::spool::{self, Spool};
-use crate::dataset::store::ObjectStore;
+use crate::dataset::store::{DOWNLOAD_BATCH, ObjectStore};
 use crate::fsutil::{Dir, Kind};
 
 static TEMP: AtomicU64 = AtomicU64::new(0);
@@ -127,9 +127,10 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                     record(&mut report, done)?;
                 }
                 let (store, root, progress) = (self.store.clone(), root.clone(), progress.clone());
-                let entry = entry.clone();
+                let (entry, budget) = (entry.clone(), self.budget.clone());
                 tasks.spawn(async move {
                     let _advance = Advance(&progress, entry.size);
+                    let _held = budget.hold(entry.size.min(DOWNLOAD_BATCH as u64)).await;
                     pull_file(&store, &root, &entry).await
                 });
             }

@@ -285,7 +285,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
             .map(move |entry| {
                 entry.map(|entry| {
                     let remembered = hints.get(&entry.path);
-                    (entry.path, remembered)
+                    (entry.path, entry.size, remembered)
                 })
             });
         let mut batches = spool::batches(files, 256);
@@ -295,7 +295,7 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 context: "read the walked tree back".into(),
                 source: e,
             })?;
-            for (rel, remembered) in batch {
+            for (rel, size, remembered) in batch {
                 if tasks.len() >= jobs
                     && let Some(done) = tasks.join_next().await
                 {
@@ -304,9 +304,12 @@ impl<S: ObjectStore + Clone + 'static> Repo<S> {
                 let path = dir.join(&rel);
                 let (store, progress, side) = (self.store.clone(), progress.clone(), side.clone());
                 let (hashing, claimed, known) = (hashing.clone(), claimed.clone(), known.clone());
+                let budget = self.budget.clone();
                 let at = index * RECORD as u64;
                 index += 1;
                 tasks.spawn(async move {
+                    // A small body is in memory from its read until it is sent.
+                    let _held = budget.hold(size.min(SMALL_BODY)).await;
                     let mut read = {
                         let _core = hashing.acquire_owned().await;
                         let (file, bucket_has) = (path.clone(), known.clone());

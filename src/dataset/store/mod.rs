@@ -100,6 +100,10 @@ pub trait ObjectStore: Send + Sync {
 /// An object being read.
 pub type Reader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 
+/// Bytes a download buffers before it writes them (what a download holds of
+/// [`super::budget::Budget`]).
+pub const DOWNLOAD_BATCH: usize = 4 << 20;
+
 /// Where the bytes of an upload come from.
 #[derive(Debug)]
 pub enum Blob {

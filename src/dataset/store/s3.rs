@@ -32,7 +32,7 @@ mod multipart;
 use multipart::Pinned;
 
 /// Downloaded bytes are handed to a blocking writer in batches of about this size.
-const WRITE_BATCH: usize = 4 << 20;
+const WRITE_BATCH: usize = super::DOWNLOAD_BATCH;
 
 /// Objects under `prefix` in one S3 bucket.
 #[derive(Debug, Clone)]
