@@ -8,6 +8,7 @@
 #
 #   bench/memory.sh [FILES]                 (default 30000; moto)
 #   S3_SERVER=s3s bench/memory.sh [FILES]   (a Rust S3 server: faster with many files)
+#   LANES_BIN=/path/to/lanes bench/memory.sh   (measure another build of lanes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files=${1:-30000}
@@ -20,6 +21,7 @@ kill_plugin() {
   true
 }
 . bench/s3-peers.sh
+lanes=${LANES_BIN:-$lanes}
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 
 rss() { # CMD...: peak RSS of CMD in MiB

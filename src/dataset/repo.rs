@@ -922,6 +922,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn trees_beyond_the_in_memory_limits_round_trip() {
+        // More bodies than a push holds in memory: the parent's bodies are looked up on disk,
+        // and the hash cache is read alongside the walk.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path()).with_hash_cache(Some(dir.path().join("hashes")));
+        let src = dir.path().join("src");
+        let count = crate::dataset::bodies::HELD + 300;
+        for i in 0..count {
+            let sub = src.join(format!("d{:03}", i % 97));
+            if i < 97 {
+                std::fs::create_dir_all(&sub).unwrap();
+            }
+            std::fs::write(sub.join(format!("f{i}")), i.to_le_bytes()).unwrap();
+        }
+        // Files written within the last two seconds are never remembered (racy).
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        repo.create("many", "").await.unwrap();
+        let first = repo.push(&src, "many", "", None, true).await.unwrap();
+        assert_eq!((first.files, first.bodies_uploaded), (count, count));
+        let again = repo.push(&src, "many", "", None, true).await.unwrap();
+        assert!(again.unchanged && again.bodies_uploaded == 0, "{again:?}");
+
+        std::fs::write(src.join("d000/f0"), b"changed").unwrap();
+        let second = repo.push(&src, "many", "", None, true).await.unwrap();
+        assert_eq!((second.version.as_str(), second.bodies_uploaded), ("v2", 1));
+
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(out.join("d050")).unwrap();
+        std::fs::write(out.join("d050/zz-extra"), b"x").unwrap();
+        std::fs::write(out.join("a-extra"), b"x").unwrap();
+        let pulled = repo.pull("many", &Selector::Latest, &out).await.unwrap();
+        assert_eq!((pulled.files, pulled.downloaded), (count, count));
+        assert_eq!(pulled.extra, vec!["a-extra", "d050/zz-extra"]);
+        std::fs::remove_file(out.join("a-extra")).unwrap();
+        std::fs::remove_file(out.join("d050/zz-extra")).unwrap();
+        same_tree(&src, &out);
+    }
+
+    #[tokio::test]
     async fn a_corrupt_body_is_never_placed() {
         let dir = tempfile::tempdir().unwrap();
         let repo = repo(dir.path());
