@@ -7,6 +7,7 @@
 #
 #   bench/dataset.sh [RUNS]                  (default 3; moto)
 #   S3_SERVER=s3s bench/dataset.sh [RUNS]    (the same against s3s-fs)
+#   LANES_BIN=/path/to/lanes bench/dataset.sh   (measure another build of lanes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}

@@ -4,7 +4,8 @@
 # read, nothing sent), and of the node plugin during a cold publish of the
 # dataset (an inline volume: the plugin fills its cache), on a generated tree of FILES small
 # files and again on one of 4×FILES (memory must stay flat as the file count grows).
-# Peak RSS from /usr/bin/time -v (clients) and VmHWM (the plugin). Needs root (publish).
+# Peak RSS from /usr/bin/time -v (clients) and VmHWM (the plugin), and the wall-clock seconds
+# of each (a publish: from the call to a usable mount). Needs root (publish).
 #
 #   bench/memory.sh [FILES]                 (default 30000; moto)
 #   S3_SERVER=s3s bench/memory.sh [FILES]   (a Rust S3 server: faster with many files)
@@ -21,16 +22,25 @@ kill_plugin() {
   true
 }
 . bench/s3-peers.sh
-lanes=${LANES_BIN:-$lanes}
 command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }
 
-rss() { # CMD...: peak RSS of CMD in MiB
+rss() { # CMD...: peak RSS of CMD in MiB, then its wall-clock seconds
+  local start=$EPOCHREALTIME
   /usr/bin/time -v "$@" 2>"$work/time.err" >/dev/null || { cat "$work/time.err" >&2; exit 1; }
-  awk '/Maximum resident/ {printf "%.0f\n", $6 / 1024}' "$work/time.err"
+  awk -v s="$(echo "$EPOCHREALTIME - $start" | bc -l)" \
+    '/Maximum resident/ {printf "%.0f %.2f\n", $6 / 1024, s}' "$work/time.err"
+}
+row() { # COUNT WORK LANES_MIB LANES_S [S5_MIB S5_S]
+  if [ $# -eq 6 ]; then
+    printf '%-8s %-14s %7sM %7sM %8.2f %8ss %8ss %8.2f\n' "$1" "$2" "$3" "$5" \
+      "$(echo "$3 / $5" | bc -l)" "$4" "$6" "$(echo "$4 / $6" | bc -l)"
+  else
+    printf '%-8s %-14s %7sM %8s %8s %8ss %9s %8s\n' "$1" "$2" "$3" - - "$4" - -
+  fi
 }
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; S3: $server on loopback"
-printf '%-8s %-14s %8s %8s %8s\n' files work lanes s5cmd ratio
+printf '%-8s %-14s %8s %8s %8s %9s %9s %8s\n' files work lanes s5cmd ratio lanes s5cmd ratio
 for count in "$files" $((files * 4)); do
   tree="$work/tree-$count"
   python3 - "$tree" "$count" <<'PY'
@@ -54,16 +64,16 @@ cache:
 YAML
   L=("$lanes" --data-dir "$work/data-$count" --config "$work/lanes.yaml" dataset)
   "${L[@]}" create ds >/dev/null 2>&1
-  lp=$(rss "${L[@]}" push "$tree" ds)
+  read -r lp lpt < <(rss "${L[@]}" push "$tree" ds)
   # Unchanged re-push: reads the hash cache and the latest version, uploads nothing.
-  lr=$(rss "${L[@]}" push "$tree" ds)
-  sp=$(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "$tree/*" "s3://bench/s5-$count/")
-  ll=$(rss "${L[@]}" pull ds "$work/out-lanes-$count")
-  sl=$(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "s3://bench/s5-$count/*" "$work/out-s5-$count/")
+  read -r lr lrt < <(rss "${L[@]}" push "$tree" ds)
+  read -r sp spt < <(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "$tree/*" "s3://bench/s5-$count/")
+  read -r ll llt < <(rss "${L[@]}" pull ds "$work/out-lanes-$count")
+  read -r sl slt < <(rss .venv/bin/s5cmd --endpoint-url "$endpoint" cp "s3://bench/s5-$count/*" "$work/out-s5-$count/")
   diff -rq "$tree" "$work/out-lanes-$count" >/dev/null || { echo "lanes pull differs" >&2; exit 1; }
-  printf '%-8s %-14s %7sM %7sM %8.2f\n' "$count" push "$lp" "$sp" "$(echo "$lp / $sp" | bc -l)"
-  printf '%-8s %-14s %7sM %7sM %8.2f\n' "$count" pull "$ll" "$sl" "$(echo "$ll / $sl" | bc -l)"
-  printf '%-8s %-14s %7sM %8s %8s\n' "$count" "re-push" "$lr" "-" "-"
+  row "$count" push "$lp" "$lpt" "$sp" "$spt"
+  row "$count" pull "$ll" "$llt" "$sl" "$slt"
+  row "$count" re-push "$lr" "$lrt"
   rm -rf "$work"/out-*
 
   # The node plugin during a cold publish: the inline volume's dataset is fetched into its
@@ -72,10 +82,12 @@ YAML
     --node-id bench --endpoint "$work/node-$count.sock" 2>/dev/null &
   plugin=$!
   for _ in $(seq 200); do [ -S "$work/node-$count.sock" ] && break; sleep 0.05; done
+  start=$EPOCHREALTIME
   "$lanes" csi --endpoint "$work/node-$count.sock" publish "vol-$count" "$work/pod-$count" \
     --dataset b/ds --readonly >/dev/null
+  took=$(printf '%.2f' "$(echo "$EPOCHREALTIME - $start" | bc -l)")
   hwm=$(awk '/VmHWM/ {printf "%.0f\n", $2 / 1024}' "/proc/$plugin/status")
-  printf '%-8s %-14s %7sM %8s %8s\n' "$count" "cold publish" "$hwm" "-" "-"
+  row "$count" "cold publish" "$hwm" "$took"
   [ "$(find "$work/pod-$count" -type f | wc -l)" = "$count" ] || { echo "publish incomplete" >&2; exit 1; }
   "$lanes" csi --endpoint "$work/node-$count.sock" unpublish "vol-$count" "$work/pod-$count" >/dev/null
   kill "$plugin"; wait "$plugin" 2>/dev/null || true; plugin=""

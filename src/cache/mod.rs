@@ -53,7 +53,7 @@ impl Default for Settings {
         Settings {
             max_bytes: 100 << 30,
             publish_timeout: Duration::from_secs(60),
-            jobs: 32,
+            jobs: 64,
             max_memory: crate::dataset::budget::DEFAULT,
         }
     }

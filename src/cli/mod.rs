@@ -184,7 +184,7 @@ pub struct DatasetArgs {
     #[arg(long, global = true)]
     pub json: bool,
     /// Parallel uploads / downloads.
-    #[arg(long, global = true, default_value_t = 16)]
+    #[arg(long, global = true, default_value_t = 64)]
     pub jobs: usize,
     #[command(subcommand)]
     pub command: DatasetCommand,
